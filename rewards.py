@@ -1,0 +1,316 @@
+"""
+Differentiable rewards for rid. Every reward is a frozen nn.Module with one signature:
+
+    reward(images, prompts) -> (B,) float32, images float in [0, 1] of shape (B, 3, H, W), higher is better,
+
+differentiable with respect to the images (any H, W). Preprocessing is pure torch on the tensor (bicubic
+with antialias, crop or pad as the reference does, CLIP mean/std), so the graph reaches the pixels; the
+references' processors go through PIL/uint8 and would cut it. See RID.md section 6.
+
+    from rewards import load_reward
+    reward = load_reward("aesthetic")                        # weights from the hub
+    reward = load_reward("hps", path="/ckpt/HPS_v2.1_compressed.pt")   # or a local copy
+    scores = reward(images, prompts)                        # (B,) float32, keeps the graph to `images`
+
+What `path` means for each reward is written at the top of its load_* function below.
+
+Small CLI: time one forward+backward on a batch of 4 for every reward whose weights load here
+    python rewards.py --bench [--reward_path hps=/path/to/HPS_v2.1_compressed.pt ...]
+(the tiny random-weight stand-ins are timed with `python tests/test_rewards.py`).
+"""
+import argparse, math, os, pickle, time
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Pure-torch image preprocessing (produces the (B, 3, 224, 224) normalised CLIP input)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+def clip_preprocess(images, size=224, pad=False):
+    # images (B, 3, H, W) in [0, 1], any dtype; computed in fp32 (cheap, and bicubic+antialias wants it).
+    # pad=False: CLIPImageProcessor (openai, PickScore): short side to `size` (long side int()-truncated,
+    #   as transformers' get_resize_output_image_size), centre crop with top=(h-size)//2.
+    # pad=True: open_clip's ResizeMaxSize (HPSv2 eval): long side to `size` (short side round()ed), then
+    #   pad to a square with fill 0 (black, before normalising), left/top = pad//2.
+    x = images.float()
+    H, W = x.shape[-2:]
+    if pad:
+        s = size / max(H, W)
+        h, w = round(H * s), round(W * s)
+    else:
+        h, w = (int(size * H / W), size) if W <= H else (size, int(size * W / H))
+    # torch's antialiased bicubic uses PIL's kernel (a = -0.5) and PIL's support scaling when shrinking
+    x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+    x = x.clamp(0, 1)  # PIL clamps bicubic overshoot to uint8 range; we match it (no grad on overshoot)
+    if pad:
+        ph, pw = size - h, size - w
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
+    else:
+        top, left = (h - size) // 2, (w - size) // 2
+        x = x[..., top:top + size, left:left + size]
+    mean = torch.tensor(OPENAI_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+# -----------------------------------------------------------------------------
+# CLIP-based rewards: one module, four flavours (aesthetic MLP head, cosine, scaled cosine, padded input)
+
+class CLIPReward(nn.Module):
+    def __init__(self, model, tokenizer=None, head=None, pad=False, scaled=False):
+        super().__init__()
+        self.model, self.tokenizer, self.head = model, tokenizer, head   # transformers CLIPModel, its tokenizer
+        self.pad, self.scaled = pad, scaled                              # HPS pads; PickScore scales by logit_scale
+        self.dtype = model.dtype                                         # compute dtype of the frozen net
+
+    def forward(self, images, prompts):
+        size = self.model.config.vision_config.image_size
+        x = clip_preprocess(images, size, self.pad).to(self.dtype)                    # (B, 3, 224, 224)
+        img = F.normalize(self.model.get_image_features(pixel_values=x).pooler_output, dim=-1)  # (B, D)
+        if self.head is not None:                            # aesthetic: MLP on the L2-normalised embedding
+            return self.head(img).squeeze(-1).float()
+        # Text side is not differentiated: no_grad here is safe, the image side above keeps its graph.
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
+                             max_length=self.model.config.text_config.max_position_embeddings)  # 77 tokens
+        with torch.no_grad():
+            txt = self.model.get_text_features(input_ids=tok.input_ids.to(x.device),
+                                               attention_mask=tok.attention_mask.to(x.device)).pooler_output
+        score = (img * F.normalize(txt, dim=-1)).sum(-1)     # cosine, (B,)
+        if self.scaled:
+            score = self.model.logit_scale.exp() * score     # PickScore: logit_scale.exp() * cosine (~100x)
+        return score.float()
+
+def aesthetic_mlp():
+    # LAION aesthetic predictor v2 head (improved-aesthetic-predictor): 768-1024-128-64-16-1, no activations.
+    # The original has Dropout at indices 1, 3, 5; Identity keeps the checkpoint's keys (layers.0/2/4/6/7).
+    return nn.Sequential(nn.Linear(768, 1024), nn.Identity(), nn.Linear(1024, 128), nn.Identity(),
+                         nn.Linear(128, 64), nn.Identity(), nn.Linear(64, 16), nn.Linear(16, 1))
+
+def openclip_to_transformers(sd):
+    # open_clip (OpenAI CLIP layout) state dict -> transformers CLIPModel keys, the same renames as
+    # transformers' convert_clip_original_pytorch_to_hf.py. Unknown keys pass through unchanged, so the
+    # strict key check in load_hps reports them.
+    prefixes = [("visual.conv1.", "vision_model.embeddings.patch_embedding."),
+                ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+                ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+                ("visual.ln_pre.", "vision_model.pre_layrnorm."),   # sic, transformers' spelling
+                ("visual.ln_post.", "vision_model.post_layernorm."),
+                ("visual.transformer.resblocks.", "vision_model.encoder.layers."),
+                ("token_embedding.", "text_model.embeddings.token_embedding."),
+                ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+                ("transformer.resblocks.", "text_model.encoder.layers."),
+                ("ln_final.", "text_model.final_layer_norm.")]
+    parts = [(".ln_1.", ".layer_norm1."), (".ln_2.", ".layer_norm2."), (".attn.out_proj.", ".self_attn.out_proj."),
+             (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2.")]
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("module.")                       # checkpoints saved from DDP
+        if k in ("visual.proj", "text_projection"):         # open_clip: x @ proj (width, dim); Linear: (dim, width)
+            out["visual_projection.weight" if k == "visual.proj" else "text_projection.weight"] = v.t()
+            continue
+        for old, new in prefixes:
+            if k.startswith(old):
+                k = new + k[len(old):]
+                break
+        for old, new in parts:
+            k = k.replace(old, new)
+        if ".attn.in_proj_" in k:                           # nn.MultiheadAttention packs q, k, v along dim 0
+            for n, part in zip("qkv", v.chunk(3, dim=0)):
+                out[k.replace(".attn.in_proj_", f".self_attn.{n}_proj.")] = part
+        else:
+            out[k] = v
+    return out
+
+# -----------------------------------------------------------------------------
+# Loaders: name -> module. `path` is the one local override per reward; hub ids are the defaults.
+LAION_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"   # HPS architecture config + tokenizer; PickScore tokenizer
+CLIP_L14 = "openai/clip-vit-large-patch14"
+
+def _hub_file(repo, filename):
+    from huggingface_hub import hf_hub_download
+    return hf_hub_download(repo, filename)
+
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, pickle.UnpicklingError)  # hub, missing file, bad pickle
+
+def _load_error(name, what, err, hint):
+    return ValueError(f"reward {name!r}: cannot load {what} ({type(err).__name__}: offline, not found or unreadable); "
+                      f"pass a local copy with --reward_path {name}={hint}")
+
+def load_aesthetic(path, device, dtype):
+    # path: a folder with a CLIP ViT-L/14 snapshot (config.json + weights) and aesthetic-model.pth,
+    # or just the .pth file (CLIP then comes from the hub).
+    from transformers import CLIPModel
+    folder = path if path and os.path.isdir(path) else None
+    pth = os.path.join(folder, "aesthetic-model.pth") if folder else path
+    try:
+        model = CLIPModel.from_pretrained(folder or CLIP_L14, dtype=dtype)
+        sd = torch.load(pth or _hub_file("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"),
+                        map_location="cpu", weights_only=True)  # the file is a plain MLP state dict
+    except LOAD_ERRORS as e:
+        raise _load_error("aesthetic", f"{folder or CLIP_L14} + {pth or 'trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth'}",
+                          e, "/path/to/folder (CLIP snapshot + aesthetic-model.pth)") from None
+    head = aesthetic_mlp()
+    head.load_state_dict({k.removeprefix("layers."): v for k, v in sd.items()})  # strict
+    return CLIPReward(model, head=head.to(device, dtype)).to(device)
+
+def load_hps(path, device, dtype):
+    # HPSv2.1 = open_clip ViT-H-14 fine-tuned; held in transformers' CLIPModel after a key mapping.
+    # path: the HPS_v2.1_compressed.pt file (config + tokenizer from the hub), or a folder holding it
+    # together with the config.json and tokenizer files of laion/CLIP-ViT-H-14-laion2B-s32B-b79K.
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+    folder = path if path and os.path.isdir(path) else None
+    ckpt = os.path.join(folder, "HPS_v2.1_compressed.pt") if folder else path
+    try:
+        config = CLIPConfig.from_pretrained(folder or LAION_H14)
+        tokenizer = AutoTokenizer.from_pretrained(folder or LAION_H14)
+        sd = torch.load(ckpt or _hub_file("xswu/HPSv2", "HPS_v2.1_compressed.pt"), map_location="cpu", weights_only=True)
+    except LOAD_ERRORS as e:
+        raise _load_error("hps", f"{ckpt or 'xswu/HPSv2/HPS_v2.1_compressed.pt'} (config+tokenizer: {folder or LAION_H14})",
+                          e, "/path/to/HPS_v2.1_compressed.pt") from None
+    sd = openclip_to_transformers(sd.get("state_dict", sd))   # HPSv2 saves {"state_dict": ...}
+    # from_pretrained(None, state_dict=...) skips the random init of ~1B parameters; strictness is ours:
+    model = CLIPModel.from_pretrained(None, config=config, state_dict=sd, dtype=dtype)
+    missing, unused = set(model.state_dict()) - set(sd), set(sd) - set(model.state_dict())
+    if missing or unused:
+        raise ValueError(f"reward 'hps': checkpoint {ckpt} does not match ViT-H-14: missing {sorted(missing)[:5]}, "
+                         f"unused {sorted(unused)[:5]}")
+    return CLIPReward(model, tokenizer, pad=True).to(device)
+
+def load_clip_like(name, default_id, default_tok, scaled):
+    # path: a folder with a transformers CLIPModel snapshot; its tokenizer files if it has them.
+    def load(path, device, dtype):
+        from transformers import AutoTokenizer, CLIPModel
+        tok_src = path if path and os.path.exists(os.path.join(path, "tokenizer_config.json")) else default_tok
+        try:
+            model = CLIPModel.from_pretrained(path or default_id, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(tok_src)
+        except LOAD_ERRORS as e:
+            raise _load_error(name, f"{path or default_id} (tokenizer: {tok_src})", e, "/path/to/folder") from None
+        return CLIPReward(model, tokenizer, scaled=scaled).to(device)
+    return load
+
+# -----------------------------------------------------------------------------
+# compressibility: a differentiable estimate of the JPEG (quality 95, 4:2:0, PIL's default) file size.
+# Blockwise 8x8 DCT of YCbCr, divided by the quality-scaled quantisation tables; each coefficient costs
+# p(nonzero) * (2 bits for its Huffman run/size symbol + log2(1 + |q|) magnitude bits), p a sigmoid
+# around the rounding threshold |q| = 0.5. DC is coded as a difference to the previous block, as JPEG.
+# The proxy and its constants are our choice; tests/test_rewards.py checks its rank correlation with
+# real PIL sizes (README).
+Q_LUMA = [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+          14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+          49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99]   # ITU T.81 Annex K
+Q_CHROMA = [17, 18, 24, 47] + [99] * 4 + [18, 21, 26, 66] + [99] * 4 + [24, 26, 56] + [99] * 5 + [47, 66] + [99] * 38
+RATE_SCALE = 1.8  # proxy bits -> real coded bits: median ratio on the Spearman test images (README)
+
+def jpeg_bytes_per_pixel(images, quality=95):
+    x = images.float() * 255                                                   # (B, 3, H, W)
+    r, g, b = x.unbind(1)
+    y = 0.299 * r + 0.587 * g + 0.114 * b - 128                                # JFIF YCbCr, level-shifted
+    cb = -0.168736 * r - 0.331264 * g + 0.5 * b
+    cr = 0.5 * r - 0.418688 * g - 0.081312 * b
+    sub = lambda c: F.avg_pool2d(F.pad(c[:, None], (0, c.shape[-1] % 2, 0, c.shape[-2] % 2), mode="replicate"), 2)[:, 0]
+    n = torch.arange(8.0, device=x.device)
+    dct = torch.cos((2 * n[None] + 1) * n[:, None] * math.pi / 16) * torch.where(n[:, None] == 0, 8 ** -0.5, 0.5)
+    scale = 5000 / quality if quality < 50 else 200 - 2 * quality              # libjpeg's quality scaling
+    bits = 0
+    for c, table in ((y, Q_LUMA), (sub(cb), Q_CHROMA), (sub(cr), Q_CHROMA)):
+        q = ((torch.tensor(table, device=x.device, dtype=torch.float) * scale + 50) // 100).clamp(1, 255).view(8, 8)
+        c = F.pad(c[:, None], (0, -c.shape[-1] % 8, 0, -c.shape[-2] % 8), mode="replicate")[:, 0]  # edge-replicate
+        blocks = c.unfold(1, 8, 8).unfold(2, 8, 8).flatten(1, 2)               # (B, nblocks, 8, 8)
+        coef = (dct @ blocks @ dct.T / q).flatten(2)                           # quantised DCT, (B, nblocks, 64)
+        dc = coef[..., 0]
+        coef = torch.cat([torch.diff(dc, dim=1, prepend=torch.zeros_like(dc[:, :1]))[..., None], coef[..., 1:]], -1)
+        a = (coef ** 2 + 1e-4).sqrt()                                          # smooth |q|
+        p_nonzero = torch.sigmoid(4 * (a - 0.5)) - 1 / (1 + math.exp(2))      # shifted: 0 for a zero coefficient
+        bits = bits + (p_nonzero * (2 + torch.log2(1 + a))).sum((1, 2))
+    return RATE_SCALE * bits / 8 / (images.shape[-2] * images.shape[-1])      # (B,) coded bytes/pixel, no header
+
+# -----------------------------------------------------------------------------
+# Weight-free image rewards for the toy world (32x32 coloured shapes on coloured backgrounds), all in
+# [0, 1] except warmth in [-1, 1] and (in)compressibility (JPEG bytes/pixel: 0 flat, ~1.3 uniform noise).
+luma = lambda x: 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]          # Rec. 601, (B, H, W)
+TOY = {
+    # mean luma. Hacked by washing everything out to white.
+    "brightness": lambda x: luma(x).mean((1, 2)),
+    # mean HSV chroma max(R,G,B) - min(R,G,B). Hacked by painting every pixel a pure primary/secondary.
+    "saturation": lambda x: (x.amax(1) - x.amin(1)).mean((1, 2)),
+    # 2 * std of luma over the image (1 = half black, half white). Hacked by hard black/white patterns.
+    "contrast": lambda x: 2 * luma(x).flatten(1).std(1, correction=0),
+    # mean(R - B): oranges and reds high, blues low. Hacked by a flat orange wash.
+    "warmth": lambda x: (x[:, 0] - x[:, 2]).mean((1, 2)),
+    # minus estimated JPEG bytes/pixel. Hacked by flat images (no shapes at all).
+    "compressibility": lambda x: -jpeg_bytes_per_pixel(x),
+    # plus estimated JPEG bytes/pixel. Hacked by high-frequency noise.
+    "incompressibility": lambda x: jpeg_bytes_per_pixel(x),
+}
+# Sequences for the toy world (our suggestion, untested by training here): saturation -> brightness is
+# the best pair. The greedy path for brightness is white, which erases saturation (forgetting shows),
+# yet both can be high at once (pure yellow: luma 0.89, chroma 1). warmth -> brightness behaves alike
+# (yellow again). brightness -> contrast conflicts harder (contrast needs dark pixels), and
+# compressibility -> incompressibility are exact opposites: not jointly satisfiable, avoid as a pair.
+
+class ImageReward(nn.Module):
+    def __init__(self, fn, dtype):
+        super().__init__()
+        self.fn, self.dtype = fn, dtype
+
+    def forward(self, images, prompts=None):   # prompts are ignored
+        return self.fn(images.to(self.dtype)).float()
+
+def load_toy(name):
+    return lambda path, device, dtype: ImageReward(TOY[name], dtype)
+
+# -----------------------------------------------------------------------------
+# Registry: name -> loader(path, device, dtype). Looking a name up costs nothing; loading happens on call.
+REWARDS = {
+    "aesthetic": load_aesthetic,
+    "hps": load_hps,
+    "pickscore": load_clip_like("pickscore", "yuvalkirstain/PickScore_v1", LAION_H14, scaled=True),
+    "clip": load_clip_like("clip", CLIP_L14, CLIP_L14, scaled=False),
+    **{name: load_toy(name) for name in TOY},
+}
+
+def check_reward_name(name):
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
+
+def load_reward(name, path=None, device="cpu", dtype=torch.float32):
+    check_reward_name(name)
+    if path and name in TOY:
+        raise ValueError(f"reward {name!r} has no weights; drop --reward_path {name}={path}")
+    reward = REWARDS[name](path, device, dtype)
+    return reward.eval().requires_grad_(False)
+
+# -----------------------------------------------------------------------------
+def bench(paths=None, names=None, batch=4, sizes=(32, 512), repeats=5):
+    # One forward + backward (to the images) on a (batch, 3, s, s) input, median of `repeats`, on CPU.
+    print(f"| reward | params | " + " | ".join(f"fwd+bwd {s}x{s}, B={batch}" for s in sizes) + " |")
+    print("|---|---|" + "---|" * len(sizes))
+    for name in names or REWARDS:
+        try:
+            reward = load_reward(name, (paths or {}).get(name))
+        except ValueError as e:
+            print(f"| {name} | not loaded: {e} |")
+            continue
+        times = []
+        for s in sizes:
+            x = torch.rand(batch, 3, s, s, requires_grad=True)
+            runs = []
+            for _ in range(repeats + 1):                  # first run is a warm-up
+                t0 = time.perf_counter()
+                reward(x, ["a red circle on a blue background"] * batch).sum().backward()
+                runs.append(time.perf_counter() - t0)
+            times.append(sorted(runs[1:])[len(runs[1:]) // 2])
+        params = sum(p.numel() for p in reward.parameters())
+        print(f"| {name} | {params:,} | " + " | ".join(f"{1000 * t:.1f} ms" for t in times) + " |")
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="rid rewards: timing of every reward whose weights load")
+    parser.add_argument("--bench", action="store_true", help="time one forward+backward, batch of 4, on CPU")
+    parser.add_argument("--reward_path", action="append", default=[], help="NAME=PATH local weights (repeatable)")
+    args = parser.parse_args()
+    if args.bench:
+        bench(dict(kv.split("=", 1) for kv in args.reward_path))
+    else:
+        parser.print_help()

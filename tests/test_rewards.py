@@ -1,0 +1,419 @@
+"""
+Tests for rewards.py on tiny random-weight stand-ins saved in the real on-disk formats (CLIPModel
+snapshot + CLIPImageProcessor config + tokenizer files, the aesthetic MLP as a .pth state dict, the HPS
+checkpoint as {"state_dict": ...} in open_clip's key layout), loaded through load_reward(name, path).
+
+    python -m pytest tests/test_rewards.py     # the tests (~1 min on 2 CPU cores)
+    python tests/test_rewards.py               # README numbers: timing of every reward + JPEG Spearman
+"""
+import io, json, math, os, sys
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import rewards  # noqa: E402
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer  # noqa: E402
+
+PROMPTS = ["a red circle on a blue background", "a photo of a cat", "a green square", "an orange sunset over hills"]
+
+# -----------------------------------------------------------------------------
+# Tiny stand-ins in the real formats
+
+def bytes_to_unicode():
+    # CLIP's byte-level alphabet: 256 printable unicode characters, one per byte
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + len(cs) - 188)
+    return [chr(c) for c in cs]
+
+def save_tokenizer(folder):
+    # Byte-level BPE without merges: every character is a token; end-of-text is the highest id, as in CLIP.
+    chars = bytes_to_unicode()
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
+    return len(vocab)
+
+def tiny_clip(folder, projection_dim=64, act="quick_gelu", seed=0):
+    # A 2-layer, width-32 CLIP at the real input size (224, patch 14), saved as a hub-style snapshot.
+    os.makedirs(folder, exist_ok=True)
+    vocab_size = save_tokenizer(folder)
+    torch.manual_seed(seed)
+    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act=act)
+    config = CLIPConfig(text_config=dict(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=vocab_size - 2,
+                                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **layers),
+                        vision_config=dict(image_size=224, patch_size=14, **layers), projection_dim=projection_dim)
+    model = CLIPModel(config)
+    with torch.no_grad():
+        # Unit-gain weights instead of the 0.02 init, so features depend on the image's content, and,
+        # as in real CLIP, a direction shared by image and text features, so cosines sit away from 0
+        # (real ones are ~0.2-0.3) and a 1% relative tolerance means something.
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and "embedding" not in name:
+                p.normal_(0, 1 / math.sqrt(p[0].numel()))
+        model.text_projection.weight.copy_(model.visual_projection.weight)
+        shared = torch.randn(32)
+        model.vision_model.post_layernorm.bias.copy_(shared)
+        model.text_model.final_layer_norm.bias.copy_(shared)
+    model.save_pretrained(folder)
+    # the preprocessor config openai/clip-vit-large-patch14 (and laion's ViT-H-14) ships
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3,
+                       image_mean=list(rewards.OPENAI_MEAN), image_std=list(rewards.OPENAI_STD)).save_pretrained(folder)
+    return model
+
+def save_aesthetic_mlp(file, seed=0):
+    torch.manual_seed(seed)
+    mlp = rewards.aesthetic_mlp()
+    with torch.no_grad():  # gain 3: scores of a few units, like the real predictor's (~4 to 7)
+        for p in mlp.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 3 / math.sqrt(p.shape[1]))
+    torch.save({f"layers.{k}": v for k, v in mlp.state_dict().items()}, file)  # keys as in the real .pth
+
+def transformers_to_openclip(sd):
+    # The inverse of rewards.openclip_to_transformers, written out key by key (open_clip's layout).
+    out = {}
+    for tower, pre in (("vision_model", "visual."), ("text_model", "")):
+        layer_ids = sorted({int(k.split(".")[3]) for k in sd if k.startswith(f"{tower}.encoder.layers.")})
+        for i in layer_ids:
+            a, b = f"{tower}.encoder.layers.{i}.", f"{pre}transformer.resblocks.{i}."
+            for w in ("weight", "bias"):
+                out[b + f"attn.in_proj_{w}"] = torch.cat([sd[a + f"self_attn.{n}_proj.{w}"] for n in "qkv"])
+                out[b + f"attn.out_proj.{w}"] = sd[a + f"self_attn.out_proj.{w}"]
+                out[b + f"ln_1.{w}"], out[b + f"ln_2.{w}"] = sd[a + f"layer_norm1.{w}"], sd[a + f"layer_norm2.{w}"]
+                out[b + f"mlp.c_fc.{w}"], out[b + f"mlp.c_proj.{w}"] = sd[a + f"mlp.fc1.{w}"], sd[a + f"mlp.fc2.{w}"]
+    for w in ("weight", "bias"):
+        out[f"visual.ln_pre.{w}"] = sd[f"vision_model.pre_layrnorm.{w}"]
+        out[f"visual.ln_post.{w}"] = sd[f"vision_model.post_layernorm.{w}"]
+        out[f"ln_final.{w}"] = sd[f"text_model.final_layer_norm.{w}"]
+    out["visual.conv1.weight"] = sd["vision_model.embeddings.patch_embedding.weight"]
+    out["visual.class_embedding"] = sd["vision_model.embeddings.class_embedding"]
+    out["visual.positional_embedding"] = sd["vision_model.embeddings.position_embedding.weight"]
+    out["visual.proj"] = sd["visual_projection.weight"].t().contiguous()
+    out["token_embedding.weight"] = sd["text_model.embeddings.token_embedding.weight"]
+    out["positional_embedding"] = sd["text_model.embeddings.position_embedding.weight"]
+    out["text_projection"] = sd["text_projection.weight"].t().contiguous()
+    out["logit_scale"] = sd["logit_scale"]
+    return out
+
+def build_all(root):
+    # -> {name: path} for load_reward, every stand-in written under root
+    paths = {}
+    tiny_clip(f"{root}/aesthetic", projection_dim=768, seed=1)
+    save_aesthetic_mlp(f"{root}/aesthetic/aesthetic-model.pth", seed=2)
+    paths["aesthetic"] = f"{root}/aesthetic"
+    paths["clip"] = f"{root}/clip"
+    tiny_clip(paths["clip"], seed=3)
+    paths["pickscore"] = f"{root}/pickscore"
+    tiny_clip(paths["pickscore"], act="gelu", seed=4)
+    # HPS: the folder holds the laion-style config + tokenizer and the open_clip-layout checkpoint
+    model = tiny_clip(f"{root}/hps", act="gelu", seed=5)
+    sd = {"module." + k: v.half() for k, v in transformers_to_openclip(model.state_dict()).items()}  # DDP prefix, fp16
+    torch.save({"state_dict": sd}, f"{root}/hps/HPS_v2.1_compressed.pt")
+    for f in ("model.safetensors", "preprocessor_config.json"):   # HPS weights come only from the .pt
+        os.remove(f"{root}/hps/{f}")
+    paths["hps"] = f"{root}/hps"
+    return paths
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return build_all(str(tmp_path_factory.mktemp("rewards")))
+
+# -----------------------------------------------------------------------------
+# Natural-looking images: smooth random fields + a gradient + a little texture, in [0, 1]
+
+def natural_image(h, w, g):
+    small = torch.rand(1, 3, 5, 7, generator=g)
+    field = F.interpolate(small, (h, w), mode="bicubic", align_corners=False)[0]
+    detail = F.interpolate(torch.rand(1, 3, max(2, h // 8), max(2, w // 8), generator=g), (h, w), mode="bilinear")[0]
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    img = 0.55 * field + 0.25 * detail + 0.2 * (xx + yy)[None] / 2 + 0.03 * torch.randn(3, h, w, generator=g)
+    return img.clamp(0, 1)
+
+def to_pil(img):   # the reference route: uint8 PIL image, as a user's file would be
+    return Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().numpy())
+
+def quantised(img):  # the same uint8 values as to_pil, back as float, so both routes see the same pixels
+    return (img * 255).round() / 255
+
+SIZES = [(224, 224), (256, 256), (300, 200), (200, 360), (512, 384), (97, 150), (32, 32)]
+
+# -----------------------------------------------------------------------------
+# 1. Reference parity
+
+def reference_clip_score(name, folder, img, prompt):
+    # transformers' own route: PIL image -> CLIPImageProcessor -> the same weights, loaded independently
+    model = CLIPModel.from_pretrained(folder).eval()
+    pixels = CLIPImageProcessor.from_pretrained(folder)(images=to_pil(img), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        emb = model.get_image_features(pixel_values=pixels).pooler_output
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        if name == "aesthetic":
+            mlp = rewards.aesthetic_mlp()
+            mlp.load_state_dict({k.removeprefix("layers."): v for k, v in torch.load(f"{folder}/aesthetic-model.pth").items()})
+            return mlp(emb).item()
+        tok = CLIPTokenizer.from_pretrained(folder)(prompt, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        txt = model.get_text_features(**tok).pooler_output
+        cos = (emb * txt / txt.norm(dim=-1, keepdim=True)).sum().item()
+        return model.logit_scale.exp().item() * cos if name == "pickscore" else cos
+
+@pytest.mark.parametrize("name", ["aesthetic", "pickscore", "clip"])
+def test_clip_parity_with_image_processor(name, paths):
+    reward = rewards.load_reward(name, paths[name])
+    g = torch.Generator().manual_seed(0)
+    for i, (h, w) in enumerate(SIZES):
+        img = quantised(natural_image(h, w, g))
+        ours = reward(img[None], [PROMPTS[i % 4]]).item()
+        ref = reference_clip_score(name, paths[name], img, PROMPTS[i % 4])
+        assert abs(ours - ref) <= 0.01 * abs(ref), (name, (h, w), ours, ref)
+
+def test_clip_parity_can_fail(paths):
+    # The check above is sensitive to preprocessing: squashing a non-square image to 224x224 instead of
+    # resize + centre crop moves every score by more than the 1% tolerance.
+    img = quantised(natural_image(300, 200, torch.Generator().manual_seed(1)))
+    squashed = F.interpolate(img[None], (224, 224), mode="bicubic", antialias=True)
+    for name in ("aesthetic", "pickscore", "clip"):
+        ref = reference_clip_score(name, paths[name], img, PROMPTS[0])
+        ours = rewards.load_reward(name, paths[name])(squashed, [PROMPTS[0]]).item()
+        assert abs(ours - ref) > 0.01 * abs(ref), name
+
+def resize_max_size_pil(img, size=224):
+    # open_clip's ResizeMaxSize(224, fill=0) on a PIL image, then ToTensor + OpenAI mean/std (HPSv2's eval route)
+    pil = to_pil(img)
+    s = size / max(pil.height, pil.width)
+    h, w = round(pil.height * s), round(pil.width * s)
+    canvas = Image.new("RGB", (size, size), (0, 0, 0))
+    canvas.paste(pil.resize((w, h), Image.BICUBIC), ((size - w) // 2, (size - h) // 2))
+    x = torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float()[None] / 255
+    return (x - torch.tensor(rewards.OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(rewards.OPENAI_STD).view(1, 3, 1, 1)
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_preprocess_matches_pil_pixels(pad, paths):
+    # Pixel-level parity of our torch preprocessing with the PIL routes, in uint8 levels: the only gap
+    # left is PIL's rounding of its output to uint8 (mean 0.25 level). A squash instead of crop/pad fails.
+    processor = CLIPImageProcessor.from_pretrained(paths["clip"])
+    ref_route = resize_max_size_pil if pad else lambda im: processor(images=to_pil(im), return_tensors="pt").pixel_values
+    g = torch.Generator().manual_seed(2)
+    levels = lambda a, b: (a - b).abs() * torch.tensor(rewards.OPENAI_STD).view(1, 3, 1, 1) * 255
+    for h, w in SIZES + [(1000, 700), (33, 77)]:
+        img = quantised(natural_image(h, w, g))
+        ref = ref_route(img)
+        d = levels(rewards.clip_preprocess(img[None], 224, pad=pad), ref)
+        assert d.mean() < 0.4 and d.max() < 2.0, ((h, w), d.mean().item(), d.max().item())
+        if h != w:
+            squashed = rewards.clip_preprocess(F.interpolate(img[None], (224, 224), mode="bicubic", antialias=True), pad=pad)
+            assert levels(squashed, ref).mean() > 2.0
+
+# -----------------------------------------------------------------------------
+# HPS: open_clip layout -> our mapping -> transformers CLIPModel, against a plain-torch open_clip forward
+
+def openclip_blocks(sd, prefix, x, heads, causal):
+    i = 0
+    while f"{prefix}{i}.ln_1.weight" in sd:
+        p = lambda name: sd[f"{prefix}{i}.{name}"]
+        h = F.layer_norm(x, x.shape[-1:], p("ln_1.weight"), p("ln_1.bias"))
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in
+                   F.linear(h, p("attn.in_proj_weight"), p("attn.in_proj_bias")).chunk(3, dim=-1))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).flatten(2)
+        x = x + F.linear(a, p("attn.out_proj.weight"), p("attn.out_proj.bias"))
+        h = F.layer_norm(x, x.shape[-1:], p("ln_2.weight"), p("ln_2.bias"))
+        x = x + F.linear(F.gelu(F.linear(h, p("mlp.c_fc.weight"), p("mlp.c_fc.bias"))), p("mlp.c_proj.weight"), p("mlp.c_proj.bias"))
+        i += 1
+    return x
+
+def openclip_image_features(sd, pixels, heads=4):
+    conv = sd["visual.conv1.weight"]
+    x = F.conv2d(pixels, conv, stride=conv.shape[-1]).flatten(2).transpose(1, 2)     # (B, grid*grid, width)
+    x = torch.cat([sd["visual.class_embedding"].expand(len(x), 1, -1), x], 1) + sd["visual.positional_embedding"]
+    x = F.layer_norm(x, x.shape[-1:], sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"])
+    x = openclip_blocks(sd, "visual.transformer.resblocks.", x, heads, causal=False)
+    return F.layer_norm(x[:, 0], x.shape[-1:], sd["visual.ln_post.weight"], sd["visual.ln_post.bias"]) @ sd["visual.proj"]
+
+def openclip_text_features(sd, tokens, heads=4):
+    x = sd["token_embedding.weight"][tokens] + sd["positional_embedding"]
+    x = openclip_blocks(sd, "transformer.resblocks.", x, heads, causal=True)
+    x = F.layer_norm(x, x.shape[-1:], sd["ln_final.weight"], sd["ln_final.bias"])
+    return x[torch.arange(len(x)), tokens.argmax(-1)] @ sd["text_projection"]       # EOT has the highest id
+
+def openclip_tokens(folder, prompt):
+    ids = CLIPTokenizer.from_pretrained(folder)(prompt).input_ids                   # [SOT, ..., EOT]
+    return torch.tensor([ids + [0] * (77 - len(ids))])                              # open_clip pads with 0
+
+def test_hps_mapping_and_reference(paths):
+    folder = paths["hps"]
+    sd = {k.removeprefix("module."): v.float() for k, v in torch.load(f"{folder}/HPS_v2.1_compressed.pt")["state_dict"].items()}
+    reward = rewards.load_reward("hps", folder)
+    g = torch.Generator().manual_seed(3)
+    for i, (h, w) in enumerate(SIZES):
+        img, prompt = quantised(natural_image(h, w, g)), PROMPTS[i % 4]
+        pixels = resize_max_size_pil(img)
+        with torch.no_grad():
+            ref_img, ref_txt = openclip_image_features(sd, pixels), openclip_text_features(sd, openclip_tokens(folder, prompt))
+            ours_img = reward.model.get_image_features(pixel_values=pixels).pooler_output
+            tok = reward.tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt")
+            ours_txt = reward.model.get_text_features(**tok).pooler_output
+        torch.testing.assert_close(ours_img, ref_img, rtol=1e-4, atol=1e-4)        # same weights, same maths
+        torch.testing.assert_close(ours_txt, ref_txt, rtol=1e-4, atol=1e-4)
+        ref = F.cosine_similarity(ref_img, ref_txt).item()                          # HPS = cosine
+        ours = reward(img[None], [prompt]).item()                                   # through our torch preprocessing
+        assert abs(ours - ref) <= 0.01 * abs(ref), ((h, w), ours, ref)
+
+def test_hps_strict_keys(paths, tmp_path):
+    # every checkpoint key must be used and every model weight provided
+    import shutil
+    folder = shutil.copytree(paths["hps"], tmp_path / "hps")
+    ckpt = torch.load(folder / "HPS_v2.1_compressed.pt")
+    ckpt["state_dict"]["module.visual.extra_head.weight"] = torch.zeros(3)
+    torch.save(ckpt, folder / "HPS_v2.1_compressed.pt")
+    with pytest.raises(ValueError, match="unused.*extra_head"):
+        rewards.load_reward("hps", str(folder))
+    del ckpt["state_dict"]["module.visual.extra_head.weight"], ckpt["state_dict"]["module.ln_final.bias"]
+    torch.save(ckpt, folder / "HPS_v2.1_compressed.pt")
+    with pytest.raises(ValueError, match="missing.*final_layer_norm.bias"):
+        rewards.load_reward("hps", str(folder))
+
+# -----------------------------------------------------------------------------
+# 2. Gradients reach the images, never the reward networks
+
+@pytest.mark.parametrize("name", list(rewards.REWARDS))
+def test_gradients(name, paths):
+    reward = rewards.load_reward(name, paths.get(name))
+    g = torch.Generator().manual_seed(4)
+    for h, w in [(32, 32), (40, 72)]:
+        x = torch.stack([natural_image(h, w, g) for _ in range(2)]).requires_grad_(True)
+        r = reward(x, PROMPTS[:2])
+        assert r.shape == (2,) and r.dtype == torch.float32
+        r.sum().backward()
+        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, name
+    assert all(p.grad is None and not p.requires_grad for p in reward.parameters())
+
+def test_compute_dtype(paths):
+    # a frozen net runs in the dtype it was given and still returns float32 scores with a graph
+    reward = rewards.load_reward("clip", paths["clip"], dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in reward.parameters())
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    r = reward(x, PROMPTS[:2])
+    r.sum().backward()
+    assert r.dtype == torch.float32 and x.grad.abs().sum() > 0
+
+# -----------------------------------------------------------------------------
+# Failure paths: one line, naming the fix
+
+def test_unknown_name():
+    with pytest.raises(ValueError) as e:
+        rewards.check_reward_name("aesthetics")
+    assert "\n" not in str(e.value) and "known rewards: aesthetic, hps" in str(e.value)
+    with pytest.raises(ValueError, match="unknown reward"):
+        rewards.load_reward("nope")
+
+@pytest.mark.parametrize("name", ["aesthetic", "hps", "pickscore", "clip"])
+def test_missing_weights(name, paths, tmp_path):
+    with pytest.raises(ValueError) as e:
+        rewards.load_reward(name, str(tmp_path / "not_there"))
+    msg = str(e.value)
+    assert "\n" not in msg and f"reward '{name}': cannot load" in msg and f"--reward_path {name}=" in msg, msg
+
+def test_hps_folder_without_checkpoint(paths, tmp_path):
+    import shutil
+    folder = shutil.copytree(paths["hps"], tmp_path / "hps")
+    os.remove(folder / "HPS_v2.1_compressed.pt")
+    with pytest.raises(ValueError, match="HPS_v2.1_compressed.pt.*--reward_path hps="):
+        rewards.load_reward("hps", str(folder))
+
+def test_weight_free_rejects_path():
+    with pytest.raises(ValueError, match="has no weights"):
+        rewards.load_reward("brightness", "/some/file")
+
+# -----------------------------------------------------------------------------
+# Weight-free rewards: their documented ranges on extreme images
+
+def test_toy_reward_ranges():
+    flat = lambda r, g, b: torch.tensor([r, g, b], dtype=torch.float).view(1, 3, 1, 1).expand(1, 3, 32, 32)
+    half = torch.cat([flat(0, 0, 0)[..., :16], flat(1, 1, 1)[..., 16:]], -1)
+    score = lambda name, x: rewards.load_reward(name)(x, [""]).item()
+    assert score("brightness", flat(1, 1, 1)) == pytest.approx(1) and score("brightness", flat(0, 0, 0)) == 0
+    assert score("saturation", flat(1, 1, 0)) == pytest.approx(1) and score("saturation", flat(.5, .5, .5)) == 0
+    assert score("brightness", flat(1, 1, 0)) == pytest.approx(0.886)          # yellow: bright and saturated
+    assert score("contrast", half) == pytest.approx(1) and score("contrast", flat(1, 0, 0)) == 0
+    assert score("warmth", flat(1, 0, 0)) == 1 and score("warmth", flat(0, 0, 1)) == -1
+    noise = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    assert -0.01 < score("compressibility", flat(.3, .6, .2)) <= 0 and score("incompressibility", noise) > 1.0
+
+# -----------------------------------------------------------------------------
+# 3. compressibility vs real JPEG sizes
+
+def jpeg_size(img, quality=95):
+    buf = io.BytesIO()
+    to_pil(img).save(buf, format="JPEG", quality=quality)                       # PIL default: 4:2:0
+    return buf.tell()
+
+def varied_image(i, g):
+    # procedural shapes, gradients, noise, smooth photo-like fields, sinusoid textures, field + grain
+    h, w = (int(v) for v in torch.randint(64, 129, (2,), generator=g))
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    rand = lambda *s: torch.rand(*s, generator=g)
+    kind = i % 6
+    if kind == 0:
+        img = rand(3, 1, 1).expand(3, h, w).clone()
+        for _ in range(int(torch.randint(1, 6, (1,), generator=g))):
+            cx, cy, r = rand(3)
+            img[:, ((xx - cx) ** 2 + (yy - cy) ** 2) < (0.1 + 0.3 * r) ** 2] = rand(3, 1)
+    elif kind == 1:
+        a, b, t = rand(3, 1, 1), rand(3, 1, 1), rand(1)
+        img = a + (b - a) * (t * xx + (1 - t) * yy)
+    elif kind == 2:
+        img = rand(3, 1, 1) + float(rand(1)) ** 2 * (rand(3, h, w) - 0.5)
+    elif kind == 3:
+        img = natural_image(h, w, g)
+    elif kind == 4:
+        img = 0.5 + sum(rand(3, 1, 1) * torch.sin(2 * math.pi * ((2 + 30 * rand(1)) * xx + (2 + 30 * rand(1)) * yy) + 6.3 * rand(1))
+                        for _ in range(3)) / 6
+    else:
+        img = natural_image(h, w, g) + 0.1 * float(rand(1)) * torch.randn(3, h, w, generator=g)
+    return quantised(img.clamp(0, 1))
+
+def spearman(a, b):
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return ((ra * rb).sum() / (ra.norm() * rb.norm())).item()
+
+def compressibility_figures(n=240):
+    g = torch.Generator().manual_seed(0)
+    imgs = [varied_image(i, g) for i in range(n)]
+    pixels = torch.tensor([im.shape[1] * im.shape[2] for im in imgs], dtype=torch.float64)
+    real = torch.tensor([jpeg_size(im) for im in imgs], dtype=torch.float64)
+    est = torch.cat([rewards.jpeg_bytes_per_pixel(im[None]) for im in imgs]).double()   # bytes/pixel
+    header = jpeg_size(torch.zeros(3, 8, 8)) - 1   # PIL q95 header + tables, about 630 bytes
+    return dict(n=n, rho_per_pixel=spearman(est, real / pixels), rho_total=spearman(est * pixels, real),
+                ratio=((real - header) / (est * pixels)).median().item())
+
+def test_compressibility_spearman():
+    f = compressibility_figures()
+    assert f["rho_per_pixel"] >= 0.9 and f["rho_total"] >= 0.9, f
+
+def test_compressibility_ascent_shrinks_jpeg():
+    # the gradient is useful, not just non-zero: 30 ascent steps make the real JPEG file smaller
+    x = varied_image(5, torch.Generator().manual_seed(6)).clone().requires_grad_(True)   # smooth field + grain
+    reward, before = rewards.load_reward("compressibility"), jpeg_size(x.detach())
+    for _ in range(30):
+        reward(x[None], [""]).sum().backward()
+        with torch.no_grad():
+            x += 0.01 * x.grad / x.grad.abs().mean()   # normalised step, ~2.5 uint8 levels
+            x.clamp_(0, 1)
+            x.grad = None
+    assert jpeg_size(x.detach()) < 0.8 * before
+
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    # README numbers: timing of every reward on the tiny stand-ins, then the JPEG-size rank correlation
+    import tempfile
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as root:
+        rewards.bench(build_all(root))
+    print("compressibility vs PIL JPEG q95:", compressibility_figures())
