@@ -1,0 +1,421 @@
+"""
+sample.py: the core of rid. Loads a Stable-Diffusion-format model, encodes prompts, runs the one
+DDIM sampler that training, evaluation and this CLI all use, decodes to images in [0, 1], and
+handles the LoRA adapters (add, freeze, activate, save in diffusers' format, load back).
+
+The sampler is differentiable: the last `grad_steps` (K) denoising steps keep their autograd graph
+(DRaFT-K / AlignProp), each UNet call there optionally under activation checkpointing, and the VAE
+decode keeps its graph too, so a reward on the images can be backpropagated into LoRA weights.
+
+Run it (offline, on the shipped toy model, a few seconds on a laptop CPU):
+    python sample.py --model toy --prompt "a green triangle on a yellow background" --out out/green
+Stable Diffusion 1.5 on a GPU, with a LoRA adapter written by train_rid.py:
+    python sample.py --prompt "a photo of a cat" --prompt "a red bicycle" --out out/cats \
+        --lora runs/rid/adapters/task1_aesthetic
+Import it:
+    from sample import load_pipeline, encode_prompts, initial_latents, sample
+"""
+import argparse
+import contextlib
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_model")
+# LoRA on the attention projections of the UNet, as diffusers' own LoRA training examples do.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' save/load_lora_weights use
+SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class UserError(Exception):
+    """A mistake in the user's input: the CLIs print its one-line message and exit with code 2."""
+
+
+def run_cli(main):
+    """Run a CLI's main(): a UserError becomes one line on stderr and exit code 2, no traceback.
+    The libraries' deprecation chatter and weight-loading bars are silenced so that errors stay one line."""
+    import warnings
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    warnings.filterwarnings("ignore", module="(huggingface_hub|diffusers|transformers|peft)")
+    for logging in (diffusers_logging, transformers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line_errors(parser):
+    """Make argparse report a bad flag as one line (not usage + error) with exit code 2, like UserError."""
+    def error(message):
+        print(f"error: {message} (see {parser.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+    parser.error = error
+    return parser
+
+
+# -----------------------------------------------------------------------------
+# Loading: a Stable-Diffusion-format folder or hub id -> frozen UNet, VAE, text encoder, tokenizer
+
+@dataclass
+class Pipe:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object  # a DDIMScheduler: we take its time grid and alphas_cumprod, never its step()
+
+    @property
+    def vae_scale(self):  # 8 for SD: each latent pixel covers vae_scale x vae_scale image pixels
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size(self):  # default (height, width) in pixels, as diffusers derives it
+        s = self.unet.config.sample_size * self.vae_scale
+        return (s, s) if isinstance(s, int) else tuple(s)
+
+
+def resolve_model(model):
+    """'toy' names the model shipped in this repo; anything else is a hub id or a local folder."""
+    return TOY_MODEL if model == "toy" else model
+
+
+def check_model(model):
+    """Cheap checks before loading anything: a local path must be an SD-format folder."""
+    path = resolve_model(model)
+    looks_local = os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1
+    if not looks_local:
+        return  # a hub id "owner/name": only from_pretrained can tell whether it is reachable
+    if not os.path.isdir(path):
+        raise UserError(f"model folder '{model}' does not exist; pass a Stable Diffusion folder or a hub id")
+    missing = [p for p in ("model_index.json", *SD_PARTS) if not os.path.exists(os.path.join(path, p))]
+    if missing:
+        raise UserError(f"'{model}' is not a Stable Diffusion folder (missing {', '.join(missing)}); "
+                        f"pass a folder saved by StableDiffusionPipeline.save_pretrained or a hub id")
+
+
+def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
+    """Load the five parts of an SD pipeline with the real from_pretrained code; all weights frozen, in `dtype`."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    check_model(model)
+    path = resolve_model(model)
+    try:
+        pipe = Pipe(
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype),
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            # SD 1.5 ships a PNDM config; DDIM reads the same betas, offsets and spacing from it.
+            scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
+        )
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model '{model}' ({reason}); offline or not a hub id? "
+                        f"download it once (huggingface-cli download {model}) or pass a local folder with --model DIR")
+    if pipe.scheduler.config.thresholding:
+        raise UserError(f"model '{model}': dynamic thresholding in the scheduler config is not supported")
+    for net in (pipe.unet, pipe.vae, pipe.text_encoder):
+        net.requires_grad_(False).eval().to(device)
+    return pipe
+
+
+# -----------------------------------------------------------------------------
+# Prompts and noise: text embeddings (B, L, D) and the initial latents (B, C, h, w)
+
+def encode_prompts(pipe, prompts):
+    """CLIP text embeddings, padded to the tokenizer's max length as diffusers does. The unconditional
+    branch of classifier-free guidance is simply encode_prompts(pipe, [""] * B)."""
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]  # (B, L, D); frozen, so no graph
+
+
+def initial_latents(pipe, n, generator, height=None, width=None):
+    """x_T ~ N(0, I) (n, C, h, w). With generator=torch.Generator().manual_seed(seed) this is the same draw as
+    diffusers' pipeline given that generator, so images can be compared one for one. Drawn on the CPU always,
+    so a seed gives the same images on every device."""
+    height, width = height or pipe.size[0], width or pipe.size[1]
+    shape = (n, pipe.unet.config.in_channels, height // pipe.vae_scale, width // pipe.vae_scale)
+    return torch.randn(shape, generator=generator) * pipe.scheduler.init_noise_sigma
+
+
+# -----------------------------------------------------------------------------
+# DDIM (Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models"), written out by hand
+
+def ddim_schedule(scheduler, ddim_steps):
+    """The time grid t_1 > ... > t_S and alpha-bar at t and at the previous (less noisy) grid point, taken
+    from the model's own scheduler config (spacing, steps_offset, set_alpha_to_one) so we match diffusers."""
+    scheduler.set_timesteps(ddim_steps)
+    ts = scheduler.timesteps  # (S,) int64, descending
+    abar = scheduler.alphas_cumprod  # (1000,) alpha-bar_t = prod(1 - beta)
+    prev = ts - scheduler.config.num_train_timesteps // ddim_steps
+    alpha_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], scheduler.final_alpha_cumprod)
+    return ts, abar[ts], alpha_prev
+
+
+def ddim_step(x_t, eps, alpha_t, alpha_prev, eta=0.0, noise=None, clip=None):
+    """One DDIM update x_t -> x_{t-1}. Song et al. write alpha for what DDPM calls alpha-bar.
+    clip: clamp x0_pred to [-clip, clip] (scheduler configs with clip_sample=True; SD's have False)."""
+    x0_pred = (x_t - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()  # eq. 12, "predicted x_0"
+    if clip:
+        x0_pred = x0_pred.clamp(-clip, clip)
+    sigma = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()  # eq. 16
+    x_prev = alpha_prev.sqrt() * x0_pred + (1 - alpha_prev - sigma**2).sqrt() * eps  # eq. 12, "direction to x_t"
+    if eta > 0:
+        x_prev = x_prev + sigma * noise  # eq. 12, random noise; eta = 1 is DDPM's ancestral sampler
+    return x_prev, x0_pred
+
+
+def unet_eps(unet, x, t, context):
+    """One UNet call in the UNet's dtype; the output comes back in fp32 for the DDIM arithmetic."""
+    return unet(x.to(unet.dtype), t, encoder_hidden_states=context, return_dict=False)[0].float()
+
+
+def decode(pipe, latents, checkpointing=False):
+    """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], differentiable unless the caller disables grad.
+    Checkpointing the decoder trades one more decoder forward in backward for its activations (GBs at 512 px)."""
+    vae = pipe.vae
+    z = (latents / vae.config.scaling_factor).to(vae.dtype)
+    run = lambda z: vae.decode(z, return_dict=False)[0]
+    x = checkpoint(run, z, use_reentrant=False) if checkpointing and torch.is_grad_enabled() else run(z)
+    return (x.float() / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1], as diffusers' image processor does
+
+
+def sample(pipe, cond, uncond, latents, ddim_steps=50, guidance_scale=7.5, eta=0.0, grad_steps=0,
+           checkpointing=True, checkpoint_decode=False, generator=None, capture=(), progress=False):
+    """Guided DDIM from x_T = latents (B, C, h, w) to images (B, 3, H, W) in [0, 1].
+
+    cond, uncond: text embeddings (B, L, D) of the prompts and of "" (classifier-free guidance).
+    grad_steps:   K; only the last K steps (and the decode) build an autograd graph. 0: no graph at all.
+    checkpointing: recompute each grad-window UNet call in backward instead of storing its activations.
+    generator:    the noise source for eta > 0 (pass the one that drew the latents to match diffusers).
+    capture:      step indices i at which to return (t, x_t, UNet output); used by RID's teacher matching.
+    Returns (images, captured) with captured = {i: (t, x_t detached, raw UNet output (2B or B, C, h, w))}.
+    """
+    assert 0 <= grad_steps <= ddim_steps, f"grad_steps {grad_steps} must be in [0, ddim_steps={ddim_steps}]"
+    ts, alphas, alphas_prev = ddim_schedule(pipe.scheduler, ddim_steps)
+    guided = guidance_scale > 1.0  # as diffusers: guidance 1 means no unconditional branch at all
+    context = torch.cat([uncond, cond]) if guided else cond  # (2B, L, D): one batched UNet call per step
+    config = pipe.scheduler.config
+    v_pred = config.prediction_type == "v_prediction"  # SD 2.x 768 px models
+    clip = config.clip_sample_range if config.clip_sample else None
+    x, captured = latents.float(), {}
+    for i, t in enumerate(tqdm(ts, desc="ddim", leave=False, disable=not progress)):
+        # The grad window: steps before the last K run with no graph, so memory does not grow with the
+        # number of steps; inside it every step keeps its graph for the reward gradient (DRaFT-K).
+        with torch.set_grad_enabled(i >= ddim_steps - grad_steps):
+            x_in = torch.cat([x, x]) if guided else x
+            if checkpointing and torch.is_grad_enabled():
+                # Store only the UNet's inputs, re-run it during backward: memory per window step drops from
+                # the UNet's activations (GBs for SD at 512 px) to one latent. use_reentrant=False is needed
+                # because x_in of the first window step does not require grad (NOTES.md).
+                out = checkpoint(unet_eps, pipe.unet, x_in, t, context, use_reentrant=False)
+            else:
+                out = unet_eps(pipe.unet, x_in, t, context)
+            if i in capture:
+                captured[i] = (t, x.detach(), out)
+            if v_pred:  # turn a v-prediction into eps: eps = sqrt(abar) v + sqrt(1 - abar) x
+                out = alphas[i].sqrt() * out + (1 - alphas[i]).sqrt() * x_in
+            eps_uncond, eps_cond = out.chunk(2) if guided else (out, out)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # classifier-free guidance
+            noise = torch.randn(x.shape, generator=generator).to(x.device) if eta > 0 else None
+            x, _ = ddim_step(x, eps, alphas[i], alphas_prev[i], eta, noise, clip)
+    with torch.set_grad_enabled(grad_steps > 0):
+        return decode(pipe, x, checkpoint_decode), captured
+
+
+@torch.no_grad()
+def generate(pipe, prompts, latents, ddim_steps=50, guidance_scale=7.5, eta=0.0, batch_size=8, generator=None,
+             progress=True):
+    """No-grad images (N, 3, H, W) in [0, 1] for N prompts and N initial latents, in batches.
+    generator: per-step noise for eta > 0 (the one that drew the latents, to match diffusers)."""
+    device, images = pipe.unet.device, []
+    for b in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress):
+        p = prompts[b:b + batch_size]
+        cond, uncond = encode_prompts(pipe, p), encode_prompts(pipe, [""] * len(p))
+        x, _ = sample(pipe, cond, uncond, latents[b:b + batch_size].to(device), ddim_steps, guidance_scale, eta,
+                      generator=generator)
+        images.append(x.cpu())
+    return torch.cat(images)
+
+
+# -----------------------------------------------------------------------------
+# LoRA adapters: one per task, on top of diffusers' peft integration
+
+def add_lora(unet, name, rank=4, alpha=4.0):
+    """Add a new LoRA adapter called `name` (B = 0, so the model is unchanged) and return its config."""
+    from peft import LoraConfig
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    unet.add_adapter(config, adapter_name=name)
+    for p in lora_params(unet, name).values():
+        p.data = p.data.float()  # trainable weights in fp32 even when the UNet runs in bf16 (peft casts inputs)
+    return config
+
+
+def lora_params(unet, name):
+    """The parameters of one adapter, by their full module path (what torch.func.functional_call expects)."""
+    return {k: p for k, p in unet.named_parameters() if ".lora_" in k and k.split(".")[-2] == name}
+
+
+def set_adapters(unet, names, trainable=None):
+    """Make exactly `names` active (their LoRA deltas summed, W0 + A_1 + ... + A_t) and only `trainable` trainable.
+    diffusers' set_adapters marks every active adapter trainable again, so we re-freeze after it."""
+    unet.set_adapters(list(names))
+    for k, p in unet.named_parameters():
+        p.requires_grad_(".lora_" in k and k.split(".")[-2] == trainable)
+
+
+def save_lora(unet, name, config, out_dir):
+    """Save one adapter in diffusers' LoRA format (loadable by pipe.load_lora_weights), atomically.
+    The config goes in as metadata: without it diffusers assumes lora_alpha = rank (NOTES.md)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    state = get_peft_model_state_dict(unet, adapter_name=name)
+    state = convert_state_dict_to_diffusers({k: v.detach().float().cpu().contiguous() for k, v in state.items()})
+    with atomic_dir(out_dir) as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state,
+                                                  unet_lora_adapter_metadata=config.to_dict())
+
+
+def check_lora(path):
+    if not os.path.isfile(os.path.join(path, LORA_WEIGHTS)):
+        raise UserError(f"'{path}' is not a diffusers LoRA folder (no {LORA_WEIGHTS}); "
+                        f"pass a folder written by train_rid.py or save_lora_weights")
+
+
+def load_lora(unet, path, name):
+    """Load an adapter saved by save_lora (or any diffusers SD LoRA folder) under the name `name`, frozen."""
+    check_lora(path)
+    unet.load_lora_adapter(path, prefix="unet", adapter_name=name, weight_name=LORA_WEIGHTS)
+    for p in lora_params(unet, name).values():
+        p.data = p.data.float()
+        p.requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# Files: every write goes to a temporary name first and is renamed into place, so a kill at any moment
+# leaves either the old file or the new one, never half of one.
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """with atomic_file(p) as tmp: write tmp; on success tmp replaces p in one rename (os.replace)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """with atomic_dir(d) as tmp: fill folder tmp; on success it becomes d (an old d is swapped out, then removed)."""
+    path = path.rstrip("/")
+    tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def to_pil(image):
+    """(3, H, W) in [0, 1] -> PIL image, rounded as diffusers' numpy_to_pil does."""
+    from PIL import Image
+    arr = (image.detach().float().clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8)
+    return Image.fromarray(arr.cpu().numpy())
+
+
+def image_grid(images, ncol=None, pad=2):
+    """(N, 3, H, W) in [0, 1] -> one PIL image, ncol images per row, white padding."""
+    n, _, h, w = images.shape
+    ncol = ncol or min(n, 8)
+    nrow = math.ceil(n / ncol)
+    grid = torch.ones(3, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
+    for k in range(n):
+        r, c = divmod(k, ncol)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = images[k]
+    return to_pil(grid)
+
+
+def pick_device_dtype(device=None, dtype=None):
+    """One place that decides precision: bf16 compute on CUDA, fp32 on CPU, unless the user says otherwise."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    return device, getattr(torch, dtype)
+
+
+# -----------------------------------------------------------------------------
+# CLI: prompts in, DIR/000.png ... and DIR/grid.png out
+
+def main():
+    parser = one_line_errors(argparse.ArgumentParser(description="Sample images with rid's DDIM sampler."))
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, SD-format folder, or 'toy' (shipped model)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for more images")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial latents of the whole batch")
+    parser.add_argument("--ddim_steps", type=int, default=50, help="number of DDIM denoising steps")
+    parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance; 1 = none")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
+    parser.add_argument("--lora", action="append", default=[], help="diffusers LoRA folder; repeat to stack adapters")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels; none = the model's default")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels; none = the model's default")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per UNet batch (memory, not results)")
+    parser.add_argument("--device", default=None, help="cuda or cpu; none = cuda when available")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="compute dtype; none = bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--out", required=True, help="output folder for 000.png, 001.png, ... and grid.png")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
+    args = parser.parse_args()
+    # Validate everything before loading a model.
+    if not args.prompt:
+        raise UserError("no prompt given; pass at least one --prompt \"...\"")
+    if args.ddim_steps < 1 or args.batch_size < 1:
+        raise UserError("--ddim_steps and --batch_size must be at least 1")
+    if not 0 <= args.eta <= 1 or args.guidance_scale < 0:
+        raise UserError("--eta must be in [0, 1] and --guidance_scale at least 0")
+    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise UserError(f"output folder '{args.out}' is not empty; choose another --out or pass --overwrite")
+    for path in args.lora:
+        check_lora(path)
+    check_model(args.model)
+    device, dtype = pick_device_dtype(args.device, args.dtype)
+    pipe = load_pipeline(args.model, device, dtype)
+    for k, path in enumerate(args.lora):
+        load_lora(pipe.unet, path, f"lora{k}")
+    if args.lora:
+        set_adapters(pipe.unet, [f"lora{k}" for k in range(len(args.lora))])
+    height, width = args.height or pipe.size[0], args.width or pipe.size[1]
+    if height % pipe.vae_scale or width % pipe.vae_scale:
+        raise UserError(f"--height and --width must be multiples of {pipe.vae_scale} for this model")
+    generator = torch.Generator().manual_seed(args.seed)  # latents first, then eta's noise: diffusers' order
+    latents = initial_latents(pipe, len(args.prompt), generator, height, width)
+    images = generate(pipe, args.prompt, latents, args.ddim_steps, args.guidance_scale, args.eta,
+                      args.batch_size, generator)
+    with atomic_dir(args.out) as tmp:  # the whole folder appears at once, or not at all
+        for k, image in enumerate(images):
+            to_pil(image).save(os.path.join(tmp, f"{k:03d}.png"))
+        image_grid(images).save(os.path.join(tmp, "grid.png"))
+    print(f"wrote {len(images)} images and grid.png to {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,218 @@
+"""The core against its references: diffusers' StableDiffusionPipeline and DDIMScheduler, autograd, and
+diffusers' own LoRA loader. All on the tiny random-weight SD folder of conftest.py."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from conftest import ROOT
+
+PROMPTS = ["a red circle on a blue background", "a green square", "a photo of a cat"]
+
+
+def reference_pipeline(folder):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    ref = StableDiffusionPipeline.from_pretrained(folder)
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def run_sample_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def read_pngs(folder, n):
+    return np.stack([np.asarray(Image.open(os.path.join(folder, f"{k:03d}.png"))).astype(int) for k in range(n)])
+
+
+def test_cli_matches_diffusers_pipeline(tiny_sd, tmp_path):
+    out = tmp_path / "imgs"
+    args = sum([["--prompt", p] for p in PROMPTS], [])
+    r = run_sample_cli("--model", tiny_sd, *args, "--seed", "3", "--ddim_steps", "12", "--guidance_scale", "7.5",
+                       "--eta", "0", "--out", str(out), "--batch_size", "2")
+    assert r.returncode == 0, r.stderr
+    ours = read_pngs(out, len(PROMPTS))
+    ref = reference_pipeline(tiny_sd)(PROMPTS, num_inference_steps=12, guidance_scale=7.5,
+                                      generator=torch.Generator().manual_seed(3)).images
+    ref = np.stack([np.asarray(im).astype(int) for im in ref])
+    assert ours.shape == ref.shape == (3, 32, 32, 3)  # default size from the model: 16 latent px * vae scale 2
+    assert ours.std() > 20, "images must have structure for the comparison to mean anything"
+    assert np.abs(ours - ref).max() <= 1
+    assert os.path.isfile(out / "grid.png")
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_step_matches_scheduler(eta):
+    from diffusers import DDIMScheduler
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    ts, alphas, alphas_prev = sample.ddim_schedule(scheduler, 20)
+    torch.manual_seed(0)
+    for i, t in enumerate(ts):
+        x, eps, noise = torch.randn(3, 2, 4, 4, 4).unbind(0)
+        ref = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+        ours, _ = sample.ddim_step(x, eps, alphas[i], alphas_prev[i], eta, noise)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_matches_pipeline_with_eta(tiny_sd):
+    """eta > 0 end to end: the same generator draws the latents, then each step's noise, in diffusers' order."""
+    pipe = sample.load_pipeline(tiny_sd)
+    g = torch.Generator().manual_seed(1)
+    ours = sample.generate(pipe, PROMPTS[:2], sample.initial_latents(pipe, 2, g), 8, 5.0, 0.6, generator=g,
+                           progress=False)
+    ref = reference_pipeline(tiny_sd)(PROMPTS[:2], num_inference_steps=8, guidance_scale=5.0, eta=0.6,
+                                      generator=torch.Generator().manual_seed(1), output_type="pt").images
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def lora_pipe(tiny_sd, rank=4, alpha=8.0, seed=0):
+    """Tiny pipe with one trainable adapter whose B is random (a fresh adapter has B = 0 and changes nothing)."""
+    pipe = sample.load_pipeline(tiny_sd)
+    config = sample.add_lora(pipe.unet, "task0", rank, alpha)
+    sample.set_adapters(pipe.unet, ["task0"], trainable="task0")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for k, p in sample.lora_params(pipe.unet, "task0").items():
+            if "lora_B" in k:
+                p.normal_(0, 0.3)
+    return pipe, config
+
+
+def grad_of_loss(pipe, grad_steps, checkpointing, steps=6):
+    for p in pipe.unet.parameters():
+        p.grad = None
+    cond, uncond = sample.encode_prompts(pipe, PROMPTS[:2]), sample.encode_prompts(pipe, ["", ""])
+    latents = sample.initial_latents(pipe, 2, torch.Generator().manual_seed(0))
+    images, _ = sample.sample(pipe, cond, uncond, latents, steps, 7.5, grad_steps=grad_steps,
+                              checkpointing=checkpointing)
+    if grad_steps == 0:
+        assert not images.requires_grad
+        return {}
+    (images * torch.linspace(0, 1, 32)).mean().backward()  # any non-trivial function of the pixels
+    return {k: p.grad.clone() for k, p in pipe.unet.named_parameters() if p.grad is not None}
+
+
+def test_gradients_reach_only_trainable_lora_weights(tiny_sd):
+    pipe, _ = lora_pipe(tiny_sd)
+    trainable = sample.lora_params(pipe.unet, "task0")
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    grads = grad_of_loss(pipe, grad_steps=2, checkpointing=True)
+    assert set(grads) == set(trainable), "exactly the trainable LoRA weights get gradients"
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+    assert all(p.grad is None for net in (pipe.vae, pipe.text_encoder) for p in net.parameters())
+    assert grad_of_loss(pipe, grad_steps=0, checkpointing=True) == {}
+    # After one optimiser step from a fresh adapter (B = 0, so A gets no gradient at first), all are non-zero.
+    fresh = sample.load_pipeline(tiny_sd)
+    sample.add_lora(fresh.unet, "t", 4, 4.0)
+    sample.set_adapters(fresh.unet, ["t"], trainable="t")
+    params = list(sample.lora_params(fresh.unet, "t").values())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    first = grad_of_loss(fresh, 1, True)
+    assert all(first[k].abs().sum() == 0 for k in first if "lora_A" in k)  # NOTES.md: B = 0 at the start
+    opt.step()
+    assert all(g.abs().sum() > 0 for g in grad_of_loss(fresh, 1, True).values())
+
+
+def test_checkpointing_gives_the_same_gradients(tiny_sd):
+    pipe, _ = lora_pipe(tiny_sd)
+    with_ckpt, without = grad_of_loss(pipe, 3, True), grad_of_loss(pipe, 3, False)
+    assert with_ckpt.keys() == without.keys() and len(with_ckpt) > 0
+    for k in with_ckpt:
+        torch.testing.assert_close(with_ckpt[k], without[k], rtol=1e-4, atol=1e-7)
+
+
+def saved_bytes(pipe, steps, grad_steps, checkpointing=True):
+    """Bytes autograd keeps for backward during one sampling pass: the sampler's graph memory, counted exactly
+    with saved_tensors_hooks (a measurement that does not depend on the machine's load)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    cond, uncond = sample.encode_prompts(pipe, PROMPTS[:2]), sample.encode_prompts(pipe, ["", ""])
+    latents = sample.initial_latents(pipe, 2, torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sample.sample(pipe, cond, uncond, latents, steps, 7.5, grad_steps=grad_steps, checkpointing=checkpointing)
+    return total
+
+
+def test_steps_before_the_window_build_no_graph(tiny_sd):
+    pipe, _ = lora_pipe(tiny_sd)
+    short, long = saved_bytes(pipe, 4, 1), saved_bytes(pipe, 20, 1)
+    assert short > 0 and short == long, (short, long)  # 16 more no-grad steps: not one byte more
+    assert saved_bytes(pipe, 20, 2) > long  # while each extra window step does keep something
+    assert saved_bytes(pipe, 20, 2, checkpointing=False) > saved_bytes(pipe, 20, 2)  # and checkpointing saves it
+
+
+def test_lora_round_trip_in_stock_pipeline(tiny_sd, tmp_path):
+    """An adapter with lora_alpha != rank, saved by us, loads in a fresh stock pipeline with load_lora_weights
+    and gives the images sample.py gives with --lora."""
+    pipe, config = lora_pipe(tiny_sd, rank=4, alpha=12.0)
+    lora_dir = str(tmp_path / "lora")
+    sample.save_lora(pipe.unet, "task0", config, lora_dir)
+    out = tmp_path / "imgs"
+    r = run_sample_cli("--model", tiny_sd, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--seed", "0",
+                       "--ddim_steps", "10", "--lora", lora_dir, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    ours = read_pngs(out, 2)
+    ref_pipe = reference_pipeline(tiny_sd)
+    plain = np.stack([np.asarray(im).astype(int) for im in ref_pipe(
+        PROMPTS[:2], num_inference_steps=10, generator=torch.Generator().manual_seed(0)).images])
+    ref_pipe.load_lora_weights(lora_dir)
+    ref = np.stack([np.asarray(im).astype(int) for im in ref_pipe(
+        PROMPTS[:2], num_inference_steps=10, generator=torch.Generator().manual_seed(0)).images])
+    assert np.abs(ref - plain).max() > 20, "the adapter must visibly change the images"
+    assert np.abs(ours - ref).max() <= 1
+
+
+def test_two_adapters_compose_and_reload(tiny_sd, tmp_path):
+    """W0 + A_1 + A_2: two adapters saved and loaded back into a fresh UNet give the same UNet output."""
+    pipe, config = lora_pipe(tiny_sd, seed=1)
+    sample.add_lora(pipe.unet, "task1", 4, 2.0)
+    sample.set_adapters(pipe.unet, ["task0", "task1"], trainable="task1")
+    with torch.no_grad():
+        for k, p in sample.lora_params(pipe.unet, "task1").items():
+            p.normal_(0, 0.2)
+    assert {k for k, p in pipe.unet.named_parameters() if p.requires_grad} == set(sample.lora_params(pipe.unet, "task1"))
+    for name in ("task0", "task1"):
+        sample.save_lora(pipe.unet, name, pipe.unet.peft_config[name], str(tmp_path / name))
+    fresh = sample.load_pipeline(tiny_sd)
+    for name in ("task0", "task1"):
+        sample.load_lora(fresh.unet, str(tmp_path / name), name)
+    sample.set_adapters(fresh.unet, ["task0", "task1"])
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor(500), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(sample.unet_eps(fresh.unet, x, t, ctx), sample.unet_eps(pipe.unet, x, t, ctx))
+        sample.set_adapters(fresh.unet, ["task0"])
+        assert not torch.allclose(sample.unet_eps(fresh.unet, x, t, ctx), sample.unet_eps(pipe.unet, x, t, ctx))
+
+
+@pytest.mark.parametrize("case", ["missing", "not_sd", "hub_offline", "no_prompt", "bad_lora", "not_empty"])
+def test_cli_bad_input_is_one_line(case, tiny_sd, tmp_path):
+    out = tmp_path / "out"
+    args = {"missing": ["--model", str(tmp_path / "nope"), "--prompt", "x"],
+            "not_sd": ["--model", str(tmp_path), "--prompt", "x"],
+            "hub_offline": ["--model", "someone/not-downloaded-model", "--prompt", "x"],
+            "no_prompt": ["--model", tiny_sd],
+            "bad_lora": ["--model", tiny_sd, "--prompt", "x", "--lora", str(tmp_path)],
+            "not_empty": ["--model", tiny_sd, "--prompt", "x"]}[case]
+    if case == "not_empty":
+        out.mkdir()
+        (out / "keep.png").write_bytes(b"earlier run")
+    before = sorted(os.listdir(tmp_path))
+    r = run_sample_cli(*args, "--out", str(out))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+    if case == "not_empty":
+        assert (out / "keep.png").read_bytes() == b"earlier run"
