@@ -236,6 +236,29 @@ def sample(pipe, cond, uncond, latents, ddim_steps=50, guidance_scale=7.5, eta=0
         return decode(pipe, x, checkpoint_decode), captured
 
 
+def teacher_loss(pipe, captured, context, teacher, checkpointing=True):
+    """RID's momentum-distillation term (RID.md section 3): the mean over matched steps of
+    || eps_student(x_t, t, c) - stopgrad(eps_teacher(x_t, t, c)) ||^2, on the raw UNet output of both
+    guidance branches (our choice, not in the paper).
+    captured: {i: (t, x_t, out)} from sample(capture=...). Inside the grad window `out` already holds the
+      student's graph; outside it (x_t saved by the no-grad pass) the student runs once more, with grad.
+    context:  the (2B or B, L, D) text embeddings the sampler used.
+    teacher:  {parameter name: tensor} that replace the current adapter's weights (its EMA) for the teacher,
+      through torch.func.functional_call: no adapter switch, so checkpointed recomputes stay correct."""
+    from torch.func import functional_call
+    losses = []
+    for t, x, out in captured.values():
+        x_in = torch.cat([x, x]) if context.shape[0] == 2 * x.shape[0] else x
+        if not out.requires_grad:  # a step before the grad window: one extra student forward with grad
+            out = (checkpoint(unet_eps, pipe.unet, x_in, t, context, use_reentrant=False) if checkpointing
+                   else unet_eps(pipe.unet, x_in, t, context))
+        with torch.no_grad():  # the teacher costs one no-grad UNet forward per matched step, nothing more
+            target = functional_call(pipe.unet, teacher, (x_in.to(pipe.unet.dtype), t),
+                                     {"encoder_hidden_states": context, "return_dict": False})[0].float()
+        losses.append((out - target).pow(2).mean())
+    return torch.stack(losses).mean()
+
+
 @torch.no_grad()
 def generate(pipe, prompts, latents, ddim_steps=50, guidance_scale=7.5, eta=0.0, batch_size=8, generator=None,
              progress=True):
