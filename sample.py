@@ -39,9 +39,10 @@ class UserError(Exception):
     """A mistake in the user's input: the CLIs print its one-line message and exit with code 2."""
 
 
-def run_cli(main):
-    """Run a CLI's main(): a UserError becomes one line on stderr and exit code 2, no traceback.
-    The libraries' deprecation chatter and weight-loading bars are silenced so that errors stay one line."""
+def one_line_errors(parser):
+    """CLI setup, called by every script: a bad flag, or a UserError raised anywhere (also in a flat script's
+    top-level code), ends the program with one line on stderr and exit code 2, no traceback. Library
+    deprecation chatter and weight-loading bars are silenced so that such errors stay one line."""
     import warnings
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -49,20 +50,28 @@ def run_cli(main):
     for logging in (diffusers_logging, transformers_logging):
         logging.set_verbosity_error()
         logging.disable_progress_bar()
+
+    def error(message):
+        print(f"error: {message} (see {parser.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+    def excepthook(kind, value, tb):
+        if issubclass(kind, UserError):
+            print(f"error: {value}", file=sys.stderr)
+            sys.stderr.flush()
+            sys.exit(2)
+        sys.__excepthook__(kind, value, tb)
+    parser.error, sys.excepthook = error, excepthook
+    return parser
+
+
+def run_cli(main):
+    """Run a CLI's main() (one_line_errors must have been called on its parser)."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-def one_line_errors(parser):
-    """Make argparse report a bad flag as one line (not usage + error) with exit code 2, like UserError."""
-    def error(message):
-        print(f"error: {message} (see {parser.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-    parser.error = error
-    return parser
 
 
 # -----------------------------------------------------------------------------

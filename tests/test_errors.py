@@ -1,0 +1,87 @@
+"""Bad input, tried as a new user would: every mistake gets one line on stderr that names the problem and the fix,
+exit code 2, no traceback, and no file written (an earlier run's files untouched)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+OK = ["--rewards", "brightness", "--iters", "2", "--ddim_steps", "4", "--batch_size", "2", "--eval_n", "2"]
+
+
+def train_cli(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_rid.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+
+
+def listing(folder):
+    return sorted((os.path.relpath(os.path.join(d, f), folder), os.path.getmtime(os.path.join(d, f)))
+                  for d, _, files in os.walk(folder) for f in files)
+
+
+CASES = {  # name: (arguments, a word the message must contain)
+    "unknown reward": (["--rewards", "brightness,beauty"], "beauty"),
+    "empty rewards": (["--rewards", ","], "--rewards"),
+    "unknown method": (["--method", "ewc"], "method"),
+    "missing prompt file": (["--prompts", "nope.txt"], "nope.txt"),
+    "empty prompt file": (["--prompts", "empty.txt"], "empty.txt"),
+    "K above steps": (["--grad_steps", "9"], "--grad_steps"),
+    "negative K": (["--grad_steps", "-1"], "--grad_steps"),
+    "zero batch": (["--batch_size", "0"], "--batch_size"),
+    "zero iters": (["--iters", "0"], "--iters"),
+    "negative guidance": (["--guidance_scale", "-1"], "--guidance_scale"),
+    "eta above 1": (["--eta", "1.5"], "--eta"),
+    "batch not divisible": (["--batch_size", "3", "--grad_accum", "2"], "divisible"),
+    "bad reward path": (["--reward_path", "hps"], "--reward_path"),
+    "missing model": (["--model", "no_such_dir/"], "no_such_dir"),
+    "not an SD folder": (["--model", "plain_dir"], "plain_dir"),
+    "hub id offline": (["--model", "someone/not-downloaded"], "someone/not-downloaded"),
+    "resume without checkpoint": (["--resume"], "--resume"),
+    "finished run": (["--out", "finished"], "finished run"),
+    "unfinished run": (["--out", "unfinished"], "--resume"),
+}
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_sd):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "plain_dir").mkdir()
+    (tmp_path / "plain_dir" / "notes.txt").write_text("not a model")
+    (tmp_path / "finished").mkdir()
+    (tmp_path / "finished" / "results.json").write_text('{"earlier": "run"}')
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "checkpoint.pt").write_bytes(b"earlier run")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_train_bad_input_is_one_line_exit_2_and_writes_nothing(case, workdir, tiny_sd):
+    args, word = CASES[case]
+    base = ["--model", tiny_sd, "--out", "run", *OK]
+    before = listing(workdir)
+    r = train_cli(*base, *args, cwd=workdir)  # later flags win, as in argparse
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (case, r.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert word in lines[0], lines[0]
+    assert listing(workdir) == before  # no file appeared, none was touched
+
+
+def test_resume_with_other_settings_names_the_keys(workdir, tiny_sd):
+    """A real (tiny) run, then --resume with a different learning rate and K: refused, naming lr and grad_steps."""
+    r = train_cli("--model", tiny_sd, "--out", "run", *OK, cwd=workdir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = listing(workdir)
+    r = train_cli("--model", tiny_sd, "--out", "run", *OK, "--resume", "--lr", "0.5", "--grad_steps", "2", cwd=workdir)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "lr=" in r.stderr and "grad_steps=" in r.stderr
+    assert listing(workdir) == before
+    # And a finished run is never clobbered by a plain rerun.
+    results = (workdir / "run" / "results.json").read_text()
+    r = train_cli("--model", tiny_sd, "--out", "run", *OK, cwd=workdir)
+    assert r.returncode == 2 and "finished run" in r.stderr
+    assert (workdir / "run" / "results.json").read_text() == results

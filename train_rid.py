@@ -1,0 +1,487 @@
+"""
+train_rid.py: Reward Incremental Learning (RIL) with Reward Incremental Distillation (RID).
+
+Fine-tunes a Stable-Diffusion-format model on a sequence of differentiable rewards, one task after another
+(Wang, Mao, Wang, Yamasaki, arXiv 2411.17310). Each optimiser step samples images with guided DDIM, keeps the
+graph only through the last K denoising steps and the VAE decode (DRaFT-K), scores them with the task's reward
+and backpropagates -reward into LoRA weights. After each task it saves that task's adapter in diffusers' LoRA
+format, evaluates every reward of the sequence on a fixed evaluation set and writes what was kept and what was
+forgotten (results.json, results.md, grid.png, heatmap.png).
+
+Methods (--method, RID.md section 4):
+  naive     one LoRA adapter trained through all tasks in turn: the forgetting baseline
+  adapters  a new adapter per task; earlier ones stay active and frozen (model = W0 + A_1 + ... + A_t)
+  rid       adapters + matching an EMA teacher: L = -mean(r_t) + lambda * ||eps_student - sg(eps_teacher)||^2
+
+Run it:
+  python train_rid.py --model toy --rewards saturation,brightness,warmth --method rid   # CPU, minutes
+  python train_rid.py --rewards aesthetic,hps                                            # SD 1.5, one GPU
+  torchrun --nproc_per_node=4 train_rid.py --rewards aesthetic,hps                       # same global batch
+  python train_rid.py ... --resume                                 # continue a killed or interrupted run
+
+What we simplified or chose ourselves (the paper's code is not public):
+  - the teacher is the student with its current adapter replaced by that adapter's EMA; the matching loss is
+    on the raw UNet output of both guidance branches at the K grad-window steps, plus --match_steps extra
+    steps drawn from the no-grad part of the trajectory (our hypothesis: structure is decided early);
+  - a fresh AdamW per task with a constant learning rate; the per-step randomness (prompts, noise, matched
+    steps) is a function of (seed, task, step), so a resumed run repeats an uninterrupted one exactly.
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from eval import eval_set, evaluate, is_toy, write_report
+from rewards import check_reward_name, load_reward
+from sample import (DEFAULT_MODEL, UserError, add_lora, atomic_dir, atomic_file, check_model, encode_prompts,
+                    initial_latents, load_pipeline, lora_params, one_line_errors, pick_device_dtype, sample,
+                    save_lora, set_adapters, teacher_loss, to_pil)
+
+# -----------------------------------------------------------------------------
+# Settings: every knob is a flag; the defaults are for Stable Diffusion 1.5 at 512 px on one GPU.
+
+parser = one_line_errors(argparse.ArgumentParser(description="Reward incremental fine-tuning with RID."))
+# model and tasks
+parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, SD-format folder, or 'toy' (the shipped model)")
+parser.add_argument("--rewards", default="aesthetic,hps", help="the task sequence: reward names, comma-separated")
+parser.add_argument("--reward_path", action="append", default=[], help="NAME=PATH: local weights of a reward; repeat")
+parser.add_argument("--method", default="rid", choices=["naive", "adapters", "rid"], help="see the docstring")
+parser.add_argument("--prompts", default=None, help="training prompts, one per line; none = built-in list")
+# sampling (DDIM, classifier-free guidance)
+parser.add_argument("--ddim_steps", type=int, default=50, help="DDIM steps S per sampled image")
+parser.add_argument("--grad_steps", type=int, default=1, help="K: last steps that keep the graph (DRaFT-K)")
+parser.add_argument("--random_grad_steps", action="store_true", help="draw K in [1, grad_steps] per step (AlignProp)")
+parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance; 1 = none")
+parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
+parser.add_argument("--height", type=int, default=None, help="image height in px; none = the model's default")
+parser.add_argument("--width", type=int, default=None, help="image width in px; none = the model's default")
+# optimisation
+parser.add_argument("--iters", type=int, default=100, help="optimiser steps per task")
+parser.add_argument("--batch_size", type=int, default=4, help="images per optimiser step, over all GPUs together")
+parser.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step and GPU (memory, not results)")
+parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the LoRA weights")
+parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+parser.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the LoRA gradient norm; 0 = no clipping")
+parser.add_argument("--loss_scale", type=float, default=1.0, help="the reward loss is -loss_scale * mean(reward)")
+parser.add_argument("--lora_rank", type=int, default=4, help="LoRA rank r of each adapter")
+parser.add_argument("--lora_alpha", type=float, default=4.0, help="LoRA alpha (the update is scaled by alpha / r)")
+# RID
+parser.add_argument("--rid_lambda", type=float, default=1.0, help="lambda: weight of the teacher-matching loss")
+parser.add_argument("--ema_momentum", type=float, default=0.99, help="m of the EMA teacher; 1 = frozen previous model")
+parser.add_argument("--match_steps", type=int, default=0, help="M: extra matched steps from the no-grad part")
+# memory
+parser.add_argument("--no_checkpointing", action="store_true", help="keep grad-window UNet activations (faster, more memory)")
+parser.add_argument("--checkpoint_decode", action="store_true", help="recompute the VAE decode in backward")
+parser.add_argument("--checkpoint_reward", action="store_true", help="recompute the reward model in backward")
+parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="compute dtype of the frozen networks; none = bfloat16 on cuda, float32 on cpu")
+parser.add_argument("--device", default=None, help="cuda or cpu; none = cuda when available")
+# evaluation
+parser.add_argument("--eval_n", type=int, default=64, help="images in the fixed evaluation set (one per prompt/seed)")
+parser.add_argument("--eval_seed", type=int, default=0, help="seed of the evaluation prompts and noise")
+parser.add_argument("--eval_batch_size", type=int, default=8, help="images per batch when evaluating")
+# run folder, checkpoints, faults
+parser.add_argument("--out", default="runs/rid", help="run folder: adapters, checkpoint, results")
+parser.add_argument("--seed", type=int, default=0, help="seed of the training prompts and noise")
+parser.add_argument("--save_every", type=int, default=50, help="checkpoint every N steps (and after every task)")
+parser.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+parser.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out and start again")
+parser.add_argument("--max_nonfinite", type=int, default=5, help="stop after this many non-finite steps in a row")
+parser.add_argument("--fault_nan_steps", default="", help="testing aid: global steps whose reward is made NaN")
+parser.add_argument("--dist_timeout", type=float, default=60.0, help="minutes a GPU waits for the others, then fails")
+args = parser.parse_args()
+
+# -----------------------------------------------------------------------------
+# Validation: every mistake we can see is reported now, in one line, before a model is loaded or a file written.
+
+def fail(message):
+    raise UserError(message)
+
+
+tasks = [r.strip() for r in args.rewards.split(",") if r.strip()]
+if not tasks:
+    fail("--rewards is empty; give a comma-separated sequence such as --rewards aesthetic,hps")
+for name in tasks:
+    try:
+        check_reward_name(name)
+    except ValueError as e:
+        fail(str(e))
+reward_paths = {}
+for item in args.reward_path:
+    name, sep, path = item.partition("=")
+    if not sep or name not in tasks:
+        fail(f"--reward_path '{item}' must be NAME=PATH with NAME one of --rewards ({', '.join(tasks)})")
+    reward_paths[name] = path
+for flag in ("iters", "batch_size", "grad_accum", "ddim_steps", "eval_n", "eval_batch_size", "save_every",
+             "lora_rank", "max_nonfinite"):
+    if getattr(args, flag) < 1:
+        fail(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+if not 0 <= args.grad_steps <= args.ddim_steps:
+    fail(f"--grad_steps (K={args.grad_steps}) must be between 0 and --ddim_steps ({args.ddim_steps})")
+if args.grad_steps == 0:
+    fail("--grad_steps 0 builds no graph, so nothing would train; use K >= 1")
+if not 0 <= args.match_steps <= args.ddim_steps - args.grad_steps:
+    fail(f"--match_steps must be between 0 and ddim_steps - grad_steps ({args.ddim_steps - args.grad_steps})")
+if args.guidance_scale < 0 or not 0 <= args.eta <= 1:
+    fail("--guidance_scale must be at least 0 and --eta in [0, 1]")
+if not 0 <= args.ema_momentum <= 1 or args.rid_lambda < 0 or args.lr <= 0:
+    fail("--ema_momentum must be in [0, 1], --rid_lambda at least 0, --lr positive")
+try:
+    fault_steps = {int(s) for s in args.fault_nan_steps.split(",") if s.strip()}
+except ValueError:
+    fail(f"--fault_nan_steps '{args.fault_nan_steps}' must be comma-separated step numbers")
+if args.prompts is not None:
+    if not os.path.isfile(args.prompts):
+        fail(f"prompt file '{args.prompts}' does not exist")
+    with open(args.prompts) as f:
+        train_prompts = [line.strip() for line in f if line.strip()]
+    if not train_prompts:
+        fail(f"prompt file '{args.prompts}' holds no prompts; write one prompt per line")
+elif is_toy(args.model):
+    from toy import all_captions
+    train_prompts = all_captions("train")  # the captions seen in pretraining; evaluation uses held-out ones
+else:
+    # Our own list of simple subjects, in the spirit of DDPO's animal prompts plus everyday scenes.
+    train_prompts = [f"a photo of a {s}" for s in (
+        "cat", "dog", "horse", "rabbit", "fox", "owl", "deer", "lion", "panda", "penguin", "turtle", "goldfish",
+        "butterfly", "frog", "squirrel", "elephant", "giraffe", "hedgehog", "parrot", "koala")] + [
+        "a bowl of fruit on a wooden table", "a red bicycle leaning on a wall", "a cup of coffee on a desk",
+        "a lighthouse on a rocky coast", "a street market at dusk", "a snowy mountain cabin", "a vase of tulips",
+        "a sailboat on a calm lake", "a city skyline at night", "a cottage garden in spring",
+        "a bookshelf in a cosy library", "a plate of pasta", "an old train station", "a forest path in autumn"]
+check_model(args.model)
+
+# The run folder: refuse to touch an earlier run unless asked; resume only a run with the same settings.
+ckpt_path = os.path.join(args.out, "checkpoint.pt")
+IGNORED_ON_RESUME = {"resume", "overwrite", "save_every", "eval_batch_size", "device", "dist_timeout",
+                     "fault_nan_steps", "max_nonfinite"}  # change nothing the run computes
+config = {k: v for k, v in vars(args).items()}
+ckpt = None
+if args.resume and args.overwrite:
+    fail("--resume and --overwrite contradict each other; pass one")
+if args.resume:
+    if not os.path.isfile(ckpt_path):
+        fail(f"nothing to resume: no checkpoint.pt in '{args.out}'; drop --resume to start a new run")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # tensors and plain data only
+    saved = ckpt["config"]
+    differ = sorted(k for k in config if k not in IGNORED_ON_RESUME and saved.get(k) != config[k])
+    if differ:
+        was = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
+        fail(f"--resume with settings that differ from the checkpoint's ({was}); pass the same flags")
+elif os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+    what = ("a finished run" if os.path.isfile(os.path.join(args.out, "results.json")) else
+            "an unfinished run (pass --resume to continue it)" if os.path.isfile(ckpt_path) else "files")
+    fail(f"run folder '{args.out}' already holds {what}; choose another --out or pass --overwrite")
+
+# -----------------------------------------------------------------------------
+# Processes and devices: torchrun starts one process per GPU; a plain `python` run is a world of one.
+
+world = int(os.environ.get("WORLD_SIZE", 1))
+rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+master = rank == 0
+if args.batch_size % (world * args.grad_accum):
+    fail(f"--batch_size {args.batch_size} must be divisible by processes x grad_accum = {world * args.grad_accum}")
+micro = args.batch_size // (world * args.grad_accum)  # images per micro-batch on one process
+device, dtype = pick_device_dtype(args.device, args.dtype)
+if world > 1:
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    # A timeout on every collective: if one process dies, the others fail after it instead of waiting forever.
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(minutes=args.dist_timeout))
+
+# -----------------------------------------------------------------------------
+# Models: the frozen SD pipeline and the task rewards (loaded once, in the compute dtype).
+
+pipe = load_pipeline(args.model, device, dtype)
+height, width = args.height or pipe.size[0], args.width or pipe.size[1]
+if height % pipe.vae_scale or width % pipe.vae_scale:
+    fail(f"--height and --width must be multiples of {pipe.vae_scale} for this model")
+rewards = {}
+for name in dict.fromkeys(tasks):
+    try:
+        rewards[name] = load_reward(name, reward_paths.get(name), device, dtype)
+    except ValueError as e:
+        fail(str(e))
+eval_prompts, eval_seeds = eval_set(args.model, args.eval_n, args.eval_seed)
+S, K, M, T = args.ddim_steps, args.grad_steps, args.match_steps, len(tasks)
+guided = args.guidance_scale > 1
+if master:
+    print(f"{T} tasks: {' -> '.join(tasks)} | method {args.method} | {world} process(es) x {args.grad_accum} "
+          f"micro-batches x {micro} images = {args.batch_size} images per step | {height}x{width} px, {S} DDIM steps, "
+          f"K={K}{' (random)' if args.random_grad_steps else ''}, {dtype} on {device}")
+    print(f"UNet calls per image and step: {S} no-grad + {K} with grad (re-run in backward: "
+          f"{'no' if args.no_checkpointing else 'yes'})" + (f" + RID: {K + M} teacher, {M} student" if
+          args.method == "rid" else ""))
+assert micro >= 1 and micro * world * args.grad_accum == args.batch_size
+
+# Everything loaded: only now may files appear.
+if master:
+    if args.overwrite and os.path.isdir(args.out):
+        shutil.rmtree(args.out)
+    os.makedirs(os.path.join(args.out, "adapters"), exist_ok=True)
+    with atomic_file(os.path.join(args.out, "config.json")) as tmp, open(tmp, "w") as f:
+        json.dump(config, f, indent=1)
+
+# -----------------------------------------------------------------------------
+# Helpers for the loop: adapter names, per-step randomness, checkpoint, evaluation of one stage.
+
+def adapter_name(t):
+    return "lora" if args.method == "naive" else f"task{t + 1}"  # naive: one adapter through all tasks
+
+
+def adapter_dir(t):  # relative to the run folder
+    return f"adapters/task{t + 1}_{tasks[t]}"
+
+
+def stage_adapters(t):  # adapter folders active after task t (t = -1: the base model)
+    if t < 0:
+        return []
+    return [adapter_dir(t)] if args.method == "naive" else [adapter_dir(j) for j in range(t + 1)]
+
+
+def step_randomness(t, step):
+    """Prompts, initial latents and matched steps of one optimiser step, for the GLOBAL batch: a function of
+    (seed, task, step) only, so every process count and every resume sees the same data."""
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + t * 100_003 + step)
+    idx = torch.randint(len(train_prompts), (args.batch_size,), generator=g).tolist()
+    latents = initial_latents(pipe, args.batch_size, g, height, width)  # (B, 4, h, w)
+    k = int(torch.randint(1, K + 1, (1,), generator=g)) if args.random_grad_steps else K
+    extra = torch.randperm(S - k, generator=g)[:M].tolist()  # M steps before the grad window
+    return [train_prompts[i] for i in idx], latents, k, set(range(S - k, S)) | set(extra)
+
+
+def quantize(images):  # what a saved PNG holds; structure metrics always compare these
+    return (images * 255).round() / 255
+
+
+def run_eval(stage):
+    """Evaluate the current model (rank 0 only) and save its images, so a resumed run sees the same base."""
+    base = None
+    if stage > 0:
+        base = quantize(torch.load(os.path.join(args.out, "samples", "stage0.pt"), weights_only=True))
+    out = evaluate(pipe, rewards, eval_prompts, eval_seeds, S, args.guidance_scale, args.eta, args.eval_batch_size,
+                   base_images=base, toy=is_toy(args.model))
+    images = out.pop("images")
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    with atomic_file(os.path.join(args.out, "samples", f"stage{stage}.pt")) as tmp:
+        torch.save(quantize(images), tmp)
+    with atomic_dir(os.path.join(args.out, "samples", f"stage{stage}")) as tmp:
+        for k, image in enumerate(images):
+            to_pil(image).save(os.path.join(tmp, f"{k:03d}.png"))
+    return out
+
+
+def save_checkpoint(t, step):
+    """One self-describing file: config, position, every adapter, the EMA teacher, the optimiser, the results so
+    far. Written to a temporary name and renamed, so a kill leaves the previous checkpoint intact."""
+    state = {"config": config, "task": t, "step": step, "stages": stages, "train": train_log,
+             "adapters": {n: {k: p.detach().cpu() for k, p in lora_params(pipe.unet, n).items()}
+                          for n in adapters_made},
+             "ema": None if ema is None else {k: v.cpu() for k, v in ema.items()},
+             "optimizer": None if optimizer is None else optimizer.state_dict(),
+             "rng": torch.get_rng_state()}
+    assert all(torch.isfinite(v).all() for a in state["adapters"].values() for v in a.values())
+    with atomic_file(ckpt_path) as tmp:
+        torch.save(state, tmp)
+
+
+# -----------------------------------------------------------------------------
+# State: restored from the checkpoint on --resume, else fresh (the base model is evaluated first).
+
+stages, train_log, adapters_made = [], [], []
+ema, optimizer, start_task, start_step = None, None, 0, 0
+if ckpt is not None:
+    stages, train_log, start_task, start_step = ckpt["stages"], ckpt["train"], ckpt["task"], ckpt["step"]
+    torch.set_rng_state(ckpt["rng"])
+    for name, state in ckpt["adapters"].items():
+        add_lora(pipe.unet, name, args.lora_rank, args.lora_alpha)
+        with torch.no_grad():
+            for k, p in lora_params(pipe.unet, name).items():
+                p.copy_(state[k])
+        adapters_made.append(name)
+    if master:
+        print(f"resuming {args.out} at task {start_task + 1}, step {start_step}")
+if not stages:
+    if master:
+        stages.append(run_eval(0))
+        save_checkpoint(0, 0)
+    if world > 1:
+        dist.barrier()
+
+# Ctrl-C or SIGTERM (a preempted job): finish the current step, save a checkpoint, exit. A second Ctrl-C kills.
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    stop_requested = True
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+# -----------------------------------------------------------------------------
+# Training: tasks one after another; within a task, DRaFT-K steps on the task's reward (+ RID's teacher term).
+
+for t in range(start_task, T):
+    reward_fn, name = rewards[tasks[t]], adapter_name(t)
+    if name not in adapters_made:  # a new adapter starts with B = 0: the model is unchanged by adding it
+        torch.manual_seed(args.seed * 1_000_003 + t)  # its random A: a function of (seed, task), as all else
+        add_lora(pipe.unet, name, args.lora_rank, args.lora_alpha)
+        adapters_made.append(name)
+    set_adapters(pipe.unet, adapters_made, trainable=name)  # earlier adapters active and frozen
+    params = lora_params(pipe.unet, name)  # {full name: fp32 parameter}
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in params.values())
+    assert sum(p.requires_grad for p in pipe.unet.parameters()) == len(params)
+    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
+    # EMA teacher (RID): a copy of the current adapter that trails it; with B = 0 at the start of a task it is
+    # exactly the model after the previous task.
+    ema = {k: p.detach().clone() for k, p in params.items()} if args.method == "rid" else None
+    resumed_here = ckpt is not None and t == start_task and start_step > 0
+    if resumed_here:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ema is not None:
+            ema = {k: v.to(device) for k, v in ckpt["ema"].items()}
+    first = start_step if t == start_task else 0
+    if master and first == 0:
+        print(f"task {t + 1}/{T}: {tasks[t]} | adapter '{name}' | "
+              f"{sum(p.numel() for p in params.values()):,} trainable parameters")
+    bar = tqdm(range(first, args.iters), initial=first, total=args.iters, desc=f"task {t + 1} {tasks[t]}",
+               disable=not master, dynamic_ncols=True)
+    # One live line per loss term under the bar (on a terminal; in a log file they would be escape codes).
+    live = master and sys.stderr.isatty()
+    lines = {k: tqdm(total=0, position=i + 1, bar_format="{desc}", disable=not live, leave=False)
+             for i, k in enumerate(["reward", "loss_reward", "loss_rid"])}
+    nonfinite_run, times = 0, []
+    task_log = train_log[t] if len(train_log) > t else {"task": tasks[t], "seconds": [], "skipped": 0}
+    if len(train_log) <= t:
+        train_log.append(task_log)
+    for step in bar:
+        t0 = time.time()
+        prompts, latents, k, matched = step_randomness(t, step)
+        # This process's share of the global batch, in micro-batches (gradient accumulation).
+        stats = torch.zeros(4, dtype=torch.float64)  # sum of rewards, loss_reward, loss_rid, stop flag
+        for j in range(args.grad_accum):
+            lo = (rank * args.grad_accum + j) * micro
+            p, z = prompts[lo:lo + micro], latents[lo:lo + micro].to(device)
+            cond, uncond = encode_prompts(pipe, p), encode_prompts(pipe, [""] * micro)
+            noise = torch.Generator().manual_seed(args.seed + 7919 * (t * args.iters + step) + lo)  # eta > 0 only
+            images, captured = sample(pipe, cond, uncond, z, S, args.guidance_scale, args.eta, grad_steps=k,
+                                      checkpointing=not args.no_checkpointing, checkpoint_decode=args.checkpoint_decode,
+                                      generator=noise, capture=matched if args.method == "rid" else ())
+            if args.checkpoint_reward:  # recompute the reward network in backward instead of storing it
+                r = checkpoint(reward_fn, images.to(dtype), p, use_reentrant=False).float()
+            else:
+                r = reward_fn(images.to(dtype), p).float()  # (micro,)
+            if t * args.iters + step in fault_steps:
+                r = r * float("nan")
+            # The losses, side by side. Each micro-batch adds its share of the global-batch mean, so the summed
+            # gradient over micro-batches and processes is the gradient of the global-batch mean.
+            loss_reward = -args.loss_scale * r.sum() / args.batch_size
+            loss_rid = torch.zeros(())
+            if args.method == "rid":
+                context = torch.cat([uncond, cond]) if guided else cond
+                loss_rid = teacher_loss(pipe, captured, context, ema, not args.no_checkpointing) * micro / args.batch_size
+            (loss_reward + args.rid_lambda * loss_rid).backward()
+            stats += torch.tensor([r.detach().sum().item(), loss_reward.item(), loss_rid.item(), 0.0])
+        stats[3] = float(stop_requested)
+        # One all-reduce per optimiser step carries every LoRA gradient and the step's statistics, so all
+        # processes take the same decisions (skip a non-finite step, stop on Ctrl-C) at the same step.
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+        flat = torch.cat([g.flatten() for g in grads] + [stats.to(device=grads[0].device, dtype=grads[0].dtype)])
+        if world > 1:
+            dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params.values(), grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+        reward_sum, loss_r, loss_d, stop = flat[offset:].tolist()
+        finite = bool(torch.isfinite(flat).all())
+        grad_norm = float("nan")
+        if finite:
+            nonfinite_run = 0
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), args.max_grad_norm or float("inf")))
+            optimizer.step()
+            if ema is not None:  # EMA teacher update, right after the optimiser step: A_bar <- m A_bar + (1-m) A_t
+                torch._foreach_lerp_(list(ema.values()), [p.detach() for p in params.values()], 1 - args.ema_momentum)
+        else:  # a NaN or inf anywhere: skip this step entirely, the weights stay as they were
+            nonfinite_run += 1
+            task_log["skipped"] += 1
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.time() - t0
+        task_log["seconds"].append(round(seconds, 4))
+        if master:
+            bar.set_postfix(s_per_step=f"{seconds:.2f}", skipped=task_log["skipped"], **({} if live else {
+                "reward": f"{reward_sum / args.batch_size:+.4f}", "loss_rid": f"{args.rid_lambda * loss_d:.2e}"}))
+            lines["reward"].set_description_str(f"  reward {tasks[t]:<14} {reward_sum / args.batch_size:+.4f}")
+            lines["loss_reward"].set_description_str(f"  loss_reward          {loss_r:+.4f}")
+            lines["loss_rid"].set_description_str(f"  loss_rid (x lambda)  {args.rid_lambda * loss_d:+.6f}")
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps({"task": t + 1, "step": step + 1, "reward": reward_sum / args.batch_size,
+                                    "loss_reward": loss_r, "loss_rid": loss_d, "grad_norm": grad_norm,
+                                    "seconds": round(seconds, 4), "finite": finite}) + "\n")
+        if nonfinite_run >= args.max_nonfinite:
+            if master:
+                save_checkpoint(t, step + 1)
+            bar.close()
+            fail(f"stopped: {nonfinite_run} non-finite steps in a row (task {t + 1}, step {step + 1}); lower --lr "
+                 f"or --loss_scale. The last finite weights are in {ckpt_path}")
+        done = step + 1
+        if master and (stop or done % args.save_every == 0) and done < args.iters:
+            save_checkpoint(t, done)
+        if stop:
+            bar.close()
+            if master:
+                again = " ".join(["python", *sys.argv] + ([] if args.resume else ["--resume"]))
+                print(f"\ninterrupted: checkpoint saved at task {t + 1}, step {done}. Continue with:\n  {again}")
+            if world > 1:
+                dist.destroy_process_group()
+            sys.exit(130)
+    bar.close()
+    for line in lines.values():
+        line.close()
+    # Task done: its adapter (diffusers LoRA format), then the evaluation of every reward, then a checkpoint.
+    if master:
+        save_lora(pipe.unet, name, pipe.unet.peft_config[name], os.path.join(args.out, adapter_dir(t)))
+        stages.append(run_eval(t + 1))
+        ema, optimizer = None, None
+        save_checkpoint(t + 1, 0)
+    ema, optimizer = None, None
+    if world > 1:
+        dist.barrier()
+
+# -----------------------------------------------------------------------------
+# Results: the reward matrix (rows: base, after each task; columns: rewards), forgetting, structure, pictures.
+
+if master:
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # bytes (ru_maxrss is in KiB on Linux)
+    results = {
+        "model": args.model, "method": args.method, "rewards": tasks, "config": config,
+        "matrix": [[s["rewards"][r]["mean"] for r in tasks] for s in stages],
+        "matrix_se": [[s["rewards"][r]["se"] for r in tasks] for s in stages],
+        "structure": [s["structure"] for s in stages],
+        "adapters": [stage_adapters(t) for t in range(-1, T)],
+        "train": {"seconds_per_step": [sorted(l["seconds"])[len(l["seconds"]) // 2] for l in train_log],
+                  "seconds_total": [round(sum(l["seconds"]), 1) for l in train_log],
+                  "skipped_steps": [l["skipped"] for l in train_log], "peak_memory_bytes_this_session": peak},
+    }
+    stage_images = [torch.load(os.path.join(args.out, "samples", f"stage{s}.pt"), weights_only=True)
+                    for s in range(T + 1)]
+    table = write_report(args.out, results, stage_images)
+    print(table)
+    print(f"wrote {args.out}/results.json, results.md, grid.png, heatmap.png and {T} adapters")
+if world > 1:
+    dist.destroy_process_group()
