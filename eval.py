@@ -88,6 +88,12 @@ def clip_embed(clip_model, images):
     return F.normalize(e.float().cpu(), dim=-1)
 
 
+def clip_at_hand(rewards):
+    """The CLIP model a loaded reward already holds (aesthetic, clip, pickscore, hps), for CLIP-image drift at no
+    extra cost; None for the weight-free rewards. train_rid.py and the CLI both use it, so they agree."""
+    return next((r.model for r in rewards.values() if hasattr(r, "model")), None)
+
+
 def mean_se(v):
     """Per-image values (N,) -> {"mean", "se"}, se = sample std / sqrt(N) (None for N = 1)."""
     v = torch.as_tensor(v, dtype=torch.float64).flatten()
@@ -265,7 +271,7 @@ def main():
     parser.add_argument("--device", default=None, help="cuda or cpu; none = the run's config")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="compute dtype; none = the run's config")
-    parser.add_argument("--clip_model", default=None, help="CLIP folder or hub id for CLIP-image drift; none = skip")
+    parser.add_argument("--clip_model", default=None, help="CLIP folder or hub id for CLIP-image drift; none = the one a reward holds, if any")
     args = parser.parse_args()
     # Validate everything before loading a model, so that bad input writes nothing.
     path = os.path.join(args.run, "results.json")
@@ -294,7 +300,7 @@ def main():
         scorers = {name: rewards.load_reward(name, paths.get(name), device, dtype) for name in names}
     except ValueError as e:
         raise UserError(str(e))
-    clip_model = None
+    clip_model = clip_at_hand(scorers)
     if args.clip_model:
         from transformers import CLIPModel
         try:

@@ -29,6 +29,7 @@ What we simplified or chose ourselves (the paper's code is not public):
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -41,7 +42,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from eval import eval_set, evaluate, is_toy, write_report
+from eval import clip_at_hand, eval_set, evaluate, is_toy, write_report
 from rewards import check_reward_name, load_reward
 from sample import (DEFAULT_MODEL, UserError, add_lora, atomic_dir, atomic_file, check_model, encode_prompts,
                     initial_latents, load_pipeline, lora_params, one_line_errors, pick_device_dtype, sample,
@@ -269,9 +270,9 @@ def run_eval(stage):
     """Evaluate the current model (rank 0 only) and save its images, so a resumed run sees the same base."""
     base = None
     if stage > 0:
-        base = quantize(torch.load(os.path.join(args.out, "samples", "stage0.pt"), weights_only=True))
+        base = torch.load(os.path.join(args.out, "samples", "stage0.pt"), weights_only=True)
     out = evaluate(pipe, rewards, eval_prompts, eval_seeds, S, args.guidance_scale, args.eta, args.eval_batch_size,
-                   base_images=base, toy=is_toy(args.model))
+                   base_images=base, toy=is_toy(args.model), clip_model=clip_at_hand(rewards))
     images = out.pop("images")
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     with atomic_file(os.path.join(args.out, "samples", f"stage{stage}.pt")) as tmp:
@@ -312,6 +313,14 @@ if ckpt is not None:
         adapters_made.append(name)
     if master:
         print(f"resuming {args.out} at task {start_task + 1}, step {start_step}")
+if master and args.resume:  # leftovers of writes that a kill interrupted (see atomic_file and atomic_dir)
+    for folder in (args.out, os.path.join(args.out, "adapters"), os.path.join(args.out, "samples")):
+        for f in os.listdir(folder) if os.path.isdir(folder) else []:
+            path = os.path.join(folder, f)
+            if re.search(r"\.(tmp|old)\d+$", f) and os.path.isdir(path):
+                shutil.rmtree(path)
+            elif re.search(r"\.(tmp|old)\d+$", f):
+                os.remove(path)
 if not stages:
     if master:
         stages.append(run_eval(0))

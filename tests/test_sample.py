@@ -1,6 +1,7 @@
 """The core against its references: diffusers' StableDiffusionPipeline and DDIMScheduler, autograd, and
 diffusers' own LoRA loader. All on the tiny random-weight SD folder of conftest.py."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -216,3 +217,27 @@ def test_cli_bad_input_is_one_line(case, tiny_sd, tmp_path):
     assert sorted(os.listdir(tmp_path)) == before  # nothing written
     if case == "not_empty":
         assert (out / "keep.png").read_bytes() == b"earlier run"
+
+
+def test_a_kill_during_a_write_leaves_the_old_file(tmp_path):
+    """atomic_file / atomic_dir (used for checkpoints, adapters, results and images): SIGKILL in the middle of a
+    write leaves the earlier file or folder whole, and the next write still succeeds."""
+    target, folder = tmp_path / "checkpoint.pt", tmp_path / "adapter"
+    torch.save({"step": 1}, target)
+    folder.mkdir()
+    (folder / "w.bin").write_bytes(b"old")
+    script = f"""
+import os, signal, torch, sample
+with sample.atomic_file({str(target)!r}) as tmp:
+    torch.save({{"step": 2, "big": torch.zeros(1000)}}, tmp)
+    with sample.atomic_dir({str(folder)!r}) as d:
+        open(os.path.join(d, "w.bin"), "wb").write(b"new, half")
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True)
+    assert r.returncode == -signal.SIGKILL
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert (folder / "w.bin").read_bytes() == b"old"
+    with sample.atomic_file(str(target)) as tmp:  # leftovers of the killed write do not get in the way
+        torch.save({"step": 3}, tmp)
+    assert torch.load(target, weights_only=True) == {"step": 3}
