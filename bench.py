@@ -7,13 +7,15 @@ times, in one process, round by round (so a slow spell of a shared machine hits 
       (K-step grad window, VAE decode and reward with grad, backward, clipping, AdamW), as train_rid.py does it
   (d) the same step with RID's EMA-teacher matching (--method rid) and the EMA update
 It prints a markdown table (median seconds, images/s, peak memory per phase) and the ratios (a)/(b), (c)/(a),
-(d)/(c); warm-up rounds count neither in time nor in memory. --json FILE writes every figure.
+(d)/(c); warm-up rounds count neither in time nor in memory. On a CPU it adds the same from the process's CPU
+time, which load from other processes barely moves. --json FILE writes every figure.
 
-CPU, the shipped toy model (about 2 minutes on 2 cores):
+CPU, the shipped toy model (about 3 minutes on 2 cores):
     OMP_WAIT_POLICY=PASSIVE python bench.py --model toy --batch_size 8 --json out/bench_toy.json
-GPU, Stable Diffusion 1.5 at 512 px (nothing to download: see sd15-arch below), bf16, K=1:
-    python bench.py --model sd15-arch --batch_size 1 --checkpoint_decode --checkpoint_reward --json out/sd15_b1.json
-    python bench.py --model sd15-arch --batch_size 4 --checkpoint_decode --checkpoint_reward --json out/sd15_b4.json
+GPU, Stable Diffusion 1.5 shapes (nothing to download: see sd15-arch below); the defaults are 512 px, 50 DDIM steps,
+guidance 7.5, K=1 and bf16 on CUDA:
+    python bench.py --model sd15-arch --batch_size 1 --json out/sd15_b1.json
+    python bench.py --model sd15-arch --batch_size 4 --json out/sd15_b4.json
     python bench.py --model sd15-arch --batch_size 4 --sweep   # each memory lever flipped alone, with its effect
 --model sd15-arch builds SD 1.5's UNet, VAE and text encoder, and the CLIP ViT-L/14 of the aesthetic reward, from
 their published configurations with random weights: time and memory depend on the shapes, not on the values.
@@ -319,21 +321,25 @@ def main():
         optimizer.zero_grad(set_to_none=True)
 
     # -------------------------------------------------------------------------
-    # Timing: round robin over the phases, so that a slow spell of a shared machine hits every phase alike
+    # Timing: round robin over the phases, so that a slow spell of a shared machine hits every phase alike. On a
+    # CPU we also take the process's CPU time (all threads): time spent waiting for a core shared with other
+    # processes does not count in it, so its ratios hold up under load where wall-clock ratios wobble.
     run = {"sample": run_ours, "diffusers": run_diffusers, "adapters": lambda: train_step(False),
            "rid": lambda: train_step(True)}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     gc.collect()
     resident = torch.cuda.memory_allocated() if device.startswith("cuda") else read_peak(device)
-    times, peaks, images = {k: [] for k in phases}, {k: 0 for k in phases}, {}
+    cpu = not device.startswith("cuda")
+    times, cpu_times, peaks, images = {k: [] for k in phases}, {k: [] for k in phases}, {k: 0 for k in phases}, {}
     for round_ in range(args.warmup + args.repeats):
         for name in phases:
             memory_kind = reset_peak(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             images[name] = run[name]()
             sync()
             if round_ >= args.warmup:  # warm-up rounds count neither in time nor in memory
                 times[name].append(time.perf_counter() - t)
+                cpu_times[name].append(time.process_time() - c)
                 peaks[name] = max(peaks[name], read_peak(device))
 
     # -------------------------------------------------------------------------
@@ -344,23 +350,30 @@ def main():
                "versions": {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers", "peft")}}
     label = {"sample": "(a) rid sampler, no grad", "diffusers": "(b) diffusers StableDiffusionPipeline",
              "adapters": "(c) train step, adapters", "rid": "(d) train step, rid"}
-    print("\n| phase | median s | images/s | peak memory |\n|---|---|---|---|")
+    print("\n| phase | median s | images/s | peak memory |" + (" median CPU s |" if cpu else ""))
+    print("|---|---|---|---|" + ("---|" if cpu else ""))
     for name in phases:
-        med = statistics.median(times[name])
+        med, cpu_med = statistics.median(times[name]), statistics.median(cpu_times[name])
         figures["phases"][name] = {"median_s": med, "times_s": times[name], "images_per_s": B / med,
                                    "peak_memory_bytes": peaks[name]}
-        print(f"| {label[name]} | {med:.3f} | {B / med:.2f} | {peaks[name] / 2**30:.2f} GiB |")
+        if cpu:
+            figures["phases"][name].update(cpu_median_s=cpu_med, cpu_times_s=cpu_times[name])
+        print(f"| {label[name]} | {med:.3f} | {B / med:.2f} | {peaks[name] / 2**30:.2f} GiB |"
+              + (f" {cpu_med:.3f} |" if cpu else ""))
     print(f"memory: {memory_kind}; {resident / 2**30:.2f} GiB resident before the first phase")
-    med = {k: v["median_s"] for k, v in figures["phases"].items()}
     ratios = [("a_over_b", "(a)/(b) ours vs diffusers", "sample", "diffusers", "1.0 | -"),
               ("c_over_a", f"(c)/(a) train step (K={K}) vs sampling", "adapters", "sample", "1.3 | 1.3"),
               ("d_over_c", "(d)/(c) rid vs adapters", "rid", "adapters", "1.10 | 1.05")]
-    figures["ratios"] = {key: med[num] / med[den] for key, _, num, den, _ in ratios if num in med and den in med}
+    ph = figures["phases"]
+    for out, field in [("ratios", "median_s")] + ([("cpu_ratios", "cpu_median_s")] if cpu else []):
+        figures[out] = {k: ph[n][field] / ph[d][field] for k, _, n, d, _ in ratios if n in ph and d in ph}
     if figures["ratios"]:
-        print("\n| ratio | measured | target toy CPU | target sd15-arch GPU |\n|---|---|---|---|")
+        print("\n| ratio | wall clock | target toy CPU | target sd15-arch GPU |" + (" by CPU time |" if cpu else ""))
+        print("|---|---|---|---|" + ("---|" if cpu else ""))
     for key, text, num, den, target in ratios:
         if key in figures["ratios"]:
-            print(f"| {text} | {figures['ratios'][key]:.3f} | {target} |")
+            print(f"| {text} | {figures['ratios'][key]:.3f} | {target} |"
+                  + (f" {figures['cpu_ratios'][key]:.3f} |" if cpu else ""))
     if "sample" in images and "diffusers" in images:  # the same work gives the same images
         figures["max_abs_diff_a_b"] = (images["sample"].float() - images["diffusers"].float()).abs().max().item()
         print(f"max |image (a) - image (b)| = {figures['max_abs_diff_a_b']:.2e} (pixels in [0, 1])")

@@ -29,7 +29,8 @@ def check_figures(path, stdout):
             assert math.isfinite(phase[key]) and phase[key] > 0, (name, key, phase[key])
         assert phase["peak_memory_bytes"] >= 2**20  # bytes, not KB or GB: a process holding a model
     assert set(figures["ratios"]) == {"a_over_b", "c_over_a", "d_over_c"}
-    assert all(math.isfinite(v) and v > 0 for v in figures["ratios"].values())
+    assert set(figures["cpu_ratios"]) == set(figures["ratios"])  # on a CPU: the same ratios from process CPU time
+    assert all(math.isfinite(v) and v > 0 for v in [*figures["ratios"].values(), *figures["cpu_ratios"].values()])
     assert figures["resident_before_bytes"] > 0 and figures["memory_kind"]
     for row in TABLE:
         assert row in stdout, row
