@@ -1,0 +1,410 @@
+"""
+The toy world: rid's character-level Shakespeare. Procedural 32x32 images of a coloured shape on a
+coloured background, captioned "a red circle on a blue background"; a complete latent text-to-image
+model (AutoencoderKL + UNet2DConditionModel + a small CLIPTextModel and CLIPTokenizer) pretrained on
+them from scratch on a CPU; and a pixel-rule caption checker that says whether an image shows the
+shape, the shape's colour and the background colour its caption asks for.
+
+The model is saved as an ordinary diffusers StableDiffusionPipeline folder (DDIM scheduler config,
+safetensors), so `from_pretrained(dir)` loads it like any hub model. The repo ships one in toy_model/.
+
+    python toy.py --overwrite                 # remake the shipped toy_model/ (~25 min on 2 CPU cores)
+    python toy.py --out runs/toy              # same, into a fresh folder
+    python toy.py --eval_only --out toy_model --grid assets/toy_samples.png   # measure a model
+
+Other files import from here: COLOURS, SHAPES, toy_captions (the toy world's prompts), render
+(procedural image + caption pairs), parse_caption and check_captions (the checker).
+Everything in this file is our own design; the paper has no toy world.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+# OpenMP threads that wait by spinning collapse on a shared CPU: 2 threads next to one other busy
+# process ran a VAE step 14x slower (8.3 s vs 0.58 s); passive waiting fixes that. Read when torch
+# starts its thread pool, so it must be set before the first torch op. Measured on the 2-core build box.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+import torch.nn.functional as F
+
+from sample import atomic_dir, generate, initial_latents, load_pipeline
+
+# ---------------------------------------------------------------------------------------------------
+# Flags. Parsed only under __main__, so that `import toy` from eval.py / train_rid.py never reads argv.
+parser = argparse.ArgumentParser(description="pretrain the toy text-to-image model, or evaluate one")
+# I/O
+parser.add_argument("--out", type=str, default="toy_model", help="output pipeline folder (refused if non-empty, see --overwrite)")
+parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder once the new model is complete")
+parser.add_argument("--eval_only", action="store_true", help="skip training; evaluate the model already in --out")
+parser.add_argument("--grid", type=str, default="", help="also save a captioned sample grid PNG here ('' = none)")
+parser.add_argument("--seed", type=int, default=0, help="seed of all training randomness (data, init, noise)")
+parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
+# autoencoder
+parser.add_argument("--vae_steps", type=int, default=1200, help="AutoencoderKL optimiser steps")
+parser.add_argument("--vae_batch", type=int, default=32, help="images per AutoencoderKL step")
+parser.add_argument("--vae_lr", type=float, default=2e-3, help="peak AdamW learning rate of the autoencoder")
+parser.add_argument("--vae_kl", type=float, default=1e-6, help="weight of the KL term (SD's value; keeps latents near-Gaussian)")
+# denoiser + text encoder
+parser.add_argument("--unet_steps", type=int, default=1600, help="UNet + text encoder optimiser steps")
+parser.add_argument("--unet_batch", type=int, default=128, help="images per UNet step")
+parser.add_argument("--unet_lr", type=float, default=1e-3, help="peak AdamW learning rate of the UNet and text encoder")
+parser.add_argument("--warmup", type=int, default=100, help="linear LR warmup steps (both stages), then cosine decay to 0")
+parser.add_argument("--caption_dropout", type=float, default=0.1, help="fraction of captions replaced by '' (for classifier-free guidance)")
+parser.add_argument("--log_every", type=int, default=100, help="print a loss line every this many steps")
+# evaluation (the issue's acceptance numbers)
+parser.add_argument("--eval_n", type=int, default=256, help="held-out captions to sample and check (0 = skip)")
+parser.add_argument("--eval_seed", type=int, default=1234, help="seed of the held-out captions and of the initial latents")
+parser.add_argument("--ddim_steps", type=int, default=50, help="DDIM steps at evaluation")
+parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale at evaluation (1 = none)")
+
+# ---------------------------------------------------------------------------------------------------
+# The world: 8 colours x 3 shapes x 7 other background colours = 168 captions.
+# The colours are the corners of the RGB cube: every pair is at least 1.0 apart (in [0,1] units), so
+# nearest-palette classification is unambiguous even for blurry generated pixels.
+COLOURS = {
+    "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0),
+    "cyan": (0.0, 1.0, 1.0), "magenta": (1.0, 0.0, 1.0), "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0),
+}
+SHAPES = ("circle", "square", "triangle")
+# The default task sequence of the toy world (train_rid.py, experiment.py). Each task undoes part of the one before:
+# the greedy way to raise brightness washes colour out (towards white), and contrast pushes towards black and white.
+# All three can still be high at once (a saturated yellow shape on black). Our choice.
+TOY_REWARDS = "saturation,brightness,contrast"
+NAMES = list(COLOURS)
+PALETTE = torch.tensor([COLOURS[c] for c in NAMES])  # (8, 3)
+
+
+def is_heldout(colour, shape, background):
+    # 34 of the 168 (colour, shape, background) triples never appear in pretraining. The rule
+    # (c + 2s + 3b) % 5 == 0 holds out whole triples but never a pair: for any fixed two of the three
+    # words, the third runs over values whose multiples (1, 2 or 3) mod 5 differ, so every
+    # (colour, shape), (colour, background) and (shape, background) pair is still seen in training.
+    # "heldout" therefore tests composition, not unseen words. Our choice.
+    return (NAMES.index(colour) + 2 * SHAPES.index(shape) + 3 * NAMES.index(background)) % 5 == 0
+
+
+def all_captions(split):
+    return [f"a {c} {s} on a {b} background" for c in NAMES for s in SHAPES for b in NAMES
+            if c != b and is_heldout(c, s, b) == (split == "heldout")]
+
+
+def toy_captions(n, seed, split="train"):
+    """n captions drawn uniformly with replacement from the split's 134 ("train") or 34 ("heldout") triples."""
+    assert split in ("train", "heldout"), split
+    pool = all_captions(split)
+    idx = torch.randint(len(pool), (n,), generator=torch.Generator().manual_seed(seed))
+    return [pool[i] for i in idx.tolist()]
+
+
+def parse_caption(caption):
+    """'a red circle on a blue background' -> ('red', 'circle', 'blue')"""
+    w = caption.split()
+    assert len(w) == 7 and w[1] in COLOURS and w[2] in SHAPES and w[5] in COLOURS, caption
+    return w[1], w[2], w[5]
+
+
+def render(captions, seed, size=32, min_half=5, max_half=11):
+    """Draw each caption once, at a random size and position: returns (B, 3, size, size) in [0, 1].
+    Vectorised over the batch (4096 images in ~0.3 s); hard edges, no anti-aliasing."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(captions)
+    parsed = [parse_caption(c) for c in captions]
+    fg = PALETTE[[NAMES.index(c) for c, _, _ in parsed]]  # (B, 3)
+    bg = PALETTE[[NAMES.index(b) for _, _, b in parsed]]  # (B, 3)
+    shape = torch.tensor([SHAPES.index(s) for _, s, _ in parsed])  # (B,)
+    # half-extent h in pixels; the shape's 2h x 2h box stays >= 1 px from the border, so the border
+    # ring is always pure background (the checker relies on that)
+    h = min_half + (max_half - min_half) * torch.rand(B, generator=g)
+    cx = h + 1 + (size - 2 * h - 2) * torch.rand(B, generator=g)
+    cy = h + 1 + (size - 2 * h - 2) * torch.rand(B, generator=g)
+    y, x = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")  # pixel centres
+    dx, dy, h = x - cx[:, None, None], y - cy[:, None, None], h[:, None, None]  # (B, size, size)
+    circle = dx**2 + dy**2 <= h**2
+    square = (dx.abs() <= h) & (dy.abs() <= h)
+    down = (dy + h) / (2 * h)  # 0 at the apex, 1 at the base of an upright isosceles triangle
+    triangle = (down >= 0) & (down <= 1) & (dx.abs() <= h * down)
+    mask = torch.stack([circle, square, triangle], 1)[torch.arange(B), shape][:, None].float()  # (B, 1, size, size)
+    return mask * fg[:, :, None, None] + (1 - mask) * bg[:, :, None, None]
+
+# ---------------------------------------------------------------------------------------------------
+# The checker: pixel rules, no weights. Every pixel is classified as its nearest palette colour; the
+# background is the majority colour of the border ring; the shape's colour is the most frequent other
+# colour; the shape comes from that colour's mask, measured in its bounding box:
+#   taper   = mask area in the top quarter / in the bottom quarter: triangle ~0.15, circle and square ~1;
+#   corners = filled fraction of the four corner cells (a quarter of the box each way): square 1.0,
+#             rounded square ~0.8, circle ~0.3, tiny pixelated circle at most ~0.6.
+# Thresholds sit between those, chosen on real images and on blurry VAE reconstructions (a rule on the
+# box's fill ratio called many rounded squares circles). Then the shape must also be well formed: its
+# mask must overlap the ideal shape drawn in the same box with IoU >= 0.7 (real images: >= 0.86; the
+# shipped model's samples: >= 0.76; a shorter-trained model drew pinched squares and heart-like circles
+# at 0.6-0.7), else it counts as no shape at all. Blurry edges fall into a third palette colour
+# (red/blue -> magenta), which the majority rules ignore. Our choice throughout.
+
+def classify(images):
+    """images (B, 3, H, W) in [0, 1] -> dict of colour indices "colour" (-1 = no shape), "background"
+    and shape index "shape" (into SHAPES; -1 = no well-formed shape), each (B,)"""
+    B, _, H, W = images.shape
+    K = len(NAMES)
+    pixels = images.detach().float().cpu().permute(0, 2, 3, 1).reshape(B, H * W, 3)
+    near = torch.cdist(pixels, PALETTE.expand(B, K, 3)).argmin(-1).view(B, H, W)  # (B, H, W) palette index
+    border = torch.cat([near[:, 0], near[:, -1], near[:, :, 0], near[:, :, -1]], 1)  # (B, 2H+2W)
+    background = F.one_hot(border, K).sum(1).argmax(1)  # (B,)
+    counts = F.one_hot(near, K).sum((1, 2))  # (B, K) pixels per colour
+    counts[torch.arange(B), background] = -1
+    top_count, colour = counts.max(1)  # (B,)
+    # a flat image has no shape: fewer pixels than a fifth of the smallest drawn shape (~50 px) -> -1
+    colour = torch.where(top_count >= 8, colour, -1)
+    mask = near == colour[:, None, None]  # (B, H, W), all False where colour is -1
+    # bounding box -> coordinates v (rows), u (columns) in (0, 1) inside it
+    rows, cols = mask.any(2), mask.any(1)  # (B, H), (B, W)
+    i, j = torch.arange(H).expand(B, H), torch.arange(W).expand(B, W)
+    top, bottom = torch.where(rows, i, H).min(1).values, torch.where(rows, i, -1).max(1).values
+    left, right = torch.where(cols, j, W).min(1).values, torch.where(cols, j, -1).max(1).values
+    v = ((i + 0.5 - top[:, None]) / (bottom - top + 1).clamp(min=1)[:, None])[:, :, None]  # (B, H, 1)
+    u = ((j + 0.5 - left[:, None]) / (right - left + 1).clamp(min=1)[:, None])[:, None, :]  # (B, 1, W)
+    inside = (v > 0) & (v < 1) & (u > 0) & (u < 1)  # (B, H, W) the box
+    corner = inside & ((u < 0.25) | (u > 0.75)) & ((v < 0.25) | (v > 0.75))
+    corners = (mask & corner).sum((1, 2)) / corner.sum((1, 2)).clamp(min=1)  # (B,)
+    taper = (mask & inside & (v < 0.25)).sum((1, 2)) / (mask & inside & (v > 0.75)).sum((1, 2)).clamp(min=1)
+    shape = torch.where(taper < 0.6, 2, torch.where(corners > 0.58, 1, 0))  # (B,) SHAPES index
+    ideal = torch.stack([inside & ((u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25), inside,
+                         inside & ((u - 0.5).abs() <= v / 2)], 1)[torch.arange(B), shape]  # (B, H, W), as render() draws
+    iou = (ideal & mask).sum((1, 2)) / (ideal | mask).sum((1, 2)).clamp(min=1)
+    shape = torch.where(iou >= 0.7, shape, -1)
+    return {"colour": colour, "shape": shape, "background": background}
+
+
+def check_captions(images, captions):
+    """images (B, 3, H, W) in [0, 1], captions: B strings -> bool tensors (B,) "shape", "colour", "background"."""
+    got = classify(images)
+    want = [parse_caption(c) for c in captions]
+    return {
+        "shape": got["shape"] == torch.tensor([SHAPES.index(s) for _, s, _ in want]),
+        "colour": got["colour"] == torch.tensor([NAMES.index(c) for c, _, _ in want]),
+        "background": got["background"] == torch.tensor([NAMES.index(b) for _, _, b in want]),
+    }
+
+
+def match_rates(images, captions):
+    return {k: v.float().mean().item() for k, v in check_captions(images, captions).items()}
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling a toy model for evaluation, and a captioned grid for humans.
+
+def sample_toy(model, captions, seed, ddim_steps=50, guidance_scale=7.5):
+    """-> images (B, 3, 32, 32) in [0, 1] from the project's one sampler (sample.py: hand-written DDIM,
+    equal to diffusers' StableDiffusionPipeline + DDIMScheduler). Initial latents: one randn draw of the
+    whole batch from torch.Generator().manual_seed(seed), as the diffusers pipeline would make them."""
+    pipe = load_pipeline(model)
+    latents = initial_latents(pipe, len(captions), torch.Generator().manual_seed(seed))  # (B, 4, 8, 8)
+    with torch.no_grad():
+        return generate(pipe, captions, latents, ddim_steps, guidance_scale, batch_size=64, progress=False)
+
+
+def save_grid(images, captions, path, cols=6, scale=6):
+    """Each image upscaled (nearest) by `scale`, its caption written under it."""
+    from PIL import Image, ImageDraw
+    rows = math.ceil(len(images) / cols)
+    cell_w, cell_h, text_h = 32 * scale, 32 * scale, 30
+    grid = Image.new("RGB", (cols * cell_w, rows * (cell_h + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (img, cap) in enumerate(zip(images, captions)):
+        x, y = (i % cols) * cell_w, (i // cols) * (cell_h + text_h)
+        arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        grid.paste(Image.fromarray(arr).resize((cell_w, cell_h), Image.NEAREST), (x, y))
+        c, s, b = parse_caption(cap)
+        draw.text((x + 4, y + cell_h + 2), f"{c} {s}", fill="black")
+        draw.text((x + 4, y + cell_h + 15), f"on {b}", fill="black")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    grid.save(path)
+
+# ---------------------------------------------------------------------------------------------------
+# Training helpers.
+
+def build_tokenizer():
+    """A word-level CLIPTokenizer for the 14 words of the captions, built offline and deterministically.
+    BPE merges are added word by word, each only after the merges before it have been applied, so every
+    word ends as one token and the ids never change (the tokenizers library's BpeTrainer breaks ties in
+    hash order: its ids differed from run to run, and with them the trained text encoder)."""
+    from transformers import CLIPTokenizer
+    words = ["a", "on", "background", *SHAPES, *NAMES]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for tok in letters + [l + "</w>" for l in letters]:  # CLIP marks a word's last symbol with </w>
+        vocab[tok] = len(vocab)
+    merges = []  # (left, right), earlier = applied first
+
+    def bpe(word):  # what the BPE model does: merge the earliest-ranked adjacent pair until none applies
+        toks, rank = list(word[:-1]) + [word[-1] + "</w>"], {m: r for r, m in enumerate(merges)}
+        while len(toks) > 1:
+            r, k = min((rank.get(p, len(rank)), k) for k, p in enumerate(zip(toks, toks[1:])))
+            if r == len(rank):
+                break
+            toks[k:k + 2] = [toks[k] + toks[k + 1]]
+        return toks
+
+    for word in words:
+        while len(toks := bpe(word)) > 1:
+            merges.append((toks[0], toks[1]))
+            vocab.setdefault(toks[0] + toks[1], len(vocab))
+    # transformers 5 ignores vocab_file=; vocab= and merges= (as tuples) are what it reads
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16)
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in words)
+    return tok
+
+
+def lr_at(step, total, peak, warmup):
+    # linear warmup, then cosine decay to zero: a constant LR plateaued early (NOTES.md)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def nparams(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def main(args):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from tqdm import tqdm
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}")
+    out = os.path.abspath(args.out)
+    t_start = time.time()
+    if args.eval_only:
+        assert os.path.isdir(out), f"--eval_only needs a model in {out}"
+    else:
+        # refuse before spending 25 minutes, not after
+        if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+            raise SystemExit(f"{out} exists and is not empty; pass --overwrite to replace it")
+        torch.manual_seed(args.seed)
+        train_step_seed = lambda stage, step: args.seed * 1_000_003 + stage * 100_000 + step  # distinct data per step
+
+        # -------------------------------------------------------------------------------------------
+        # Stage 1: the autoencoder. 32x32x3 pixels -> 8x8x4 latents (3 encoder blocks, 2 downsamplings).
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                            block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
+                            norm_num_groups=16, sample_size=32)
+        print(f"AutoencoderKL: {nparams(vae) / 1e6:.2f}M params; {args.vae_steps} steps x {args.vae_batch} images")
+        opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+        bar = tqdm(range(args.vae_steps), desc="vae", unit="step")
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args.vae_steps, args.vae_lr, args.warmup)
+            seed = train_step_seed(1, step)
+            x = render(toy_captions(args.vae_batch, seed), seed) * 2 - 1  # (B, 3, 32, 32) in [-1, 1]
+            posterior = vae.encode(x).latent_dist
+            x_rec = vae.decode(posterior.sample()).sample
+            rec = F.mse_loss(x_rec, x)
+            kl = posterior.kl().mean()
+            loss = rec + args.vae_kl * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.set_postfix(rec=f"{rec.item():.4f}")
+            if step % args.log_every == 0 or step == args.vae_steps - 1:
+                tqdm.write(f"vae step {step:5d} | rec mse {rec.item():.5f} | kl {kl.item():.1f} | lr {opt.param_groups[0]['lr']:.2e}")
+        vae.eval().requires_grad_(False)
+
+        # Latent scale: SD multiplies latents by vae.config.scaling_factor (0.18215 for its VAE) so the
+        # diffusion sees ~unit variance. Ours is measured on 2048 fresh images and saved in the config.
+        with torch.no_grad():
+            caps = toy_captions(2048, args.seed + 7)
+            x = render(caps, args.seed + 7) * 2 - 1
+            z = vae.encode(x).latent_dist.sample()  # (2048, 4, 8, 8)
+            x_rec = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+        vae.register_to_config(scaling_factor=1.0 / z.std().item())
+        rec_rates = match_rates(x_rec, caps)
+        print(f"latent std {z.std().item():.3f} -> scaling_factor {vae.config.scaling_factor:.4f}; "
+              f"checker on reconstructions: " + ", ".join(f"{k} {v:.3f}" for k, v in rec_rates.items()))
+
+        # -------------------------------------------------------------------------------------------
+        # Stage 2: text encoder + UNet, trained jointly with the epsilon loss on latents of fresh images.
+        tokenizer = build_tokenizer()
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=4)  # (diffusers: head count)
+        # SD v1's training schedule; DDIM sampling later uses the same betas
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+        alphas_cumprod = scheduler.alphas_cumprod  # (1000,) alpha-bar_t
+        print(f"UNet: {nparams(unet) / 1e6:.2f}M params, text encoder: {nparams(text_encoder) / 1e6:.2f}M params, "
+              f"vocab {len(tokenizer)}; {args.unet_steps} steps x {args.unet_batch} images "
+              f"= {args.unet_steps * args.unet_batch} samples")
+        params = list(unet.parameters()) + list(text_encoder.parameters())
+        opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
+        bar = tqdm(range(args.unet_steps), desc="unet", unit="step")
+        loss_avg = None
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args.unet_steps, args.unet_lr, args.warmup)
+            seed = train_step_seed(2, step)
+            g = torch.Generator().manual_seed(seed)
+            captions = toy_captions(args.unet_batch, seed)
+            with torch.no_grad():
+                z0 = vae.encode(render(captions, seed) * 2 - 1).latent_dist.sample(g) * vae.config.scaling_factor  # (B, 4, 8, 8)
+            # caption dropout: the pipeline's unconditional branch encodes "" the same way
+            drop = torch.rand(len(captions), generator=g) < args.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids  # (B, 16)
+            cond = text_encoder(ids)[0]  # (B, 16, 64); no attention mask, like the pipeline
+            t = torch.randint(0, 1000, (len(captions),), generator=g)
+            eps = torch.randn(z0.shape, generator=g)
+            a = alphas_cumprod[t].view(-1, 1, 1, 1)
+            z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps  # forward process, DDPM eq. 4
+            loss = F.mse_loss(unet(z_t, t, cond).sample, eps)  # epsilon loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+            bar.set_postfix(loss=f"{loss_avg:.4f}")
+            if step % args.log_every == 0 or step == args.unet_steps - 1:
+                tqdm.write(f"unet step {step:5d} | eps mse {loss.item():.4f} (avg {loss_avg:.4f}) | lr {opt.param_groups[0]['lr']:.2e}")
+        train_s = time.time() - t_start
+
+        # -------------------------------------------------------------------------------------------
+        # Save as an ordinary StableDiffusionPipeline folder: write to a temporary sibling and rename
+        # into place, so a kill never leaves a half-written model and an earlier model stays intact.
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        with atomic_dir(out) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            with open(os.path.join(tmp, "toy.json"), "w") as f:  # provenance; from_pretrained ignores it
+                json.dump({"args": vars(args), "train_seconds": round(train_s), "threads": torch.get_num_threads(),
+                           "checker_on_vae_reconstructions": rec_rates}, f, indent=2)
+        print(f"saved {out} after {train_s:.0f} s of training")
+
+    # -----------------------------------------------------------------------------------------------
+    # The acceptance numbers: checker match rates on held-out (never trained) captions.
+    if args.eval_n:
+        real = toy_captions(4096, args.eval_seed + 1, split="heldout")  # the checker itself, on drawn images
+        print("checker on 4096 procedural images: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in match_rates(render(real, args.eval_seed + 2), real).items()))
+        captions = toy_captions(args.eval_n, args.eval_seed, split="heldout")
+        t0 = time.time()
+        images = sample_toy(out, captions, args.eval_seed, args.ddim_steps, args.guidance_scale)
+        rates = match_rates(images, captions)
+        print(f"held-out caption match, {args.eval_n} captions, guidance {args.guidance_scale}, {args.ddim_steps} DDIM steps "
+              f"({time.time() - t0:.0f} s): " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
+        if args.grid:
+            save_grid(images[:24], captions[:24], args.grid)
+            print(f"grid of 24 samples -> {args.grid}")
+    print(f"total {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
