@@ -14,7 +14,7 @@ Methods (--method, RID.md section 4):
   rid       adapters + matching an EMA teacher: L = -mean(r_t) + lambda * ||eps_student - sg(eps_teacher)||^2
 
 Run it:
-  python train_rid.py --model toy --rewards saturation,brightness,warmth --method rid   # CPU, minutes
+  python train_rid.py --model toy --rewards saturation,brightness,contrast --method rid   # CPU, minutes
   python train_rid.py --rewards aesthetic,hps                                            # SD 1.5, one GPU
   torchrun --nproc_per_node=4 train_rid.py --rewards aesthetic,hps                       # same global batch
   python train_rid.py ... --resume                                 # continue a killed or interrupted run
@@ -47,6 +47,7 @@ from rewards import check_reward_name, load_reward
 from sample import (DEFAULT_MODEL, UserError, add_lora, atomic_dir, atomic_file, check_model, encode_prompts,
                     initial_latents, load_pipeline, lora_params, one_line_errors, pick_device_dtype, sample,
                     save_lora, set_adapters, teacher_loss, to_pil)
+from toy import TOY_REWARDS, all_captions
 
 # -----------------------------------------------------------------------------
 # Settings: every knob is a flag; the defaults are for Stable Diffusion 1.5 at 512 px on one GPU.
@@ -54,7 +55,8 @@ from sample import (DEFAULT_MODEL, UserError, add_lora, atomic_dir, atomic_file,
 parser = one_line_errors(argparse.ArgumentParser(description="Reward incremental fine-tuning with RID."))
 # model and tasks
 parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, SD-format folder, or 'toy' (the shipped model)")
-parser.add_argument("--rewards", default="aesthetic,hps", help="the task sequence: reward names, comma-separated")
+parser.add_argument("--rewards", default=None, help="the task sequence: reward names, comma-separated "
+                    f"(default aesthetic,hps; {TOY_REWARDS} with --model toy)")
 parser.add_argument("--reward_path", action="append", default=[], help="NAME=PATH: local weights of a reward; repeat")
 parser.add_argument("--method", default="rid", choices=["naive", "adapters", "rid"], help="see the docstring")
 parser.add_argument("--prompts", default=None, help="training prompts, one per line; none = built-in list")
@@ -67,8 +69,9 @@ parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = dete
 parser.add_argument("--height", type=int, default=None, help="image height in px; none = the model's default")
 parser.add_argument("--width", type=int, default=None, help="image width in px; none = the model's default")
 # optimisation
-parser.add_argument("--iters", type=int, default=100, help="optimiser steps per task")
-parser.add_argument("--batch_size", type=int, default=4, help="images per optimiser step, over all GPUs together")
+parser.add_argument("--iters", type=int, default=None, help="optimiser steps per task (default 100; 10 with --model toy)")
+parser.add_argument("--batch_size", type=int, default=None,
+                    help="images per optimiser step, over all GPUs together (default 4; 8 with --model toy)")
 parser.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step and GPU (memory, not results)")
 parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the LoRA weights")
 parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
@@ -90,7 +93,8 @@ parser.add_argument("--device", default=None, help="cuda or cpu; none = cuda whe
 # evaluation
 parser.add_argument("--eval_n", type=int, default=64, help="images in the fixed evaluation set (one per prompt/seed)")
 parser.add_argument("--eval_seed", type=int, default=0, help="seed of the evaluation prompts and noise")
-parser.add_argument("--eval_batch_size", type=int, default=8, help="images per batch when evaluating")
+parser.add_argument("--eval_batch_size", type=int, default=None,
+                    help="images per batch when evaluating (default 8; 64 with --model toy)")
 # run folder, checkpoints, faults
 parser.add_argument("--out", default="runs/rid", help="run folder: adapters, checkpoint, results")
 parser.add_argument("--seed", type=int, default=0, help="seed of the training prompts and noise")
@@ -101,6 +105,11 @@ parser.add_argument("--max_nonfinite", type=int, default=5, help="stop after thi
 parser.add_argument("--fault_nan_steps", default="", help="testing aid: global steps whose reward is made NaN")
 parser.add_argument("--dist_timeout", type=float, default=60.0, help="minutes a GPU waits for the others, then fails")
 args = parser.parse_args()
+# Defaults that depend on the model: SD 1.5's by default; with --model toy, a run that ends in minutes on a CPU.
+for flag, sd, toy in (("rewards", "aesthetic,hps", TOY_REWARDS), ("iters", 100, 10), ("batch_size", 4, 8),
+                      ("eval_batch_size", 8, 64)):
+    if getattr(args, flag) is None:
+        setattr(args, flag, toy if is_toy(args.model) else sd)
 
 # -----------------------------------------------------------------------------
 # Validation: every mistake we can see is reported now, in one line, before a model is loaded or a file written.
@@ -149,7 +158,6 @@ if args.prompts is not None:
     if not train_prompts:
         fail(f"prompt file '{args.prompts}' holds no prompts; write one prompt per line")
 elif is_toy(args.model):
-    from toy import all_captions
     train_prompts = all_captions("train")  # the captions seen in pretraining; evaluation uses held-out ones
 else:
     # Our own list of simple subjects, in the spirit of DDPO's animal prompts plus everyday scenes.
@@ -173,6 +181,8 @@ if args.resume and args.overwrite:
 if args.resume:
     if not os.path.isfile(ckpt_path):
         fail(f"nothing to resume: no checkpoint.pt in '{args.out}'; drop --resume to start a new run")
+    if os.path.isfile(os.path.join(args.out, "results.json")):
+        fail(f"nothing to resume: '{args.out}' holds a finished run (results.json); choose another --out")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # tensors and plain data only
     saved = ckpt["config"]
     differ = sorted(k for k in config if k not in IGNORED_ON_RESUME and saved.get(k) != config[k])
@@ -262,21 +272,19 @@ def step_randomness(t, step):
     return [train_prompts[i] for i in idx], latents, k, set(range(S - k, S)) | set(extra)
 
 
-def quantize(images):  # what a saved PNG holds; structure metrics always compare these
-    return (images * 255).round() / 255
+def stage_images(stage):  # (N, 3, H, W) in [0, 1]: the evaluation images of a stage, as its PNGs hold them
+    return torch.load(os.path.join(args.out, "samples", f"stage{stage}.pt"), weights_only=True).float() / 255
 
 
 def run_eval(stage):
     """Evaluate the current model (rank 0 only) and save its images, so a resumed run sees the same base."""
-    base = None
-    if stage > 0:
-        base = torch.load(os.path.join(args.out, "samples", "stage0.pt"), weights_only=True)
+    base = stage_images(0) if stage > 0 else None  # from the file, so a resumed run compares the same pixels
     out = evaluate(pipe, rewards, eval_prompts, eval_seeds, S, args.guidance_scale, args.eta, args.eval_batch_size,
                    base_images=base, toy=is_toy(args.model), clip_model=clip_at_hand(rewards))
     images = out.pop("images")
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     with atomic_file(os.path.join(args.out, "samples", f"stage{stage}.pt")) as tmp:
-        torch.save(quantize(images), tmp)
+        torch.save((images * 255).round().to(torch.uint8), tmp)  # uint8: 4x smaller, and what the PNGs hold
     with atomic_dir(os.path.join(args.out, "samples", f"stage{stage}")) as tmp:
         for k, image in enumerate(images):
             to_pil(image).save(os.path.join(tmp, f"{k:03d}.png"))
@@ -487,9 +495,7 @@ if master:
                   "seconds_total": [round(sum(l["seconds"]), 1) for l in train_log],
                   "skipped_steps": [l["skipped"] for l in train_log], "peak_memory_bytes_this_session": peak},
     }
-    stage_images = [torch.load(os.path.join(args.out, "samples", f"stage{s}.pt"), weights_only=True)
-                    for s in range(T + 1)]
-    table = write_report(args.out, results, stage_images)
+    table = write_report(args.out, results, [stage_images(s) for s in range(T + 1)])
     print(table)
     print(f"wrote {args.out}/results.json, results.md, grid.png, heatmap.png and {T} adapters")
 if world > 1:

@@ -1,8 +1,6 @@
 """Bad input, tried as a new user would: every mistake gets one line on stderr that names the problem and the fix,
 exit code 2, no traceback, and no file written (an earlier run's files untouched)."""
-import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -71,17 +69,19 @@ def test_train_bad_input_is_one_line_exit_2_and_writes_nothing(case, workdir, ti
     assert listing(workdir) == before  # no file appeared, none was touched
 
 
-def test_resume_with_other_settings_names_the_keys(workdir, tiny_sd):
-    """A real (tiny) run, then --resume with a different learning rate and K: refused, naming lr and grad_steps."""
+def test_an_earlier_run_is_never_clobbered_and_resume_checks_settings(workdir, tiny_sd):
+    """A real (tiny) run; then a plain rerun and a --resume are refused (it is finished); with its results.json
+    gone (as if killed before the end), --resume with another learning rate and K is refused, naming both."""
     r = train_cli("--model", tiny_sd, "--out", "run", *OK, cwd=workdir)
     assert r.returncode == 0, r.stderr[-2000:]
+    for extra, message in (([], "finished run"), (["--resume"], "finished run")):
+        before = listing(workdir)
+        r = train_cli("--model", tiny_sd, "--out", "run", *OK, *extra, cwd=workdir)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert listing(workdir) == before
+    os.remove(workdir / "run" / "results.json")
     before = listing(workdir)
     r = train_cli("--model", tiny_sd, "--out", "run", *OK, "--resume", "--lr", "0.5", "--grad_steps", "2", cwd=workdir)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "lr=" in r.stderr and "grad_steps=" in r.stderr
     assert listing(workdir) == before
-    # And a finished run is never clobbered by a plain rerun.
-    results = (workdir / "run" / "results.json").read_text()
-    r = train_cli("--model", tiny_sd, "--out", "run", *OK, cwd=workdir)
-    assert r.returncode == 2 and "finished run" in r.stderr
-    assert (workdir / "run" / "results.json").read_text() == results
