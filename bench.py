@@ -10,8 +10,9 @@ It prints a markdown table (median seconds, images/s, peak memory per phase) and
 (d)/(c); warm-up rounds count neither in time nor in memory. On a CPU it adds the same from the process's CPU
 time, which load from other processes barely moves. --json FILE writes every figure.
 
-CPU, the shipped toy model (about 3 minutes on 2 cores):
-    OMP_WAIT_POLICY=PASSIVE python bench.py --model toy --batch_size 8 --json out/bench_toy.json
+CPU, the shipped toy model (about 2.5 minutes on 2 idle cores; on cores shared with other work, prefix
+OMP_WAIT_POLICY=PASSIVE, which on idle cores made it 2.9x slower):
+    python bench.py --model toy --batch_size 8 --json out/bench_toy.json
 GPU, Stable Diffusion 1.5 shapes (nothing to download: see sd15-arch below); the defaults are 512 px, 50 DDIM steps,
 guidance 7.5, K=1 and bf16 on CUDA:
     python bench.py --model sd15-arch --batch_size 1 --json out/sd15_b1.json

@@ -63,6 +63,21 @@ def test_run_folder_holds_results_adapters_and_pictures(rid_run):
     assert len(log) == 8 and all(row["finite"] for row in log) and all(row["loss_rid"] >= 0 for row in log)
 
 
+def test_toy_model_defaults(tmp_path):
+    """--model toy alone picks the toy world's task sequence and CPU-sized defaults, and trains the shipped model."""
+    from toy import TOY_REWARDS
+    out = tmp_path / "toy"
+    cmd = [sys.executable, os.path.join(ROOT, "train_rid.py"), "--model", "toy", "--out", str(out), "--iters", "1",
+           "--eval_n", "8"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(out / "results.json"))
+    assert res["rewards"] == TOY_REWARDS.split(",") and len(res["matrix"]) == 4
+    assert (res["config"]["batch_size"], res["config"]["ddim_steps"], res["config"]["eval_batch_size"]) == (8, 20, 64)
+    # held-out captions, so the caption checker measures structure; the base model follows them
+    assert res["structure"][0]["caption"]["mean"] >= 0.75
+
+
 def test_adapters_load_in_stock_pipeline_and_reproduce_evaluation(rid_run, tiny_sd):
     """The composed adapters of the last stage, loaded by diffusers' own load_lora_weights, give the images
     train_rid evaluated (to 1 level of 255)."""
