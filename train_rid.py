@@ -189,6 +189,10 @@ if args.resume:
     if differ:
         was = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
         fail(f"--resume with settings that differ from the checkpoint's ({was}); pass the same flags")
+    lost = [f"samples/stage{k}.pt" for k in range(len(ckpt["stages"]))
+            if not os.path.isfile(os.path.join(args.out, "samples", f"stage{k}.pt"))]
+    if lost:  # the evaluated images the structure metrics compare against
+        fail(f"cannot resume '{args.out}': {', '.join(lost)} is gone; start again with --overwrite")
 elif os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
     what = ("a finished run" if os.path.isfile(os.path.join(args.out, "results.json")) else
             "an unfinished run (pass --resume to continue it)" if os.path.isfile(ckpt_path) else "files")

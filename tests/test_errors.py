@@ -85,3 +85,9 @@ def test_an_earlier_run_is_never_clobbered_and_resume_checks_settings(workdir, t
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "lr=" in r.stderr and "grad_steps=" in r.stderr
     assert listing(workdir) == before
+    # The same settings, but the base model's evaluated images are gone: refused, not a traceback later on.
+    os.remove(workdir / "run" / "samples" / "stage0.pt")
+    before = listing(workdir)
+    r = train_cli("--model", tiny_sd, "--out", "run", *OK, "--resume", cwd=workdir)
+    assert r.returncode == 2 and "stage0.pt is gone" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert listing(workdir) == before
