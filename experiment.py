@@ -34,9 +34,9 @@ parser.add_argument("--rewards", default=TOY_REWARDS, help="the task sequence of
 parser.add_argument("--methods", default="naive,adapters,rid", help="methods to compare, comma-separated")
 parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (evaluation set is fixed)")
 parser.add_argument("--vary", default=None, help="ablation: KEY=v1,v2,... a train_rid.py flag to sweep")
-parser.add_argument("--iters", type=int, default=10, help="optimiser steps per task of every run")
-parser.add_argument("--batch_size", type=int, default=8, help="images per optimiser step of every run")
-parser.add_argument("--eval_n", type=int, default=64, help="evaluation images of every run")
+parser.add_argument("--iters", type=int, default=None, help="optimiser steps per task of every run; none = train_rid.py's")
+parser.add_argument("--batch_size", type=int, default=None, help="images per optimiser step of every run; none = train_rid.py's")
+parser.add_argument("--eval_n", type=int, default=None, help="evaluation images of every run; none = train_rid.py's")
 args, extra = parser.parse_known_args()
 extra = [a for a in extra if a != "--"]
 seeds = [int(s) for s in args.seeds.split(",")]
@@ -58,8 +58,9 @@ def run(method, key, value, seed):
         return name, folder
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_rid.py"),
            "--model", args.model, "--rewards", args.rewards, "--method", method, "--seed", str(seed),
-           "--out", folder, "--iters", str(args.iters), "--batch_size", str(args.batch_size), "--eval_n",
-           str(args.eval_n), *extra, *([f"--{key}", value] if key else [])]
+           "--out", folder, *[a for flag in ("iters", "batch_size", "eval_n") if getattr(args, flag) is not None
+                              for a in (f"--{flag}", str(getattr(args, flag)))],
+           *extra, *([f"--{key}", value] if key else [])]
     if os.path.isfile(os.path.join(folder, "checkpoint.pt")):
         cmd.append("--resume")
     print(f"\n=== {name}, seed {seed}: {' '.join(cmd[1:])}", flush=True)
@@ -97,8 +98,10 @@ def mean_sd(values):
 summary = {name: {k: mean_sd([measures(f)[k] for f in folders]) for k in
                   ("F_T", "A_T", "new task", "SSIM", "caption", "s/step")} for name, folders in runs.items()}
 reference = summary.get("naive", {}).get("new task", (None,))[0]
-lines = [f"RIL on `{args.model}`, tasks {args.rewards.replace(',', ' -> ')}, {args.iters} steps of {args.batch_size} "
-         f"images per task, {args.eval_n} evaluation images, seeds {args.seeds}"
+c = json.load(open(os.path.join(next(iter(runs.values()))[0], "results.json")))["config"]  # the settings as run
+lines = [f"RIL on `{args.model}`, tasks {args.rewards.replace(',', ' -> ')}, {c['iters']} steps of {c['batch_size']} "
+         f"images per task, {c['ddim_steps']} DDIM steps, K={c['grad_steps']}, lr {c['lr']}, {c['eval_n']} evaluation "
+         f"images, seeds {args.seeds}"
          + (f", extra flags `{' '.join(extra)}`" if extra else "") + " (mean ± sd over seeds)", "",
          "| method | F_T (lower is better) | A_T | new-task gain | vs naive | SSIM to base | caption match | s/step |",
          "|---|---|---|---|---|---|---|---|"]
