@@ -79,8 +79,10 @@ for method in methods:
 # -----------------------------------------------------------------------------
 # Table: mean and spread (sample std over seeds) of each measure, per method.
 
-def measures(folder):
-    res = json.load(open(os.path.join(folder, "results.json")))
+results = {f: json.load(open(os.path.join(f, "results.json"))) for folders in runs.values() for f in folders}
+
+
+def measures(res):
     R, T, last = res["matrix"], len(res["rewards"]), res["structure"][-1]
     return {"F_T": res["forgetting"][-1] if T > 1 else None, "A_T": res["average"][-1],
             "new task": statistics.mean(R[t][t - 1] - R[t - 1][t - 1] for t in range(1, T + 1)),
@@ -95,14 +97,17 @@ def mean_sd(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-summary = {name: {k: mean_sd([measures(f)[k] for f in folders]) for k in
+per_run = {f: measures(res) for f, res in results.items()}
+summary = {name: {k: mean_sd([per_run[f][k] for f in folders]) for k in
                   ("F_T", "A_T", "new task", "SSIM", "caption", "s/step")} for name, folders in runs.items()}
 reference = summary.get("naive", {}).get("new task", (None,))[0]
-c = json.load(open(os.path.join(next(iter(runs.values()))[0], "results.json")))["config"]  # the settings as run
+c = next(iter(results.values()))["config"]  # the settings as run (the first run's; --vary's key differs per row)
 lines = [f"RIL on `{args.model}`, tasks {args.rewards.replace(',', ' -> ')}, {c['iters']} steps of {c['batch_size']} "
          f"images per task, {c['ddim_steps']} DDIM steps, K={c['grad_steps']}, lr {c['lr']}, {c['eval_n']} evaluation "
          f"images, seeds {args.seeds}"
-         + (f", extra flags `{' '.join(extra)}`" if extra else "") + " (mean ± sd over seeds)", "",
+         + (f", extra flags `{' '.join(extra)}`" if extra else "")
+         + (f", `{args.vary.split('=')[0]}` as in each row" if args.vary else "")
+         + " (mean ± sd over seeds)", "",
          "| method | F_T (lower is better) | A_T | new-task gain | vs naive | SSIM to base | caption match | s/step |",
          "|---|---|---|---|---|---|---|---|"]
 for name, row in summary.items():
