@@ -266,7 +266,7 @@ def nparams(m):
 
 def main(args):
     out = os.path.abspath(args.out)
-    # Bad input first, before any import or work: refuse before spending half an hour, not after.
+    # Bad input first, before the heavy imports and any work: refuse before spending half an hour, not after.
     if args.eval_only and not os.path.isdir(out):
         raise UserError(f"--eval_only needs a model folder, and '{args.out}' does not exist; pass --out DIR")
     if not args.eval_only and os.path.isdir(out) and os.listdir(out) and not args.overwrite:
