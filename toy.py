@@ -8,7 +8,7 @@ shape, the shape's colour and the background colour its caption asks for.
 The model is saved as an ordinary diffusers StableDiffusionPipeline folder (DDIM scheduler config,
 safetensors), so `from_pretrained(dir)` loads it like any hub model. The repo ships one in toy_model/.
 
-    python toy.py --overwrite                 # remake the shipped toy_model/ (24-41 min on 2 CPU cores)
+    python toy.py --overwrite                 # remake the shipped toy_model/ (about 27 min on 2 CPU cores)
     python toy.py --out runs/toy              # same, into a fresh folder
     python toy.py --eval_only --out toy_model --grid assets/toy_samples.png   # measure a model
 
@@ -38,13 +38,13 @@ parser.add_argument("--grid", type=str, default="", help="also save a captioned 
 parser.add_argument("--seed", type=int, default=0, help="seed of all training randomness (data, init, noise)")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
 # autoencoder
-parser.add_argument("--vae_steps", type=int, default=1200, help="AutoencoderKL optimiser steps")
+parser.add_argument("--vae_steps", type=int, default=1000, help="AutoencoderKL optimiser steps")
 parser.add_argument("--vae_batch", type=int, default=32, help="images per AutoencoderKL step")
 parser.add_argument("--vae_lr", type=float, default=2e-3, help="peak AdamW learning rate of the autoencoder")
 parser.add_argument("--vae_kl", type=float, default=1e-6, help="weight of the KL term (SD's value; keeps latents near-Gaussian)")
 # denoiser + text encoder
-parser.add_argument("--unet_steps", type=int, default=1600, help="UNet + text encoder optimiser steps")
-parser.add_argument("--unet_batch", type=int, default=128, help="images per UNet step")
+parser.add_argument("--unet_steps", type=int, default=1800, help="UNet + text encoder optimiser steps")
+parser.add_argument("--unet_batch", type=int, default=64, help="images per UNet step")
 parser.add_argument("--unet_lr", type=float, default=1e-3, help="peak AdamW learning rate of the UNet and text encoder")
 parser.add_argument("--warmup", type=int, default=100, help="linear LR warmup steps (both stages), then cosine decay to 0")
 parser.add_argument("--caption_dropout", type=float, default=0.1, help="fraction of captions replaced by '' (for classifier-free guidance)")
