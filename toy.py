@@ -8,7 +8,7 @@ shape, the shape's colour and the background colour its caption asks for.
 The model is saved as an ordinary diffusers StableDiffusionPipeline folder (DDIM scheduler config,
 safetensors), so `from_pretrained(dir)` loads it like any hub model. The repo ships one in toy_model/.
 
-    python toy.py --overwrite                 # remake the shipped toy_model/ (about 27 min on 2 CPU cores)
+    python toy.py --overwrite                 # remake the shipped toy_model/ (about 28 min on 2 CPU cores)
     python toy.py --out runs/toy              # same, into a fresh folder
     python toy.py --eval_only --out toy_model --grid assets/toy_samples.png   # measure a model
 
