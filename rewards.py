@@ -18,7 +18,7 @@ Small CLI: time one forward+backward on a batch of 4 for every reward whose weig
     python rewards.py --bench [--reward_path hps=/path/to/HPS_v2.1_compressed.pt ...]
 (the tiny random-weight stand-ins are timed with `python tests/test_rewards.py`).
 """
-import argparse, math, os, pickle, time
+import argparse, json, math, os, pickle, time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,10 +28,11 @@ import torch.nn.functional as F
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
-def clip_preprocess(images, size=224, pad=False):
+def clip_preprocess(images, size=224, pad=False, round_crop=False):
     # images (B, 3, H, W) in [0, 1], any dtype; computed in fp32 (cheap, and bicubic+antialias wants it).
     # pad=False: CLIPImageProcessor (openai, PickScore): short side to `size` (long side int()-truncated,
-    #   as transformers' get_resize_output_image_size), centre crop with top=(h-size)//2.
+    #   as transformers' get_resize_output_image_size), centre crop with top=(h-size)//2; round_crop=True:
+    #   torchvision's Resize + CenterCrop (ImageReward), the same resize, top=int(round((h-size)/2)).
     # pad=True: open_clip's ResizeMaxSize (HPSv2 eval): long side to `size` (short side round()ed), then
     #   pad to a square with fill 0 (black, before normalising), left/top = pad//2.
     x = images.float()
@@ -48,7 +49,8 @@ def clip_preprocess(images, size=224, pad=False):
         ph, pw = size - h, size - w
         x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
     else:
-        top, left = (h - size) // 2, (w - size) // 2
+        offset = (lambda d: int(round(d / 2))) if round_crop else (lambda d: d // 2)
+        top, left = offset(h - size), offset(w - size)
         x = x[..., top:top + size, left:left + size]
     mean = torch.tensor(OPENAI_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_STD, device=x.device).view(1, 3, 1, 1)
@@ -57,11 +59,22 @@ def clip_preprocess(images, size=224, pad=False):
 # -----------------------------------------------------------------------------
 # CLIP-based rewards: one module, four flavours (aesthetic MLP head, cosine, scaled cosine, padded input)
 
+def openclip_clean(text):
+    # open_clip's text cleaning before BPE (HPSv2 scores with open_clip's tokenizer): ftfy.fix_text (curly quotes,
+    # ligatures, full-width letters, mojibake), html.unescape twice, whitespace collapsed, lower case.
+    import html, re, ftfy
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip().lower()
+
 class CLIPReward(nn.Module):
-    def __init__(self, model, tokenizer=None, head=None, pad=False, scaled=False):
+    def __init__(self, model, tokenizer=None, head=None, pad=False, scaled=False, openclip_text=False):
         super().__init__()
         self.model, self.tokenizer, self.head = model, tokenizer, head   # transformers CLIPModel, its tokenizer
         self.pad, self.scaled = pad, scaled                              # HPS pads; PickScore scales by logit_scale
+        # HPS tokenises as open_clip does: cleaned text, and "!" always text. The laion tokenizer files name "!"
+        # (id 0, open_clip's padding) the pad token, and transformers would split every "!" of a prompt out as
+        # that special token; split_special_tokens=True keeps open_clip's merges ("!!!" is one word).
+        self.openclip_text = openclip_text
         self.dtype = model.dtype                                         # compute dtype of the frozen net
 
     def forward(self, images, prompts):
@@ -71,8 +84,10 @@ class CLIPReward(nn.Module):
         if self.head is not None:                            # aesthetic: MLP on the L2-normalised embedding
             return self.head(img).squeeze(-1).float()
         # Text side is not differentiated: no_grad here is safe, the image side above keeps its graph.
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
-                             max_length=self.model.config.text_config.max_position_embeddings)  # 77 tokens
+        text = [openclip_clean(p) for p in prompts] if self.openclip_text else list(prompts)
+        tok = self.tokenizer(text, padding="max_length", truncation=True, return_tensors="pt",
+                             max_length=self.model.config.text_config.max_position_embeddings,  # 77 tokens
+                             split_special_tokens=self.openclip_text)
         with torch.no_grad():
             txt = self.model.get_text_features(input_ids=tok.input_ids.to(x.device),
                                                attention_mask=tok.attention_mask.to(x.device)).pooler_output
@@ -81,10 +96,11 @@ class CLIPReward(nn.Module):
             score = self.model.logit_scale.exp() * score     # PickScore: logit_scale.exp() * cosine (~100x)
         return score.float()
 
-def aesthetic_mlp():
-    # LAION aesthetic predictor v2 head (improved-aesthetic-predictor): 768-1024-128-64-16-1, no activations.
-    # The original has Dropout at indices 1, 3, 5; Identity keeps the checkpoint's keys (layers.0/2/4/6/7).
-    return nn.Sequential(nn.Linear(768, 1024), nn.Identity(), nn.Linear(1024, 128), nn.Identity(),
+def aesthetic_mlp(width=768):
+    # LAION aesthetic predictor v2 head (improved-aesthetic-predictor): 768-1024-128-64-16-1, no activations; the
+    # same head scores ImageReward's text feature. The originals have Dropout at indices 1, 3, 5; Identity keeps
+    # the checkpoints' keys (layers.0/2/4/6/7).
+    return nn.Sequential(nn.Linear(width, 1024), nn.Identity(), nn.Linear(1024, 128), nn.Identity(),
                          nn.Linear(128, 64), nn.Identity(), nn.Linear(64, 16), nn.Linear(16, 1))
 
 def openclip_to_transformers(sd):
@@ -175,7 +191,7 @@ def load_hps(path, device, dtype):
     if missing or unused:
         raise ValueError(f"reward 'hps': checkpoint {ckpt} does not match ViT-H-14: missing {sorted(missing)[:5]}, "
                          f"unused {sorted(unused)[:5]}")
-    return CLIPReward(model, tokenizer, pad=True).to(device)
+    return CLIPReward(model, tokenizer, pad=True, openclip_text=True).to(device)
 
 def load_clip_like(name, default_id, default_tok, scaled):
     # path: a folder with a transformers CLIPModel snapshot; its tokenizer files if it has them.
@@ -189,6 +205,105 @@ def load_clip_like(name, default_id, default_tok, scaled):
             raise _load_error(name, f"{path or default_id} (tokenizer: {tok_src})", e, "/path/to/folder") from None
         return CLIPReward(model, tokenizer, scaled=scaled).to(device)
     return load
+
+# -----------------------------------------------------------------------------
+# ImageReward (Xu et al. 2023, the reward of ReFL): BLIP's ViT image encoder, a BERT text encoder that cross-attends to
+# the image tokens, the [CLS] feature through an MLP 768-1024-128-64-16-1, then the published standardisation.
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072   # ImageReward.py's self.mean, self.std
+
+class BLIPReward(nn.Module):
+    def __init__(self, vision, text, tokenizer, head):
+        super().__init__()
+        self.vision, self.text, self.tokenizer, self.head = vision, text, tokenizer, head
+        self.dtype = next(vision.parameters()).dtype
+
+    def forward(self, images, prompts):
+        # torchvision's Resize(224, bicubic) + CenterCrop(224) (offset rounded), CLIP mean/std, as the reference
+        x = clip_preprocess(images, self.vision.config.image_size, round_crop=True).to(self.dtype)
+        img = self.vision(pixel_values=x).last_hidden_state                      # (B, 1 + patches, vision width)
+        # 35 tokens, [CLS] first, as ImageReward.score; the text side keeps its graph (it attends to the image)
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        ones = torch.ones(img.shape[:2], dtype=torch.long, device=img.device)
+        out = self.text(input_ids=tok.input_ids.to(img.device), attention_mask=tok.attention_mask.to(img.device),
+                        encoder_hidden_states=img, encoder_attention_mask=ones, is_decoder=False)  # bidirectional
+        score = self.head(out.last_hidden_state[:, 0].float()).squeeze(-1)       # the head runs in fp32, as the reference
+        return (score - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+
+def imagereward_to_transformers(sd):
+    # ImageReward.pt (BLIP's timm-style ViT "blip.visual_encoder.*", med BERT "blip.text_encoder.*", "mlp.layers.*")
+    # -> transformers' BlipVisionModel, BlipTextModel and the MLP head. Our own mapping; unknown keys are reported.
+    vision, text, head, unused = {}, {}, {}, []
+    parts = [(".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2."), (".attn.qkv.", ".self_attn.qkv."),
+             (".attn.proj.", ".self_attn.projection.")]
+    for k, v in sd.items():
+        if k.startswith("blip.text_encoder."):
+            if not k.endswith("position_ids"):                                   # a buffer, rebuilt by transformers
+                text[k.removeprefix("blip.text_encoder.")] = v
+        elif k.startswith("mlp.layers."):
+            head[k.removeprefix("mlp.layers.")] = v
+        elif k.startswith("blip.visual_encoder."):
+            k = k.removeprefix("blip.visual_encoder.")
+            k = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
+                 "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+                 "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+                 "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}.get(k, k)
+            if k.startswith("blocks."):
+                k = "encoder.layers." + k.removeprefix("blocks.")
+                for old, new in parts:
+                    k = k.replace(old, new)
+            vision[k] = v
+        elif not k.startswith(("blip.vision_proj.", "blip.text_proj.")):         # BLIP's contrastive heads: unused
+            unused.append(k)
+    return vision, text, head, unused
+
+def load_imagereward(path, device, dtype):
+    # path: a folder with ImageReward.pt, med_config.json and (optionally) the bert-base-uncased tokenizer files,
+    # or just the .pt file (med_config.json from THUDM/ImageReward, the tokenizer from bert-base-uncased).
+    from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+    folder = path if path and os.path.isdir(path) else None
+    ckpt = os.path.join(folder, "ImageReward.pt") if folder else path
+    tok_src = folder if folder and os.path.isfile(os.path.join(folder, "vocab.txt")) else "bert-base-uncased"
+    try:
+        sd = torch.load(ckpt or _hub_file("THUDM/ImageReward", "ImageReward.pt"), map_location="cpu", weights_only=True)
+        med = os.path.join(folder, "med_config.json") if folder else _hub_file("THUDM/ImageReward", "med_config.json")
+        with open(med) as f:
+            med = json.load(f)
+        tokenizer = BertTokenizer.from_pretrained(tok_src)
+    except LOAD_ERRORS as e:
+        raise _load_error("imagereward", f"{ckpt or 'THUDM/ImageReward/ImageReward.pt'} (+ med_config.json, tokenizer: "
+                          f"{tok_src})", e, "/path/to/folder (ImageReward.pt + med_config.json)") from None
+    # BLIP's tokenizer: bert-base-uncased plus [DEC] (bos) and [ENC], ids 30522 and 30523 (blip.init_tokenizer)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    vision_sd, text_sd, head_sd, unused = imagereward_to_transformers(sd.get("state_dict", sd))
+    width = vision_sd["embeddings.class_embedding"].shape[-1]                   # 1024: BLIP's ViT-L/16
+    patch = vision_sd["embeddings.patch_embedding.weight"].shape[-1]
+    grid = round((vision_sd["embeddings.position_embedding"].shape[1] - 1) ** 0.5)
+    vision_config = BlipVisionConfig(                                          # the shapes, read off the checkpoint
+        hidden_size=width, intermediate_size=vision_sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=1 + max(int(k.split(".")[2]) for k in vision_sd if k.startswith("encoder.layers.")),
+        num_attention_heads=max(1, width // 64), image_size=grid * patch, patch_size=patch,   # timm ViTs: heads of 64
+        layer_norm_eps=1e-6, hidden_act="gelu")                                 # timm's LayerNorm eps and exact GELU
+    text_config = BlipTextConfig(
+        vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], intermediate_size=med["intermediate_size"],
+        num_hidden_layers=med["num_hidden_layers"], num_attention_heads=med["num_attention_heads"],
+        max_position_embeddings=med["max_position_embeddings"], layer_norm_eps=med["layer_norm_eps"],
+        hidden_act=med["hidden_act"], pad_token_id=med.get("pad_token_id", 0), encoder_hidden_size=width,
+        bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id,
+        is_decoder=True)                                                        # is_decoder: the cross-attention layers
+    vision = BlipVisionModel.from_pretrained(None, config=vision_config, state_dict=vision_sd, dtype=dtype)
+    text = BlipTextModel.from_pretrained(None, config=text_config, state_dict=text_sd, dtype=dtype,
+                                         add_pooling_layer=False)
+    problems = {"vision": (set(vision.state_dict()) - set(vision_sd), set(vision_sd) - set(vision.state_dict())),
+                "text": ({k for k in text.state_dict() if not k.endswith("position_ids")} - set(text_sd),
+                         set(text_sd) - set(text.state_dict()))}
+    missing = sorted(k for m, _ in problems.values() for k in m)
+    extra = sorted(unused + [k for _, u in problems.values() for k in u])
+    if missing or extra:
+        raise ValueError(f"reward 'imagereward': checkpoint {ckpt} does not match BLIP: missing {missing[:5]}, "
+                         f"unused {extra[:5]}")
+    head = aesthetic_mlp(head_sd["0.weight"].shape[1])  # 768-1024-128-64-16-1, keys layers.0/2/4/6/7
+    head.load_state_dict(head_sd)  # strict
+    return BLIPReward(vision, text, tokenizer, head.float()).to(device)
 
 # -----------------------------------------------------------------------------
 # compressibility: a differentiable estimate of the JPEG (quality 95, 4:2:0, PIL's default) file size.
@@ -268,6 +383,7 @@ REWARDS = {
     "hps": load_hps,
     "pickscore": load_clip_like("pickscore", "yuvalkirstain/PickScore_v1", LAION_H14, scaled=True),
     "clip": load_clip_like("clip", CLIP_L14, CLIP_L14, scaled=False),
+    "imagereward": load_imagereward,
     **{name: load_toy(name) for name in TOY},
 }
 

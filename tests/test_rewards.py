@@ -23,27 +23,34 @@ PROMPTS = ["a red circle on a blue background", "a photo of a cat", "a green squ
 # -----------------------------------------------------------------------------
 # Tiny stand-ins in the real formats
 
-def bytes_to_unicode():
-    # CLIP's byte-level alphabet: 256 printable unicode characters, one per byte
+def byte_alphabet():
+    # CLIP's byte-level alphabet: {byte: printable unicode character}, in CLIP's order (printable bytes first)
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     for b in range(256):
         if b not in bs:
             bs.append(b)
             cs.append(256 + len(cs) - 188)
-    return [chr(c) for c in cs]
+    return {b: chr(c) for b, c in zip(bs, cs)}
 
-def save_tokenizer(folder):
+def bytes_to_unicode():
+    return list(byte_alphabet().values())
+
+def char_vocab():
+    chars = bytes_to_unicode()  # "!" first: id 0, as in CLIP's vocabulary
+    return {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+
+def save_tokenizer(folder, pad_token=None):
     # Byte-level BPE without merges: every character is a token; end-of-text is the highest id, as in CLIP.
-    chars = bytes_to_unicode()
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
+    # pad_token="!": the layout of the laion tokenizer files (and SD 2.x's, and SDXL's tokenizer_2).
+    vocab = char_vocab()
+    CLIPTokenizer(vocab=vocab, merges=[], **({"pad_token": pad_token} if pad_token else {})).save_pretrained(folder)
     return len(vocab)
 
-def tiny_clip(folder, projection_dim=64, act="quick_gelu", seed=0):
+def tiny_clip(folder, projection_dim=64, act="quick_gelu", seed=0, pad_token=None):
     # A 2-layer, width-32 CLIP at the real input size (224, patch 14), saved as a hub-style snapshot.
     os.makedirs(folder, exist_ok=True)
-    vocab_size = save_tokenizer(folder)
+    vocab_size = save_tokenizer(folder, pad_token)
     torch.manual_seed(seed)
     layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act=act)
     config = CLIPConfig(text_config=dict(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=vocab_size - 2,
@@ -102,6 +109,59 @@ def transformers_to_openclip(sd):
     out["logit_scale"] = sd["logit_scale"]
     return out
 
+IR_WORDS = ["a", "red", "circle", "on", "blue", "background", "photo", "of", "cat", "green", "square", "an",
+            "orange", "sunset", "over", "hills"]
+
+def save_imagereward(folder, width=64, text=32, seed=6):
+    # ImageReward.pt in the published layout (BLIP's timm ViT "blip.visual_encoder.*", med BERT "blip.text_encoder.*",
+    # "mlp.layers.*"), shrunk: ViT width 64 (one head of 64, as timm's ViTs), 2 blocks, patch 16 at 224 px; BERT
+    # width 32, 2 layers, 4 heads; plus med_config.json and a BERT vocab.txt. Unit-gain random weights.
+    os.makedirs(folder, exist_ok=True)
+    with open(f"{folder}/vocab.txt", "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *IR_WORDS]) + "\n")
+    vocab = 5 + len(IR_WORDS) + 2   # + BLIP's [DEC] and [ENC]
+    g = torch.Generator().manual_seed(seed)
+    w = lambda *shape: torch.randn(*shape, generator=g) / math.sqrt(shape[-1])
+    b = lambda n: 0.1 * torch.randn(n, generator=g)
+    sd = {"blip.visual_encoder.cls_token": torch.randn(1, 1, width, generator=g),
+          "blip.visual_encoder.pos_embed": 0.5 * torch.randn(1, 197, width, generator=g),
+          "blip.visual_encoder.patch_embed.proj.weight": w(width, 3, 16, 16) / 16,
+          "blip.visual_encoder.patch_embed.proj.bias": b(width),
+          "blip.visual_encoder.norm.weight": 1 + b(width), "blip.visual_encoder.norm.bias": b(width),
+          "blip.vision_proj.weight": w(8, width), "blip.vision_proj.bias": b(8)}   # unused by ImageReward
+    for i in range(2):
+        p = f"blip.visual_encoder.blocks.{i}."
+        sd.update({p + "norm1.weight": 1 + b(width), p + "norm1.bias": b(width), p + "attn.qkv.weight": w(3 * width, width),
+                   p + "attn.qkv.bias": b(3 * width), p + "attn.proj.weight": w(width, width), p + "attn.proj.bias": b(width),
+                   p + "norm2.weight": 1 + b(width), p + "norm2.bias": b(width), p + "mlp.fc1.weight": w(4 * width, width),
+                   p + "mlp.fc1.bias": b(4 * width), p + "mlp.fc2.weight": w(width, 4 * width), p + "mlp.fc2.bias": b(width)})
+    t = "blip.text_encoder."
+    sd.update({t + "embeddings.word_embeddings.weight": torch.randn(vocab, text, generator=g),
+               t + "embeddings.position_embeddings.weight": 0.5 * torch.randn(64, text, generator=g),
+               t + "embeddings.LayerNorm.weight": 1 + b(text), t + "embeddings.LayerNorm.bias": b(text),
+               t + "embeddings.position_ids": torch.arange(64)[None]})
+    for i in range(2):
+        p = f"{t}encoder.layer.{i}."
+        for att, kv in (("attention", text), ("crossattention", width)):
+            sd.update({p + f"{att}.self.query.weight": w(text, text), p + f"{att}.self.query.bias": b(text),
+                       p + f"{att}.self.key.weight": w(text, kv), p + f"{att}.self.key.bias": b(text),
+                       p + f"{att}.self.value.weight": w(text, kv), p + f"{att}.self.value.bias": b(text),
+                       p + f"{att}.output.dense.weight": w(text, text), p + f"{att}.output.dense.bias": b(text),
+                       p + f"{att}.output.LayerNorm.weight": 1 + b(text), p + f"{att}.output.LayerNorm.bias": b(text)})
+        sd.update({p + "intermediate.dense.weight": w(64, text), p + "intermediate.dense.bias": b(64),
+                   p + "output.dense.weight": w(text, 64), p + "output.dense.bias": b(text),
+                   p + "output.LayerNorm.weight": 1 + b(text), p + "output.LayerNorm.bias": b(text)})
+    for k, (o, i) in zip((0, 2, 4, 6, 7), ((1024, text), (128, 1024), (64, 128), (16, 64), (1, 16))):
+        sd[f"mlp.layers.{k}.weight"], sd[f"mlp.layers.{k}.bias"] = 2 * w(o, i), b(o)
+    torch.save(sd, f"{folder}/ImageReward.pt")
+    med = {"architectures": ["BertModel"], "hidden_act": "gelu", "hidden_size": text, "intermediate_size": 64,
+           "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 4,
+           "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": vocab, "encoder_width": 768,
+           "add_cross_attention": True}   # encoder_width is overwritten by BLIP with the ViT's width
+    with open(f"{folder}/med_config.json", "w") as f:
+        json.dump(med, f)
+    return folder
+
 def build_all(root):
     # -> {name: path} for load_reward, every stand-in written under root
     paths = {}
@@ -113,12 +173,13 @@ def build_all(root):
     paths["pickscore"] = f"{root}/pickscore"
     tiny_clip(paths["pickscore"], act="gelu", seed=4)
     # HPS: the folder holds the laion-style config + tokenizer and the open_clip-layout checkpoint
-    model = tiny_clip(f"{root}/hps", act="gelu", seed=5)
+    model = tiny_clip(f"{root}/hps", act="gelu", seed=5, pad_token="!")  # the laion layout
     sd = {"module." + k: v.half() for k, v in transformers_to_openclip(model.state_dict()).items()}  # DDP prefix, fp16
     torch.save({"state_dict": sd}, f"{root}/hps/HPS_v2.1_compressed.pt")
     for f in ("model.safetensors", "preprocessor_config.json"):   # HPS weights come only from the .pt
         os.remove(f"{root}/hps/{f}")
     paths["hps"] = f"{root}/hps"
+    paths["imagereward"] = save_imagereward(f"{root}/imagereward")
     return paths
 
 @pytest.fixture(scope="module")
@@ -278,6 +339,130 @@ def test_hps_strict_keys(paths, tmp_path):
     with pytest.raises(ValueError, match="missing.*final_layer_norm.bias"):
         rewards.load_reward("hps", str(folder))
 
+def openclip_symbols(prompt):
+    # open_clip's SimpleTokenizer, written out for a vocabulary without merges: clean (ftfy, html.unescape twice,
+    # whitespace, lower case), split with its regex, map bytes to its alphabet, mark each word's last symbol </w>
+    import html, ftfy, regex
+    text = regex.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(prompt))).strip()).strip().lower()
+    pattern = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    alphabet = byte_alphabet()
+    out = []
+    for word in regex.findall(pattern, text, regex.IGNORECASE):
+        chars = [alphabet[b] for b in word.encode("utf-8")]
+        out += chars[:-1] + [chars[-1] + "</w>"]
+    return out
+
+TRICKY = ["NOISE!!! static", "Tom &amp; Jerry", "“quoted” words", "a ﬁne ﬂower", "ＦＵＬＬ width", "wow!"]
+
+def test_hps_tokenises_as_open_clip(paths):
+    """With the laion tokenizer layout (pad token "!"), prompts with "!", HTML entities, curly quotes, ligatures and
+    full-width letters get open_clip's ids, and the scores equal a plain open_clip forward on those ids. Plain
+    transformers tokenisation (every "!" split out as the pad token, no cleaning) gives other ids and scores."""
+    folder = paths["hps"]
+    reward = rewards.load_reward("hps", folder)
+    sd = {k.removeprefix("module."): v.float() for k, v in torch.load(f"{folder}/HPS_v2.1_compressed.pt")["state_dict"].items()}
+    vocab = char_vocab()
+    img = quantised(natural_image(200, 300, torch.Generator().manual_seed(8)))
+    with torch.no_grad():
+        ref_img = openclip_image_features(sd, resize_max_size_pil(img))
+    moved = 0
+    for prompt in TRICKY:
+        want = [vocab["<|startoftext|>"]] + [vocab[s] for s in openclip_symbols(prompt)] + [vocab["<|endoftext|>"]]
+        got = reward.tokenizer([rewards.openclip_clean(prompt)], split_special_tokens=True).input_ids[0]
+        assert got == want, (prompt, got, want)
+        with torch.no_grad():
+            ref = F.cosine_similarity(ref_img, openclip_text_features(sd, torch.tensor([want + [0] * (77 - len(want))]))).item()
+            plain = reward.tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+            wrong = F.cosine_similarity(ref_img, openclip_text_features(sd, plain)).item()
+        ours = reward(img[None], [prompt]).item()
+        assert abs(ours - ref) <= 0.01 * abs(ref), (prompt, ours, ref)
+        moved += abs(wrong - ref) > 0.01 * abs(ref)
+    assert moved >= len(TRICKY) - 1  # the old tokenisation misses on (nearly) every one of these prompts
+
+# -----------------------------------------------------------------------------
+# ImageReward: the published layout -> our mapping -> transformers' BLIP parts, against a plain-torch forward of the
+# reference's maths (BLIP ViT + med BERT with cross-attention), with the reference's PIL/torchvision preprocessing
+
+def torchvision_preprocess(img):
+    # ImageReward's _transform(224): Resize(224, bicubic) on the PIL image, CenterCrop(224) (offset rounded),
+    # ToTensor, CLIP mean/std
+    pil = to_pil(img)
+    w, h = pil.size
+    nw, nh = (224, int(224 * h / w)) if w <= h else (int(224 * w / h), 224)
+    pil = pil.resize((nw, nh), Image.BICUBIC)
+    top, left = int(round((nh - 224) / 2.0)), int(round((nw - 224) / 2.0))
+    x = torch.from_numpy(np.array(pil.crop((left, top, left + 224, top + 224)))).permute(2, 0, 1).float()[None] / 255
+    return (x - torch.tensor(rewards.OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(rewards.OPENAI_STD).view(1, 3, 1, 1)
+
+def attention(q, k, v, heads, mask=None):
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    a = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        a = a + (1 - mask[:, None, None, :].float()) * -1e4  # med's extended attention mask
+    return (a.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+def blip_reference_score(sd, pixels, ids, mask):
+    p = lambda k: sd[k]
+    ln = lambda x, k, eps: F.layer_norm(x, x.shape[-1:], p(k + ".weight"), p(k + ".bias"), eps)
+    lin = lambda x, k: F.linear(x, p(k + ".weight"), p(k + ".bias"))
+    v = "blip.visual_encoder."
+    x = F.conv2d(pixels, p(v + "patch_embed.proj.weight"), p(v + "patch_embed.proj.bias"), stride=16).flatten(2).transpose(1, 2)
+    x = torch.cat([p(v + "cls_token").expand(len(x), 1, -1), x], 1) + p(v + "pos_embed")
+    for i in range(2):
+        b = f"{v}blocks.{i}."
+        q, k, vv = lin(ln(x, b + "norm1", 1e-6), b + "attn.qkv").chunk(3, -1)
+        x = x + lin(attention(q, k, vv, 1), b + "attn.proj")
+        x = x + lin(F.gelu(lin(ln(x, b + "norm2", 1e-6), b + "mlp.fc1")), b + "mlp.fc2")
+    image = ln(x, v + "norm", 1e-6)
+    t = "blip.text_encoder."
+    h = ln(p(t + "embeddings.word_embeddings.weight")[ids] + p(t + "embeddings.position_embeddings.weight")[:ids.shape[1]],
+           t + "embeddings.LayerNorm", 1e-12)
+    for i in range(2):
+        b = f"{t}encoder.layer.{i}."
+        for att, src, m in (("attention", h, mask), ("crossattention", image, None)):
+            s = f"{b}{att}."
+            out = attention(lin(h, s + "self.query"), lin(src, s + "self.key"), lin(src, s + "self.value"), 4, m)
+            h = ln(lin(out, s + "output.dense") + h, s + "output.LayerNorm", 1e-12)
+        h = ln(lin(F.gelu(lin(h, b + "intermediate.dense")), b + "output.dense") + h, b + "output.LayerNorm", 1e-12)
+    z = h[:, 0]
+    for k in (0, 2, 4, 6, 7):
+        z = F.linear(z, p(f"mlp.layers.{k}.weight"), p(f"mlp.layers.{k}.bias"))
+    return ((z.squeeze(-1) - rewards.IMAGEREWARD_MEAN) / rewards.IMAGEREWARD_STD).item()
+
+def test_imagereward_mapping_and_reference(paths):
+    from transformers import BertTokenizer
+    folder = paths["imagereward"]
+    sd = torch.load(f"{folder}/ImageReward.pt")
+    reward = rewards.load_reward("imagereward", folder)
+    tok = BertTokenizer(f"{folder}/vocab.txt")
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    g = torch.Generator().manual_seed(9)
+    scores, misses = [], 0
+    for i, (h, w) in enumerate(SIZES):  # (200, 360): 179 px to crop, torchvision's offset 90 where floor gives 89
+        img, prompt = quantised(natural_image(h, w, g)), PROMPTS[i % 4]
+        t = tok([prompt], padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        with torch.no_grad():
+            ref = blip_reference_score(sd, torchvision_preprocess(img), t.input_ids, t.attention_mask)
+            squashed = reward(F.interpolate(img[None], (224, 224), mode="bicubic", antialias=True), [prompt]).item()
+        ours = reward(img[None], [prompt]).item()
+        assert abs(ours - ref) <= 0.01 * max(1.0, abs(ref)), ((h, w), ours, ref)
+        misses += h != w and abs(squashed - ref) > 0.01 * max(1.0, abs(ref))
+        scores.append(ours)
+    assert misses >= 3 and max(scores) - min(scores) > 1  # a wrong preprocessing fails; the scores are not flat
+
+def test_imagereward_strict_keys(paths, tmp_path):
+    import shutil
+    folder = shutil.copytree(paths["imagereward"], tmp_path / "ir")
+    sd = torch.load(folder / "ImageReward.pt")
+    sd["blip.extra.weight"] = torch.zeros(2)
+    torch.save(sd, folder / "ImageReward.pt")
+    with pytest.raises(ValueError, match="unused.*blip.extra"):
+        rewards.load_reward("imagereward", str(folder))
+    del sd["blip.extra.weight"], sd["blip.visual_encoder.norm.bias"]
+    torch.save(sd, folder / "ImageReward.pt")
+    with pytest.raises(ValueError, match="missing.*post_layernorm.bias"):
+        rewards.load_reward("imagereward", str(folder))
+
 # -----------------------------------------------------------------------------
 # 2. Gradients reach the images, never the reward networks
 
@@ -312,7 +497,7 @@ def test_unknown_name():
     with pytest.raises(ValueError, match="unknown reward"):
         rewards.load_reward("nope")
 
-@pytest.mark.parametrize("name", ["aesthetic", "hps", "pickscore", "clip"])
+@pytest.mark.parametrize("name", ["aesthetic", "hps", "pickscore", "clip", "imagereward"])
 def test_missing_weights(name, paths, tmp_path):
     with pytest.raises(ValueError) as e:
         rewards.load_reward(name, str(tmp_path / "not_there"))
