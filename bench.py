@@ -1,65 +1,68 @@
 """
 bench.py: what one reward fine-tuning step costs, next to the work it cannot avoid. For one model and one batch it
 times, in one process, round by round (so a slow spell of a shared machine hits every phase alike):
-  (a) our DDIM sampler without grad: encode prompt and "", draw latents, S guided steps, decode (what diffusers does)
-  (b) diffusers' StableDiffusionPipeline around the same modules: same batch, steps, guidance, seed
-  (c) one training step of --method adapters: an earlier adapter active and frozen, the current one trained
-      (K-step grad window, VAE decode and reward with grad, backward, clipping, AdamW), as train_rid.py does it
-  (d) the same step with RID's EMA-teacher matching (--method rid) and the EMA update
-It prints a markdown table (median seconds, images/s, peak memory per phase) and the ratios (a)/(b), (c)/(a),
-(d)/(c); warm-up rounds count neither in time nor in memory. On a CPU it adds the same from the process's CPU
-time, which load from other processes barely moves. --json FILE writes every figure.
+  (a) sample     our DDIM sampler without grad: encode prompt and "", draw latents, S guided steps, decode
+  (b) diffusers  diffusers' StableDiffusion(XL)Pipeline around the same modules: same batch, steps, guidance, seed
+  (c) adapters   one training step of --method adapters: an earlier adapter active and frozen, the current one
+                 trained (K-step grad window, VAE decode and reward with grad, backward, clipping, AdamW)
+  (d) rid        the same step with RID's EMA-teacher matching and the EMA update
+  and the other methods' steps: naive and soup (one adapter active), l2 (adapters + the L2 pull).
+Every training phase calls train_rid.py's own step helpers (sample.step_losses, ema_update, lora_delta_sq,
+matched_steps), so it times the step that training runs. It prints a markdown table (median seconds, images/s, peak
+memory per phase) and the ratios (a)/(b), (c)/(a), (d)/(c) and each method's step over adapters'; warm-up rounds
+count neither in time nor in memory. On a CPU it adds the same from the process's CPU time, which load from other
+processes barely moves. --json FILE writes every figure.
 
-CPU, the shipped toy model (about 2.5 minutes on 2 idle cores; on cores shared with other work, prefix
-OMP_WAIT_POLICY=PASSIVE, which on idle cores made it 2.9x slower):
+CPU, the shipped toy model (a few minutes on 2 idle cores):
     python bench.py --model toy --batch_size 8 --json out/bench_toy.json
-GPU, Stable Diffusion 1.5 shapes (nothing to download: see sd15-arch below); the defaults are 512 px, 50 DDIM steps,
-guidance 7.5, K=1 and bf16 on CUDA:
+GPU, the Stable Diffusion 1.5 or SDXL shapes with random weights (nothing to download); the defaults are the model's
+own size (512 / 1024 px), 50 DDIM steps, guidance 7.5, K=1 and bf16 on CUDA:
     python bench.py --model sd15-arch --batch_size 1 --json out/sd15_b1.json
     python bench.py --model sd15-arch --batch_size 4 --json out/sd15_b4.json
-    python bench.py --model sd15-arch --batch_size 4 --sweep   # each memory lever flipped alone, with its effect
---model sd15-arch builds SD 1.5's UNet, VAE and text encoder, and the CLIP ViT-L/14 of the aesthetic reward, from
-their published configurations with random weights: time and memory depend on the shapes, not on the values.
+    python bench.py --model sd15-arch --batch_size 4 --sweep     # each memory lever flipped alone, with its effect
+    python bench.py --model sdxl-arch --batch_size 1 --checkpoint_decode --json out/sdxl_b1.json
 Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on a CPU (weights included).
 """
-import argparse, ctypes, gc, json, os, random, statistics, subprocess, sys, tempfile, time
+import argparse, ctypes, gc, json, os, statistics, subprocess, sys, tempfile, time
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 import rewards
-from sample import (Pipe, UserError, add_lora, atomic_file, encode_prompts, initial_latents, load_pipeline,
-                    lora_params, one_line_errors, pick_device_dtype, run_cli, sample, set_adapters, teacher_loss)
+from sample import (Pipe, UserError, add_lora, ema_update, encode_prompts, encode_uncond, initial_latents,
+                    load_pipeline, lora_delta_sq, lora_params, matched_steps, one_line_errors, pick_device_dtype,
+                    run_cli, sample, set_adapters, step_losses, write_json)
 
+PHASES = ("sample", "diffusers", "naive", "adapters", "rid", "l2", "soup")
 parser = one_line_errors(argparse.ArgumentParser(description="rid: time and memory of sampling and training steps"))
 # model and batch
-parser.add_argument("--model", default="toy", help="'toy' (shipped), 'sd15-arch' (SD 1.5 shapes, random weights), "
-                    "or an SD folder / hub id")
+parser.add_argument("--model", default="toy", help="'toy' (shipped), 'sd15-arch' / 'sdxl-arch' (their shapes, random "
+                    "weights), or an SD/SDXL folder or hub id")
 parser.add_argument("--reward", default=None, help="a rewards.py name, or 'aesthetic-arch' (ViT-L/14 + MLP, random "
-                    "weights); none = aesthetic-arch for sd15-arch, brightness otherwise")
+                    "weights); none = aesthetic-arch for the -arch models, brightness otherwise")
 parser.add_argument("--batch_size", type=int, default=4, help="images per sampling pass and per optimiser step")
-parser.add_argument("--height", type=int, default=None, help="image height in px; none = the model's (sd15-arch: 512)")
+parser.add_argument("--height", type=int, default=None, help="image height in px; none = the model's")
 parser.add_argument("--width", type=int, default=None, help="image width in px; none = the model's default")
 parser.add_argument("--prompt", default="a red circle on a blue background", help="every image's prompt (cost-neutral)")
 # sampler
-parser.add_argument("--ddim_steps", type=int, default=50, help="DDIM steps S, the same in all four phases")
+parser.add_argument("--ddim_steps", type=int, default=50, help="DDIM steps S, the same in all phases")
 parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance; 1 = none")
 parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic")
 # training step
 parser.add_argument("--grad_steps", type=int, default=1, help="K: the last K DDIM steps keep their graph (DRaFT-K)")
 parser.add_argument("--match_steps", type=int, default=0, help="M: extra teacher-matched steps from the no-grad part")
+parser.add_argument("--rid_project", action="store_true", help="RID's projected teacher pull (as train_rid.py)")
 parser.add_argument("--lora_rank", type=int, default=4, help="LoRA rank r of each of the two adapters")
 # memory levers (each one's effect: --sweep)
 parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype of the frozen "
                     "networks; none = bfloat16 on cuda, float32 on cpu; LoRA weights stay fp32")
-parser.add_argument("--checkpoint_decode", action="store_true", help="recompute the VAE decode in backward")
+parser.add_argument("--checkpoint_decode", action="store_true", help="recompute the VAE decode in backward, per block")
 parser.add_argument("--checkpoint_reward", action="store_true", help="recompute the reward model in backward")
 parser.add_argument("--no_checkpointing", action="store_true", help="keep grad-window UNet activations (no recompute)")
 parser.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step, each of batch_size/grad_accum "
                     "images, gradients accumulated")
 parser.add_argument("--compile", action="store_true", help="torch.compile the UNet forward; compiling falls in warm-up")
 # measurement
-parser.add_argument("--phases", default="sample,diffusers,adapters,rid", help="comma list of the phases to time")
+parser.add_argument("--phases", default="sample,diffusers,adapters,rid", help=f"comma list from {','.join(PHASES)}")
 parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (allocator, caches, compilation)")
 parser.add_argument("--repeats", type=int, default=5, help="timed rounds; each phase reports its median")
 parser.add_argument("--device", default=None, help="cuda or cpu; none = cuda when available")
@@ -69,23 +72,34 @@ parser.add_argument("--sweep", action="store_true", help="instead: the rid step 
                     "flipped, each in a fresh process")
 
 # -----------------------------------------------------------------------------
-# sd15-arch: the published configurations (unet/config.json, vae/config.json, text_encoder/config.json of
-# stable-diffusion-v1-5; vision_config of openai/clip-vit-large-patch14), keys that shape the compute only.
-SD15_UNET = dict(  # 859.5M parameters
+# The -arch models: the published configurations (unet/, vae/, text_encoder(_2)/config.json of stable-diffusion-v1-5
+# and stable-diffusion-xl-base-1.0; vision_config of openai/clip-vit-large-patch14), keys that shape the compute only.
+SD15_UNET = dict(  # 859,520,964 parameters
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), mid_block_type="UNetMidBlock2DCrossAttn",
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
     norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
     use_linear_projection=False)
-SD15_VAE = dict(  # 83.7M
+SDXL_UNET = dict(  # 2,567,463,684 parameters
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type="UNetMidBlock2DCrossAttn",
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0)
+SD_VAE = dict(  # 83,653,863; SDXL's has the same shapes (scaling_factor 0.13025, force_upcast)
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
     act_fn="silu", sample_size=512, scaling_factor=0.18215)
-CLIP_L14_TEXT = dict(  # SD 1.5's text encoder = the text tower of CLIP ViT-L/14, 123M
+CLIP_L14_TEXT = dict(  # SD 1.5's text encoder and SDXL's first = the text tower of CLIP ViT-L/14, 123,060,480
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768, bos_token_id=0,
     eos_token_id=2, pad_token_id=1)
-CLIP_L14_VISION = dict(  # the image tower the aesthetic reward runs, 304M
+CLIP_BIGG_TEXT = dict(  # SDXL's second text encoder: OpenCLIP ViT-bigG/14's text tower, with its projection
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=1280, bos_token_id=0,
+    eos_token_id=2, pad_token_id=1)
+CLIP_L14_VISION = dict(  # the image tower the aesthetic reward runs, 303,179,776
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
     patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768)
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -95,7 +109,7 @@ SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_li
 def random_weights(build, device, dtype):
     """Build a module with random weights in seconds: shapes on the meta device, then storage, then one block of
     uniform noise tiled into every weight, scaled by 1/sqrt(fan_in) as torch's default init bounds it. (The default
-    init draws 1.5B numbers one by one: about 40 s on 2 CPU cores.) Norms get weight 1, biases 0."""
+    init draws billions of numbers one by one: about 40 s for SD 1.5 on 2 CPU cores.) Norms get weight 1, biases 0."""
     with torch.device("meta"):
         module = build()
     module = module.to(dtype).to_empty(device=device)
@@ -116,21 +130,31 @@ def random_weights(build, device, dtype):
     return module.requires_grad_(False).eval()
 
 
-def sd15_arch(device, dtype):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    with tempfile.TemporaryDirectory() as tmp:  # a stand-in tokenizer: characters, padded to SD's 77 tokens
+def char_tokenizer():
+    """A stand-in CLIP tokenizer: one token per character, padded to 77 as SD's (cost-neutral: the length is what counts)."""
+    from transformers import CLIPTokenizer
+    with tempfile.TemporaryDirectory() as tmp:
         chars = [chr(c) for c in range(33, 127)]
         vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
         with open(os.path.join(tmp, "vocab.json"), "w") as f:
             json.dump(vocab, f)
         with open(os.path.join(tmp, "merges.txt"), "w") as f:
-            f.write("#version: 0.2\n")  # no merges: one token per character
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
-    return Pipe(unet=random_weights(lambda: UNet2DConditionModel(**SD15_UNET), device, dtype),
-                vae=random_weights(lambda: AutoencoderKL(**SD15_VAE), device, dtype),
-                text_encoder=random_weights(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT)), device, dtype),
-                tokenizer=tokenizer, scheduler=DDIMScheduler(**SD_SCHEDULER))
+            f.write("#version: 0.2\n")  # no merges
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+
+
+def arch_pipe(model, device, dtype):
+    """sd15-arch / sdxl-arch: the real shapes with random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    xl = model == "sdxl-arch"
+    vae = random_weights(lambda: AutoencoderKL(**SD_VAE), device, dtype)
+    return Pipe(unet=random_weights(lambda: UNet2DConditionModel(**(SDXL_UNET if xl else SD15_UNET)), device, dtype),
+                vae=vae, text_encoder=random_weights(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT)), device, dtype),
+                tokenizer=char_tokenizer(), scheduler=DDIMScheduler(**SD_SCHEDULER),
+                text_encoder_2=random_weights(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT)),
+                                              device, dtype) if xl else None,
+                tokenizer_2=char_tokenizer() if xl else None, zero_uncond=xl)
 
 
 def load_bench_reward(name, device, dtype):
@@ -213,124 +237,74 @@ def sweep(args, device, dtype):
         print(f"| {lever} | {setting} | {s:.3f} | x{s / s0:.2f} | {m / 2**30:.2f} GiB | {(m - m0) / 2**30:+.2f} GiB |")
     return {"sweep": results}
 
+# -----------------------------------------------------------------------------
+# The phases, each a function of no arguments that does one round of its work.
 
-def write_json(path, figures):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_file(path) as tmp, open(tmp, "w") as f:
-        json.dump(figures, f, indent=1)
-
-
-def main():
-    args = parser.parse_args()
-    phases = args.phases.split(",")
-    device, dtype = pick_device_dtype(args.device, args.dtype)
+def build_phases(args, pipe, reward, device, dtype, H, W):
+    """Adapters as in task 2 of a real run: task0 (B random, so not a no-op) and task1 (trained). -> {name: fn}."""
     S, K, M, B = args.ddim_steps, args.grad_steps, args.match_steps, args.batch_size
-    if not 1 <= K <= S or not 0 <= M <= S - K:
-        raise UserError("need 1 <= --grad_steps <= --ddim_steps and 0 <= --match_steps <= ddim_steps - grad_steps")
-    if B < 1 or args.grad_accum < 1 or B % args.grad_accum:
-        raise UserError(f"--batch_size ({B}) must be a positive multiple of --grad_accum ({args.grad_accum})")
-    if args.repeats < 1 or args.warmup < 0 or not set(phases) <= {"sample", "diffusers", "adapters", "rid"}:
-        raise UserError("need --repeats >= 1, --warmup >= 0 and --phases from sample,diffusers,adapters,rid")
-    micro = B // args.grad_accum  # images per forward/backward
-    if args.sweep:
-        figures = sweep(args, device, dtype)
-        if args.json:
-            write_json(args.json, figures)
-        return
-
-    # -------------------------------------------------------------------------
-    # Model, reward, and the adapters of task 2 of a real run: task0 active and frozen (its B random, so it is
-    # not a no-op), task1 active and trained.
-    t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
-    pipe = sd15_arch(device, dtype) if args.model == "sd15-arch" else load_pipeline(args.model, device, dtype)
-    reward_name = args.reward or ("aesthetic-arch" if args.model == "sd15-arch" else "brightness")
-    try:
-        reward = load_bench_reward(reward_name, device, dtype)
-    except ValueError as e:
-        raise UserError(str(e))
-    H, W = args.height or pipe.size[0], args.width or pipe.size[1]
-    if H % pipe.vae_scale or W % pipe.vae_scale:
-        raise UserError(f"--height and --width must be multiples of {pipe.vae_scale} for this model")
-    add_lora(pipe.unet, "task0", args.lora_rank, args.lora_rank)
+    micro, prompts = B // args.grad_accum, [args.prompt] * B
+    for name in ("task0", "task1"):
+        add_lora(pipe.unet, name, args.lora_rank, args.lora_rank)
     with torch.no_grad():
         for k, p in lora_params(pipe.unet, "task0").items():
             if "lora_B" in k:
                 p.normal_(0, 0.01)
-    add_lora(pipe.unet, "task1", args.lora_rank, args.lora_rank)
-    set_adapters(pipe.unet, ["task0", "task1"], trainable="task1")
     params = lora_params(pipe.unet, "task1")  # {full name: fp32 parameter}
-    assert all(p.dtype == torch.float32 and p.requires_grad for p in params.values())
     optimizer = torch.optim.AdamW(params.values(), lr=1e-3)
     ema = {k: p.detach().clone() for k, p in params.items()}  # RID's teacher: the EMA of the current adapter
     if args.compile:
         pipe.unet.compile()  # the UNet forward only, as gpt-fast compiles only the hot function
-    prompts = [args.prompt] * B
-    guided = args.guidance_scale > 1
-    print(f"model {args.model} ({sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.0f}M UNet parameters), reward "
-          f"{reward_name}, {device} {str(dtype)[6:]}, {B} images of {H}x{W}, {S} DDIM steps, guidance "
-          f"{args.guidance_scale}; built in {time.perf_counter() - t0:.1f} s")
-    print(f"per training step: {S * args.grad_accum} UNet calls of batch {(2 if guided else 1) * micro}, "
-          f"{K * args.grad_accum} of them with grad; rid adds {(K + M) * args.grad_accum} teacher forwards and "
-          f"{M * args.grad_accum} student forwards; {sum(p.numel() for p in params.values()):,} trainable LoRA weights")
+    draws = torch.Generator().manual_seed(args.seed)  # the matched steps, drawn as train_rid.py draws them
 
-    # -------------------------------------------------------------------------
-    # The four phases. (a) and (b) run with the two adapters active, as training does: the same model, the same work.
     def run_ours():  # what diffusers' __call__ does (encode prompt and "", draw latents, S steps, decode), our way
+        set_adapters(pipe.unet, ["task0", "task1"])
         with torch.no_grad():
             g = torch.Generator().manual_seed(args.seed)
-            cond, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, [""] * B)
+            cond, uncond = encode_prompts(pipe, prompts, (H, W)), encode_uncond(pipe, B, (H, W))
             latents = initial_latents(pipe, B, g, H, W).to(device)  # (B, 4, H/8, W/8)
             return sample(pipe, cond, uncond, latents, S, args.guidance_scale, args.eta, generator=g)[0]
 
-    if "diffusers" in phases:
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-        ref = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                      unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
-                                      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        ref.set_progress_bar_config(disable=True)
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    parts = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                 scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
+    ref = (StableDiffusionXLPipeline(**parts, text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
+                                     add_watermarker=False) if pipe.xl else
+           StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+    ref.set_progress_bar_config(disable=True)
 
     def run_diffusers():
+        set_adapters(pipe.unet, ["task0", "task1"])
         return ref(prompts, height=H, width=W, num_inference_steps=S, guidance_scale=args.guidance_scale, eta=args.eta,
                    generator=torch.Generator().manual_seed(args.seed), output_type="pt").images
 
-    matched_rng = random.Random(args.seed)
-
-    def train_step(rid, rid_lambda=1.0, ema_momentum=0.99):  # the two values do not change the cost
+    def train_step(method):
+        """One optimiser step of `method`, through the same helpers as train_rid.py's loop."""
+        set_adapters(pipe.unet, ["task1"] if method in ("naive", "soup") else ["task0", "task1"], trainable="task1")
+        rid = method == "rid"
         for lo in range(0, B, micro):  # micro-batches; their gradients add up to that of the batch mean
-            p = prompts[lo:lo + micro]
-            cond, uncond = encode_prompts(pipe, p), encode_prompts(pipe, [""] * micro)
             latents = initial_latents(pipe, micro, torch.Generator().manual_seed(args.seed + lo), H, W).to(device)
-            matched = [*range(S - K, S), *matched_rng.sample(range(S - K), M)] if rid else ()
-            images, captured = sample(pipe, cond, uncond, latents, S, args.guidance_scale, args.eta, grad_steps=K,
-                                      checkpointing=not args.no_checkpointing, checkpoint_decode=args.checkpoint_decode,
-                                      capture=matched)  # images (micro, 3, H, W) in [0, 1]
-            if args.checkpoint_reward:  # store only the images; the reward network re-runs in backward
-                r = checkpoint(reward, images.to(dtype), p, use_reentrant=False).float()
-            else:
-                r = reward(images.to(dtype), p).float()  # (micro,)
-            loss = -r.sum() / B
-            if rid:
-                context = torch.cat([uncond, cond]) if guided else cond
-                loss_rid = teacher_loss(pipe, captured, context, ema, not args.no_checkpointing) * micro / B
-                loss = loss + rid_lambda * loss_rid
-            loss.backward()
+            r, loss_rid = step_losses(pipe, reward, prompts[lo:lo + micro], latents, S, args.guidance_scale, args.eta,
+                                      K, ema if rid else None, matched_steps(draws, S, K, M), not args.no_checkpointing,
+                                      args.checkpoint_decode, args.checkpoint_reward, project=args.rid_project)
+            (-r.sum() / B + loss_rid * micro / B).backward()
+        if method == "l2":
+            lora_delta_sq(pipe.unet, "task1").backward()
         torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
         optimizer.step()
-        if rid:  # EMA teacher update, right after the optimiser step: A_bar <- m A_bar + (1 - m) A_t
-            torch._foreach_lerp_(list(ema.values()), [q.detach() for q in params.values()], 1 - ema_momentum)
+        if rid:
+            ema_update(ema, params, 0.99)
         optimizer.zero_grad(set_to_none=True)
 
-    # -------------------------------------------------------------------------
-    # Timing: round robin over the phases, so that a slow spell of a shared machine hits every phase alike. On a
-    # CPU we also take the process's CPU time (all threads): time spent waiting for a core shared with other
-    # processes does not count in it, so its ratios hold up under load where wall-clock ratios wobble.
-    run = {"sample": run_ours, "diffusers": run_diffusers, "adapters": lambda: train_step(False),
-           "rid": lambda: train_step(True)}
+    return {"sample": run_ours, "diffusers": run_diffusers,
+            **{m: (lambda m=m: train_step(m)) for m in ("naive", "adapters", "rid", "l2", "soup")}}
+
+
+def time_phases(args, run, phases, device):
+    """Round robin over the phases, so that a slow spell of a shared machine hits every phase alike. On a CPU we
+    also take the process's CPU time (all threads): time spent waiting for a core shared with other processes does
+    not count in it, so its ratios hold up under load where wall-clock ratios wobble."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    gc.collect()
-    resident = torch.cuda.memory_allocated() if device.startswith("cuda") else read_peak(device)
-    cpu = not device.startswith("cuda")
     times, cpu_times, peaks, images = {k: [] for k in phases}, {k: [] for k in phases}, {k: 0 for k in phases}, {}
     for round_ in range(args.warmup + args.repeats):
         for name in phases:
@@ -342,43 +316,97 @@ def main():
                 times[name].append(time.perf_counter() - t)
                 cpu_times[name].append(time.process_time() - c)
                 peaks[name] = max(peaks[name], read_peak(device))
+    return times, cpu_times, peaks, images, memory_kind
 
-    # -------------------------------------------------------------------------
-    # Report: a markdown table, the ratios, and every figure in JSON
-    figures = {"config": vars(args), "device": torch.cuda.get_device_name() if device.startswith("cuda") else
-               f"cpu, {torch.get_num_threads()} threads", "dtype": str(dtype)[6:], "reward": reward_name,
-               "height": H, "width": W, "memory_kind": memory_kind, "resident_before_bytes": resident, "phases": {},
-               "versions": {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers", "peft")}}
-    label = {"sample": "(a) rid sampler, no grad", "diffusers": "(b) diffusers StableDiffusionPipeline",
-             "adapters": "(c) train step, adapters", "rid": "(d) train step, rid"}
+# -----------------------------------------------------------------------------
+# Report: a markdown table, the ratios, and every figure in JSON
+
+LABELS = {"sample": "(a) rid sampler, no grad", "diffusers": "(b) diffusers pipeline", "adapters": "(c) train step, adapters",
+          "rid": "(d) train step, rid", "naive": "train step, naive", "l2": "train step, l2", "soup": "train step, soup"}
+RATIOS = [("a_over_b", "(a)/(b) ours vs diffusers", "sample", "diffusers", "1.0 | -"),
+          ("c_over_a", "(c)/(a) train step vs sampling", "adapters", "sample", "1.3 | 1.3"),
+          ("d_over_c", "(d)/(c) rid vs adapters", "rid", "adapters", "1.10 | 1.05"),
+          ("naive_over_c", "naive vs adapters", "naive", "adapters", "- | -"),
+          ("l2_over_c", "l2 vs adapters", "l2", "adapters", "- | -"),
+          ("soup_over_c", "soup vs adapters", "soup", "adapters", "- | -")]
+
+
+def report(args, figures, times, cpu_times, peaks, images, cpu):
+    B = args.batch_size
     print("\n| phase | median s | images/s | peak memory |" + (" median CPU s |" if cpu else ""))
     print("|---|---|---|---|" + ("---|" if cpu else ""))
-    for name in phases:
+    for name in times:
         med, cpu_med = statistics.median(times[name]), statistics.median(cpu_times[name])
         figures["phases"][name] = {"median_s": med, "times_s": times[name], "images_per_s": B / med,
                                    "peak_memory_bytes": peaks[name]}
         if cpu:
             figures["phases"][name].update(cpu_median_s=cpu_med, cpu_times_s=cpu_times[name])
-        print(f"| {label[name]} | {med:.3f} | {B / med:.2f} | {peaks[name] / 2**30:.2f} GiB |"
+        print(f"| {LABELS[name]} | {med:.3f} | {B / med:.2f} | {peaks[name] / 2**30:.2f} GiB |"
               + (f" {cpu_med:.3f} |" if cpu else ""))
-    print(f"memory: {memory_kind}; {resident / 2**30:.2f} GiB resident before the first phase")
-    ratios = [("a_over_b", "(a)/(b) ours vs diffusers", "sample", "diffusers", "1.0 | -"),
-              ("c_over_a", f"(c)/(a) train step (K={K}) vs sampling", "adapters", "sample", "1.3 | 1.3"),
-              ("d_over_c", "(d)/(c) rid vs adapters", "rid", "adapters", "1.10 | 1.05")]
+    print(f"memory: {figures['memory_kind']}; {figures['resident_before_bytes'] / 2**30:.2f} GiB resident before the "
+          f"first phase")
     ph = figures["phases"]
     for out, field in [("ratios", "median_s")] + ([("cpu_ratios", "cpu_median_s")] if cpu else []):
-        figures[out] = {k: ph[n][field] / ph[d][field] for k, _, n, d, _ in ratios if n in ph and d in ph}
+        figures[out] = {k: ph[n][field] / ph[d][field] for k, _, n, d, _ in RATIOS if n in ph and d in ph}
     if figures["ratios"]:
-        print("\n| ratio | wall clock | target toy CPU | target sd15-arch GPU |" + (" by CPU time |" if cpu else ""))
+        print("\n| ratio | wall clock | target toy CPU | target SD GPU |" + (" by CPU time |" if cpu else ""))
         print("|---|---|---|---|" + ("---|" if cpu else ""))
-    for key, text, num, den, target in ratios:
+    for key, text, _, _, target in RATIOS:
         if key in figures["ratios"]:
             print(f"| {text} | {figures['ratios'][key]:.3f} | {target} |"
                   + (f" {figures['cpu_ratios'][key]:.3f} |" if cpu else ""))
     if "sample" in images and "diffusers" in images:  # the same work gives the same images
         figures["max_abs_diff_a_b"] = (images["sample"].float() - images["diffusers"].float()).abs().max().item()
         print(f"max |image (a) - image (b)| = {figures['max_abs_diff_a_b']:.2e} (pixels in [0, 1])")
+
+
+def main():
+    args = parser.parse_args()
+    phases = args.phases.split(",")
+    device, dtype = pick_device_dtype(args.device, args.dtype)
+    S, K, M, B = args.ddim_steps, args.grad_steps, args.match_steps, args.batch_size
+    if not 1 <= K <= S or not 0 <= M <= S - K:
+        raise UserError("need 1 <= --grad_steps <= --ddim_steps and 0 <= --match_steps <= ddim_steps - grad_steps")
+    if B < 1 or args.grad_accum < 1 or B % args.grad_accum:
+        raise UserError(f"--batch_size ({B}) must be a positive multiple of --grad_accum ({args.grad_accum})")
+    if args.repeats < 1 or args.warmup < 0 or not set(phases) <= set(PHASES):
+        raise UserError(f"need --repeats >= 1, --warmup >= 0 and --phases from {','.join(PHASES)}")
+    if args.sweep:
+        figures = sweep(args, device, dtype)
+        if args.json:
+            write_json(args.json, figures)
+        return
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    arch = args.model in ("sd15-arch", "sdxl-arch")
+    pipe = arch_pipe(args.model, device, dtype) if arch else load_pipeline(args.model, device, dtype)
+    reward_name = args.reward or ("aesthetic-arch" if arch else "brightness")
+    try:
+        reward = load_bench_reward(reward_name, device, dtype)
+    except ValueError as e:
+        raise UserError(str(e))
+    H, W = args.height or pipe.size[0], args.width or pipe.size[1]
+    if H % pipe.vae_scale or W % pipe.vae_scale:
+        raise UserError(f"--height and --width must be multiples of {pipe.vae_scale} for this model")
+    run = build_phases(args, pipe, reward, device, dtype, H, W)
+    guided, micro = args.guidance_scale > 1, B // args.grad_accum
+    print(f"model {args.model} ({sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.0f}M UNet parameters), reward "
+          f"{reward_name}, {device} {str(dtype)[6:]}, {B} images of {H}x{W}, {S} DDIM steps, guidance "
+          f"{args.guidance_scale}; built in {time.perf_counter() - t0:.1f} s")
+    print(f"per training step: {S * args.grad_accum} UNet calls of batch {(2 if guided else 1) * micro}, "
+          f"{K * args.grad_accum} of them with grad; rid adds {(K + M) * args.grad_accum} teacher forwards and "
+          f"{M * args.grad_accum} student forwards; {sum(p.numel() for p in lora_params(pipe.unet, 'task1').values()):,} "
+          f"trainable LoRA weights")
+    gc.collect()
+    resident = torch.cuda.memory_allocated() if device.startswith("cuda") else read_peak(device)
+    times, cpu_times, peaks, images, memory_kind = time_phases(args, run, phases, device)
+    figures = {"config": vars(args), "device": torch.cuda.get_device_name() if device.startswith("cuda") else
+               f"cpu, {torch.get_num_threads()} threads", "dtype": str(dtype)[6:], "reward": reward_name,
+               "height": H, "width": W, "memory_kind": memory_kind, "resident_before_bytes": resident, "phases": {},
+               "versions": {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers", "peft")}}
+    report(args, figures, times, cpu_times, peaks, images, not device.startswith("cuda"))
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         write_json(args.json, figures)
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sample import (TOY_MODEL, UserError, atomic_file, check_lora, generate, image_grid, initial_latents,
-                    load_lora, load_pipeline, one_line_errors, pick_device_dtype, resolve_model, run_cli,
+                    load_lora, load_pipeline, one_line_errors, pick_device_dtype, resolve_model, run_cli, seed_for,
                     set_adapters)
 
 # Default evaluation prompts for real models (our choice): short, varied, none from a training list.
@@ -46,13 +46,14 @@ def is_toy(model):
 
 def eval_set(model, n, seed=0):
     """n fixed prompts and n per-image seeds. Toy world: captions whose (colour, shape, background) triple was
-    held out of pretraining; otherwise EVAL_PROMPTS cycled. Seed of image k: seed * 100003 + k (our choice)."""
+    held out of pretraining; otherwise EVAL_PROMPTS cycled. Seed of image k: seed_for("eval", seed, k), a stream
+    that no training draw shares (our choice)."""
     if is_toy(model):
         import toy  # lazily: only the toy world needs it
         prompts = toy.toy_captions(n, seed, split="heldout")
     else:
         prompts = [EVAL_PROMPTS[k % len(EVAL_PROMPTS)] for k in range(n)]
-    return prompts, [seed * 100003 + k for k in range(n)]
+    return prompts, [seed_for("eval", seed, k) for k in range(n)]
 
 # -----------------------------------------------------------------------------
 # Structure drift: per-image similarity (N,) of a stage's images to the base model's, same prompt and seed
@@ -88,10 +89,14 @@ def clip_embed(clip_model, images):
     return F.normalize(e.float().cpu(), dim=-1)
 
 
+CLIP_PREFERENCE = ("clip", "aesthetic", "pickscore", "hps")  # ViT-L/14 first: the usual CLIP-image metric
+
+
 def clip_at_hand(rewards):
-    """The CLIP model a loaded reward already holds (aesthetic, clip, pickscore, hps), for CLIP-image drift at no
-    extra cost; None for the weight-free rewards. train_rid.py and the CLI both use it, so they agree."""
-    return next((r.model for r in rewards.values() if hasattr(r, "model")), None)
+    """The CLIP model a loaded reward already holds, for CLIP-image drift at no extra cost, chosen by the fixed
+    order CLIP_PREFERENCE, never by the order of the task sequence, so that two runs of the same rewards in another
+    order measure drift with the same network. None when no reward holds a CLIP."""
+    return next((rewards[n].model for n in CLIP_PREFERENCE if n in rewards and hasattr(rewards[n], "model")), None)
 
 
 def mean_se(v):
@@ -103,21 +108,38 @@ def mean_se(v):
 # -----------------------------------------------------------------------------
 # One stage: sample the evaluation set, score every reward, measure drift against the base images
 
+def gather(images, scores, rank, world):
+    """Every process's share (images k = rank, rank + world, ...) -> the whole set, in order, on every process."""
+    import torch.distributed as dist
+    shares = [None] * world
+    dist.all_gather_object(shares, ((images * 255).round().to(torch.uint8), scores))  # uint8: what the PNGs hold
+    n = sum(len(im) for im, _ in shares)
+    order = [k for r in range(world) for k in range(r, n, world)]  # position of each gathered image in the set
+    inverse = torch.empty(n, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(n)
+    images = torch.cat([im for im, _ in shares]).float()[inverse] / 255
+    return images, {k: torch.cat([sc[k] for _, sc in shares])[inverse] for k in scores}
+
+
 @torch.no_grad()
 def evaluate(pipe, rewards, prompts, seeds, ddim_steps=50, guidance_scale=7.5, eta=0.0, batch_size=8,
-             base_images=None, toy=False, clip_model=None, progress=True):
+             base_images=None, toy=False, clip_model=None, progress=True, rank=0, world=1):
     """-> {"rewards": {name: {"mean", "se"}}, "structure": {...}, "images": (N, 3, H, W) cpu in [0, 1],
-    "scores": {name: (N,) per-image rewards}}. rewards: {name: reward module}, called as reward(images, prompts)."""
+    "scores": {name: (N,) per-image rewards}}. rewards: {name: reward module}, called as reward(images, prompts).
+    With world > 1 (torchrun) every process samples and scores every world-th image and the shares are gathered;
+    call it on every process. Each image has its own generator for its latents and eta's noise, so the results do
+    not depend on batch_size or on the number of processes."""
     assert len(prompts) == len(seeds), (len(prompts), len(seeds))
-    # One generator per image: image k's noise does not depend on N or on how the set is split into batches.
-    latents = torch.cat([initial_latents(pipe, 1, torch.Generator().manual_seed(s)) for s in seeds])  # (N, 4, h, w)
-    # eta > 0 also needs per-step noise: one generator for the whole pass, so it is paired across stages only
-    # at the same batch_size (our choice; the default eta = 0 is fully deterministic).
-    generator = torch.Generator().manual_seed(seeds[0]) if eta > 0 else None
-    images = generate(pipe, prompts, latents, ddim_steps, guidance_scale, eta, batch_size, generator, progress)
+    mine = list(range(rank, len(prompts), world))
+    prompts_mine = [prompts[k] for k in mine]
+    generators = [torch.Generator().manual_seed(seeds[k]) for k in mine]  # latents first, then eta's noise
+    latents = torch.cat([initial_latents(pipe, 1, g) for g in generators])  # (n, 4, h, w)
+    images = generate(pipe, prompts_mine, latents, ddim_steps, guidance_scale, eta, batch_size, generators, progress)
     device = pipe.unet.device
-    scores = {name: torch.cat([reward(images[b:b + batch_size].to(device), prompts[b:b + batch_size]).float().cpu()
-                               for b in range(0, len(prompts), batch_size)]) for name, reward in rewards.items()}
+    scores = {name: torch.cat([reward(images[b:b + batch_size].to(device), prompts_mine[b:b + batch_size]).float().cpu()
+                               for b in range(0, len(mine), batch_size)]) for name, reward in rewards.items()}
+    if world > 1:  # rewards were scored on the float images; the gathered images are 8-bit, as the structure uses
+        images, scores = gather(images, scores, rank, world)
     # Structure is measured on 8-bit images, what a saved PNG holds (our choice): a run's saved base images
     # then give the same numbers as freshly sampled ones, and float noise below 1/255 cannot count as drift.
     q = lambda x: (x.float().cpu() * 255).round() / 255
@@ -142,8 +164,10 @@ def evaluate(pipe, rewards, prompts, seeds, ddim_steps=50, guidance_scale=7.5, e
 # RIL metrics (RID.md section 5) from the reward matrix R: (T+1) x T, row 0 = base, row i = after task i,
 # column j (0-based) = reward of task j+1, so the diagonal "after learning task j+1" is R[j+1][j].
 
-def ril_metrics(matrix, tol=1e-6):
+def ril_metrics(matrix, tol=1e-6, scale=None):
     """-> {"gain": (T+1) x T, "forgetting": [F_1..F_T], "average": [A_1..A_T], "warnings": [str]}.
+    scale: None = the paper-style normaliser, each task's own gain R[j+1][j] - R[0][j]; or T fixed, method-independent
+    normalisers (such as each reward's gain in a single-task reference run, see experiment.py), used instead.
     A column whose own task moved its reward by less than tol (relative to max(1, |R[0][j]|)) has no defined
     normalised gain: its entries are None (null in JSON, never NaN or inf) and it is left out of F and A, with a
     warning. F_1 = None (nothing learned before task 1 can be forgotten), as is any mean over no entries."""
@@ -152,7 +176,7 @@ def ril_metrics(matrix, tol=1e-6):
     assert T >= 1 and len(R) == T + 1 and all(len(row) == T for row in R), "matrix must be (T+1) x T"
     gain, warnings = [[None] * T for _ in range(T + 1)], []
     for j in range(T):
-        own = R[j + 1][j] - R[0][j]  # task j+1's own gain over the base model: the normaliser
+        own = R[j + 1][j] - R[0][j] if scale is None else float(scale[j])  # the normaliser of column j
         if not abs(own) > tol * max(1.0, abs(R[0][j])):  # `not >` also catches NaN
             warnings.append(f"task {j + 1}: its reward moved by {own:+.3g} from the base model; its normalised "
                             f"gains are undefined (null) and left out of forgetting and average")
@@ -313,13 +337,14 @@ def main():
     # The recomputed results: the training-time record with the measured keys replaced (ril_metrics re-added).
     new = {**old, "matrix": [], "matrix_se": [], "structure": [], "recomputed_from": os.path.abspath(args.run)}
     loaded, stage_images = {}, []  # adapter folder -> adapter name; (N, 3, H, W) per stage
+    weights = old.get("adapter_weights") or [[1.0] * len(stage) for stage in adapters]  # soup: c per adapter
     for k, stage in enumerate(adapters):  # stage 0 (base) runs before any adapter is loaded
         for folder in stage:  # each folder loaded once, under its own name; stages share folders (adapter group)
             if folder not in loaded:
                 loaded[folder] = f"eval{len(loaded)}"
                 load_lora(pipe.unet, os.path.join(args.run, folder), loaded[folder])
         if stage:
-            set_adapters(pipe.unet, [loaded[f] for f in stage])
+            set_adapters(pipe.unet, [loaded[f] for f in stage], weights=weights[k])
         out = evaluate(pipe, scorers, prompts, seeds, **settings, base_images=stage_images[0] if k else None)
         stage_images.append(out["images"])
         new["matrix"].append([out["rewards"][n]["mean"] for n in names])

@@ -1,20 +1,28 @@
 """
-experiment.py: the RIL experiment. Runs train_rid.py for several methods and seeds on the same task sequence
-(one subprocess per run, one after another), then writes one comparison table with mean and spread over seeds.
+experiment.py: the RIL experiment. Runs train_rid.py for several methods and seeds on the same task sequence (one
+subprocess per run, one after another) and compares them. Two modes:
 
-    python experiment.py --out runs/experiment                     # naive, adapters, rid x 3 seeds on the toy world
-    python experiment.py --out runs/ablation --methods rid --vary rid_lambda=0.1,1,10   # an ablation
-    python experiment.py --out runs/experiment -- --lr 3e-4         # flags after -- go to every train_rid.py run
+  table     (default) each method at its defaults, mean ± sd over seeds; --vary sweeps one flag (an ablation)
+  frontier  (--frontier) each method as a curve over its one knob (naive: steps per task, rid: lambda, ...), on one
+            or more task sequences, against a method-independent normaliser: frontier.png, frontier.md, frontier.json
 
-A finished run is reused and an interrupted one resumed, so the command can simply be run again after a kill.
-Per method it reports, from each run's results.json (definitions in RID.md section 5 and eval.py):
-  F_T        forgetting after the last task (normalised gains; lower is better)
-  A_T        average normalised gain after the last task (higher is better)
-  new task   how much each task raised its own reward while it was trained, R[t][t] - R[t-1][t], averaged over
-             tasks, in reward units and relative to naive's: "learns each new task nearly as well"
-  SSIM, caption   structure after the last task against the base model's images (caption: toy world only)
-  s/step     median wall time of an optimiser step
-Writes OUT/table.md, OUT/summary.json and OUT/grid_<name>.png (the grid of each method's first seed).
+    python experiment.py --out runs/experiment                                  # naive, adapters, rid x 3 seeds
+    python experiment.py --out runs/ablation --methods rid --vary rid_lambda=0.1,1,10    # an ablation
+    python experiment.py --frontier --out runs/frontier \\
+        --rewards contrast,saturation,brightness --rewards warmth,contrast,compressibility  # the README's picture
+    python experiment.py --out runs/experiment -- --lr 3e-4       # flags after -- go to every train_rid.py run
+
+A finished run is reused and an interrupted one resumed, so a command can simply be run again after a kill.
+The measures, from each run's results.json (definitions in docs/method.md):
+  new-task gain  how much each task raised its own reward while it was trained, R[t][t] - R[t-1][t], averaged over
+                 tasks; divided by the reference gain of that reward (below), so 1 = as much as training it alone
+  F_T, A_T       forgetting and average gain after the last task on the reference-normalised gains; the paper-style
+                 ones (normalised by each task's own gain) are reported beside them, labelled "own"
+  final gain     the final model's reference-normalised gains summed over all tasks
+  SSIM, caption  structure after the last task against the base model's images (caption: toy world only)
+The reference gain of a reward is its gain from the base model in a single-task run with the same budget and the
+same seeds (train_rid.py --rewards NAME, each seed), run once and cached in OUT/reference/: it does not depend on the
+method being judged, so a method that learns little cannot inflate its own gains.
 """
 import argparse
 import json
@@ -24,70 +32,124 @@ import statistics
 import subprocess
 import sys
 
-from sample import UserError, atomic_file, one_line_errors
+from sample import UserError, atomic_file, one_line_errors, write_json
 from toy import TOY_REWARDS
 
+# The knob of each method's curve and its values on the toy world (our choice). Every other setting is the same
+# for every method: train_rid.py's defaults.
+FRONTIER = {
+    "naive": ("iters", [3, 6, 10, 20]),          # naive stopped early: steps per task
+    "adapters": ("iters", [3, 6, 10, 20]),
+    "l2": ("l2_weight", [0.001, 0.003, 0.01, 0.03]),
+    "soup": ("soup_weight", [0.33, 0.67, 1.0]),  # each adapter's weight in the soup; 1 = the sum
+    "rid": ("rid_lambda", [0.3, 1, 3, 10]),
+}
+
 parser = one_line_errors(argparse.ArgumentParser(description="Compare RIL methods over seeds."))
-parser.add_argument("--out", default="runs/experiment", help="folder for all runs and the comparison table")
+parser.add_argument("--out", default="runs/experiment", help="folder for all runs and the comparison")
 parser.add_argument("--model", default="toy", help="model of every run (hub id, folder or 'toy')")
-parser.add_argument("--rewards", default=TOY_REWARDS, help="the task sequence of every run")
-parser.add_argument("--methods", default="naive,adapters,rid", help="methods to compare, comma-separated")
+parser.add_argument("--rewards", action="append", default=None, help="a task sequence; repeat for more sequences "
+                    f"(default {TOY_REWARDS})")
+parser.add_argument("--methods", default=None, help="methods to compare, comma-separated (default naive,adapters,rid; "
+                    "with --frontier every method of FRONTIER)")
 parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (evaluation set is fixed)")
 parser.add_argument("--vary", default=None, help="ablation: KEY=v1,v2,... a train_rid.py flag to sweep")
+parser.add_argument("--frontier", action="store_true", help="curves over each method's knob (see FRONTIER)")
+parser.add_argument("--knob", action="append", default=[], help="with --frontier: NAME=KEY:v1,v2,... replaces that "
+                    "curve's knob; NAME is a method, or METHOD/VARIANT for a second curve of it; repeat")
+parser.add_argument("--flags", action="append", default=[], help="with --frontier: NAME=\"--flag value ...\", fixed "
+                    "train_rid.py flags of one curve (a variant such as rid/project=\"--rid_project\"); repeat")
+parser.add_argument("--reference", default=None, help="folder of the single-task reference runs; none = OUT/reference")
 parser.add_argument("--iters", type=int, default=None, help="optimiser steps per task of every run; none = train_rid.py's")
 parser.add_argument("--batch_size", type=int, default=None, help="images per optimiser step of every run; none = train_rid.py's")
 parser.add_argument("--eval_n", type=int, default=None, help="evaluation images of every run; none = train_rid.py's")
 args, extra = parser.parse_known_args()
 extra = [a for a in extra if a != "--"]
 seeds = [int(s) for s in args.seeds.split(",")]
-methods = args.methods.split(",")
+sequences = args.rewards or [TOY_REWARDS]
+methods = (args.methods or (",".join(FRONTIER) if args.frontier else "naive,adapters,rid")).split(",")
+curves = {m: FRONTIER.get(m, (None, [None])) for m in methods}  # curve name -> (knob, values)
+for item in args.knob:
+    name, _, spec = item.partition("=")
+    key, _, values = spec.partition(":")
+    if not (name and key and values):
+        raise UserError(f"--knob '{item}' must be NAME=KEY:v1,v2,... (for example rid=rid_lambda:0.1,1)")
+    curves[name] = (key, values.split(","))
+fixed = {}  # curve name -> its fixed flags
+for item in args.flags:
+    name, _, flags = item.partition("=")
+    if name not in curves:
+        raise UserError(f"--flags '{item}': '{name}' is not a curve; add it with --knob {name}=KEY:v1,v2,...")
+    fixed[name] = flags.split()
+for name in curves:
+    if name.split("/")[0] not in ("naive", "adapters", "rid", "l2", "soup"):
+        raise UserError(f"curve '{name}': the part before '/' must be a train_rid.py --method")
+reference_dir = args.reference or os.path.join(args.out, "reference")
 variants = [(None, None)]
 if args.vary:
     key, _, values = args.vary.partition("=")
     if not values:
         raise UserError(f"--vary '{args.vary}' must be KEY=v1,v2,... (a train_rid.py flag and its values)")
     variants = [(key, v) for v in values.split(",")]
+if args.frontier and args.vary:
+    raise UserError("--frontier and --vary are two modes; pass one (a frontier's knobs are set with --knob)")
 
 # -----------------------------------------------------------------------------
-# Runs: one train_rid.py per (method, variant, seed); reuse finished ones, resume interrupted ones.
+# Runs: one train_rid.py per (sequence, method, knob value, seed); reuse finished ones, resume interrupted ones.
 
-def run(method, key, value, seed):
-    name = method if key is None else f"{method}_{key}={value}"
-    folder = os.path.join(args.out, name, f"seed{seed}")
+def run(folder, rewards, method, seed, flags=(), plan=None):
+    """Train one run unless it is finished; with plan (a list), only note it there, to run later in seed order."""
     if os.path.isfile(os.path.join(folder, "results.json")):
-        return name, folder
+        return folder
+    if plan is not None:
+        plan.append((seed, folder, rewards, method, tuple(flags)))
+        return folder
+    given = {flag: getattr(args, flag) for flag in ("iters", "batch_size", "eval_n") if getattr(args, flag) is not None}
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_rid.py"),
-           "--model", args.model, "--rewards", args.rewards, "--method", method, "--seed", str(seed),
-           "--out", folder, *[a for flag in ("iters", "batch_size", "eval_n") if getattr(args, flag) is not None
-                              for a in (f"--{flag}", str(getattr(args, flag)))],
-           *extra, *([f"--{key}", value] if key else [])]
+           "--model", args.model, "--rewards", rewards, "--method", method, "--seed", str(seed), "--out", folder,
+           *[a for k, v in given.items() for a in (f"--{k}", str(v))], *extra, *flags]
     if os.path.isfile(os.path.join(folder, "checkpoint.pt")):
         cmd.append("--resume")
-    print(f"\n=== {name}, seed {seed}: {' '.join(cmd[1:])}", flush=True)
+    print(f"\n=== {folder}: {' '.join(cmd[1:])}", flush=True)
     if subprocess.run(cmd).returncode != 0:
         raise UserError(f"run {folder} failed (its own error is above); fix it and run this command again")
-    return name, folder
+    return folder
 
 
-runs = {}  # name -> [run folder per seed]
-for method in methods:
-    for key, value in variants:
-        for seed in seeds:
-            name, folder = run(method, key, value, seed)
-            runs.setdefault(name, []).append(folder)
+def load(folder):
+    with open(os.path.join(folder, "results.json")) as f:
+        return json.load(f)
+
+
+def reference_runs(rewards, plan=None):
+    return {name: [run(os.path.join(reference_dir, name, f"seed{s}"), name, "adapters", s, plan=plan) for s in seeds]
+            for name in rewards.split(",")}
+
+
+def reference_gains(rewards):
+    """Each reward's gain from the base model when trained alone (same budget, each seed), averaged over seeds."""
+    return [statistics.mean(r["matrix"][1][0] - r["matrix"][0][0] for r in map(load, folders))
+            for folders in reference_runs(rewards).values()]
 
 # -----------------------------------------------------------------------------
-# Table: mean and spread (sample std over seeds) of each measure, per method.
+# Measures of one run, and their mean and spread over seeds.
 
-results = {f: json.load(open(os.path.join(f, "results.json"))) for folders in runs.values() for f in folders}
-
-
-def measures(res):
+def measures(res, ref=None):
+    """ref: the reference gains of the sequence's rewards (None: raw reward units, no normalised measures)."""
+    from eval import ril_metrics
     R, T, last = res["matrix"], len(res["rewards"]), res["structure"][-1]
-    return {"F_T": res["forgetting"][-1] if T > 1 else None, "A_T": res["average"][-1],
-            "new task": statistics.mean(R[t][t - 1] - R[t - 1][t - 1] for t in range(1, T + 1)),
-            "SSIM": last["ssim"]["mean"], "caption": last.get("caption", {}).get("mean"),
-            "s/step": statistics.mean(res["train"]["seconds_per_step"])}
+    scale = ref or [1.0] * T
+    out = {"new task": statistics.mean((R[t][t - 1] - R[t - 1][t - 1]) / scale[t - 1] for t in range(1, T + 1)),
+           "F own": res["forgetting"][-1] if T > 1 else None, "A own": res["average"][-1],
+           "SSIM": last["ssim"]["mean"], "caption": last.get("caption", {}).get("mean"),
+           "s/step": statistics.mean(res["train"]["seconds_per_step"]),
+           "train s": sum(res["train"]["seconds_total"])}
+    calls = res["train"].get("unet_calls_per_image_step")
+    out["UNet calls"] = calls["forward"] + 2 * calls["backward"] if calls else None  # a backward ~ 2 forwards
+    if ref:
+        m = ril_metrics(R, scale=ref)
+        out.update({"F": m["forgetting"][-1] if T > 1 else None, "A": m["average"][-1], "final gain": sum(m["gain"][-1])})
+    return out
 
 
 def mean_sd(values):
@@ -97,29 +159,186 @@ def mean_sd(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-per_run = {f: measures(res) for f, res in results.items()}
-summary = {name: {k: mean_sd([per_run[f][k] for f in folders]) for k in
-                  ("F_T", "A_T", "new task", "SSIM", "caption", "s/step")} for name, folders in runs.items()}
-reference = summary.get("naive", {}).get("new task", (None,))[0]
-c = next(iter(results.values()))["config"]  # the settings as run (the first run's; --vary's key differs per row)
-lines = [f"RIL on `{args.model}`, tasks {args.rewards.replace(',', ' -> ')}, {c['iters']} steps of {c['batch_size']} "
-         f"images per task, {c['ddim_steps']} DDIM steps, K={c['grad_steps']}, lr {c['lr']}, {c['eval_n']} evaluation "
-         f"images, seeds {args.seeds}"
-         + (f", extra flags `{' '.join(extra)}`" if extra else "")
-         + (f", `{args.vary.split('=')[0]}` as in each row" if args.vary else "")
-         + " (mean ± sd over seeds)", "",
-         "| method | F_T (lower is better) | A_T | new-task gain | vs naive | SSIM to base | caption match | s/step |",
-         "|---|---|---|---|---|---|---|---|"]
-for name, row in summary.items():
-    cell = lambda k, d=3: "–" if row[k][0] is None else f"{row[k][0]:.{d}f} ± {row[k][1]:.{d}f}"
-    ratio = f"{row['new task'][0] / reference:.2f}" if reference else "–"
-    lines.append(f"| {name} | {cell('F_T')} | {cell('A_T')} | {cell('new task', 4)} | {ratio} | {cell('SSIM')} | "
-                 f"{cell('caption')} | {cell('s/step', 2)} |")
-table = "\n".join(lines) + "\n"
-with atomic_file(os.path.join(args.out, "table.md")) as tmp, open(tmp, "w") as f:
-    f.write(table)
-with atomic_file(os.path.join(args.out, "summary.json")) as tmp, open(tmp, "w") as f:
-    json.dump({"summary": summary, "runs": runs, "extra": extra}, f, indent=1)
-for name, folders in runs.items():
-    shutil.copyfile(os.path.join(folders[0], "grid.png"), os.path.join(args.out, f"grid_{name}.png"))
-print("\n" + table)
+def summarise(folders, ref=None):
+    per_run = [measures(load(f), ref) for f in folders]
+    return {k: mean_sd([m[k] for m in per_run]) for k in per_run[0]}
+
+
+def cell(v, d=3):
+    return "–" if v is None or v[0] is None else f"{v[0]:.{d}f} ± {v[1]:.{d}f}"
+
+
+def header(rewards, first):
+    c = load(first)["config"]  # the settings as run (the first run's)
+    return (f"RIL on `{args.model}`, tasks {rewards.replace(',', ' -> ')}, {c['iters']} steps of {c['batch_size']} "
+            f"images per task, {c['ddim_steps']} DDIM steps, K={c['grad_steps']}, lr {c['lr']}, {c['eval_n']} evaluation "
+            f"images, seeds {args.seeds}" + (f", extra flags `{' '.join(extra)}`" if extra else "") +
+            " (mean ± sd over seeds)")
+
+# -----------------------------------------------------------------------------
+# Table mode: each method (and --vary value) at its defaults.
+
+def table_mode(rewards, out):
+    runs = {}
+    for method in methods:
+        for key, value in variants:
+            name = method if key is None else f"{method}_{key}={value}"
+            flags = [f"--{key}", value] if key else []
+            runs[name] = [run(os.path.join(out, name, f"seed{s}"), rewards, method, s, flags) for s in seeds]
+    summary = {name: summarise(folders) for name, folders in runs.items()}
+    reference = summary.get("naive", {}).get("new task", (None,))[0]
+    lines = [header(rewards, next(iter(runs.values()))[0]) + (f"; `{args.vary.split('=')[0]}` as in each row"
+                                                               if args.vary else ""), "",
+             "| method | F_T (lower is better) | A_T | new-task gain | vs naive | SSIM to base | caption match | s/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in summary.items():
+        ratio = f"{row['new task'][0] / reference:.2f}" if reference else "–"
+        lines.append(f"| {name} | {cell(row['F own'])} | {cell(row['A own'])} | {cell(row['new task'], 4)} | {ratio} | "
+                     f"{cell(row['SSIM'])} | {cell(row['caption'])} | {cell(row['s/step'], 2)} |")
+    table = "\n".join(lines) + "\n"
+    with atomic_file(os.path.join(out, "table.md")) as tmp, open(tmp, "w") as f:
+        f.write(table)
+    write_json(os.path.join(out, "summary.json"), {"summary": summary, "runs": runs, "extra": extra})
+    for name, folders in runs.items():
+        shutil.copyfile(os.path.join(folders[0], "grid.png"), os.path.join(out, f"grid_{name}.png"))
+    return table
+
+# -----------------------------------------------------------------------------
+# Frontier mode: a curve per method over its knob, against the reference gains; naive's curve read at RID's points.
+
+def interpolate(curve, x):
+    """Linear interpolation of [(x, y), ...] (sorted by x) at x; None outside the curve's range."""
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if min(x0, x1) <= x <= max(x0, x1) and x0 != x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def curve_runs(rewards, out, plan=None):
+    """{curve name: [(knob value, [run folder per seed])]} of one sequence."""
+    runs = {}
+    for name, (key, values) in curves.items():
+        for value in values:
+            flags = [*fixed.get(name, []), *([f"--{key}", str(value)] if key else [])]
+            runs.setdefault(name, []).append((value, [run(os.path.join(out, name, f"{key}={value}", f"seed{s}"), rewards,
+                                                          name.split("/")[0], s, flags, plan) for s in seeds]))
+    return runs
+
+
+def frontier_mode(rewards, out):
+    ref = reference_gains(rewards)
+    points = {name: [(value, summarise(folders, ref)) for value, folders in row]
+              for name, row in curve_runs(rewards, out).items()}  # in knob order
+    first = next(iter(curve_runs(rewards, out).values()))[0][1][0]
+    lines = [header(rewards, first),
+             f"Reference gains (single-task runs): " + ", ".join(f"{n} {g:+.4f}" for n, g in zip(rewards.split(","), ref)),
+             "", "| method | knob | new-task gain | F_T | F_T own | A_T | final gain | SSIM to base | caption match | "
+             "UNet calls per image and step | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method, row in points.items():
+        key = curves[method][0]
+        for value, s in row:  # (method here is the curve's name)
+            lines.append(f"| {method} | {key}={value} | {cell(s['new task'])} | {cell(s['F'])} | {cell(s['F own'])} | "
+                         f"{cell(s['A'])} | {cell(s['final gain'])} | {cell(s['SSIM'])} | {cell(s['caption'])} | "
+                         f"{cell(s['UNet calls'], 0).split(' ±')[0]} | {cell(s['train s'], 0)} |")
+    verdicts = []
+    if "naive" in points:
+        naive = sorted((s["new task"][0], s) for _, s in points["naive"])
+        for method in [m for m in points if m != "naive"]:
+            for value, s in points[method]:
+                x = s["new task"][0]
+                diff = {k: (None if interpolate([(a, b[k][0]) for a, b in naive], x) is None else
+                            s[k][0] - interpolate([(a, b[k][0]) for a, b in naive], x)) for k in ("F", "caption", "SSIM")}
+                if diff["F"] is None:
+                    continue
+                wins = diff["F"] <= -0.1 and all(diff[k] is None or diff[k] >= 0.05 for k in ("caption", "SSIM"))
+                verdicts.append(f"| {method} | {curves[method][0]}={value} | {x:.3f} | {diff['F']:+.3f} | " +
+                                " | ".join("–" if diff[k] is None else f"{diff[k]:+.3f}" for k in ("caption", "SSIM")) +
+                                f" | {'yes' if wins else 'no'} |")
+    if verdicts:
+        lines += ["", "Against naive stopped early at the same new-task gain (naive's curve interpolated); wins = F_T at "
+                  "least 0.1 lower and caption match and SSIM at least 0.05 higher:", "",
+                  "| method | knob | new-task gain | F_T - naive's | caption - naive's | SSIM - naive's | wins |",
+                  "|---|---|---|---|---|---|---|", *verdicts]
+    return "\n".join(lines) + "\n", {"reference_gains": ref, "points": points}
+
+
+PANELS = [("new task", "F", "new-task gain", "forgetting F_T"), ("final gain", "caption", "final gain (sum)",
+          "caption match"), ("final gain", "SSIM", "final gain (sum)", "SSIM to base")]
+COLOURS = {"naive": (200, 40, 40), "adapters": (240, 150, 30), "l2": (120, 80, 180), "soup": (40, 150, 60),
+           "rid": (30, 90, 210)}
+MORE = [(0, 170, 200), (120, 120, 120), (200, 60, 160), (110, 70, 20)]  # variants' curves, in order
+colour_of = lambda name: COLOURS.get(name) or MORE[[n for n in curves if n not in COLOURS].index(name) % len(MORE)]
+
+
+def draw_frontier(figures, path, panel=(330, 260), margin=(56, 34, 14, 40)):
+    """One row of three panels per sequence: mean points joined in knob order, error bars = sd over seeds."""
+    from PIL import Image, ImageDraw
+    from eval import font
+    left, top, right, bottom = margin
+    W, H = panel
+    img = Image.new("RGB", (len(PANELS) * W, len(figures) * (H + 20) + 28), "white")
+    draw = ImageDraw.Draw(img)
+    for m, name in enumerate(curves):  # legend
+        draw.line([(10 + 130 * m, 14), (34 + 130 * m, 14)], fill=colour_of(name), width=3)
+        draw.text((40 + 130 * m, 6), name, fill="black", font=font(13))
+    for row, (rewards, fig) in enumerate(figures.items()):
+        y0 = 28 + row * (H + 20)
+        draw.text((8, y0), rewards.replace(",", " -> "), fill="black", font=font(12))
+        for col, (xk, yk, xlabel, ylabel) in enumerate(PANELS):
+            x0 = col * W
+            series = {m: [(v, s) for v, s in pts if s[xk][0] is not None and s[yk][0] is not None]
+                      for m, pts in fig["points"].items()}
+            vals = [(s[xk], s[yk]) for pts in series.values() for _, s in pts]
+            if not vals:
+                continue
+            lo_x = min(x[0] - x[1] for x, _ in vals); hi_x = max(x[0] + x[1] for x, _ in vals)
+            lo_y = min(y[0] - y[1] for _, y in vals); hi_y = max(y[0] + y[1] for _, y in vals)
+            pad_x, pad_y = 0.05 * (hi_x - lo_x or 1), 0.05 * (hi_y - lo_y or 1)
+            lo_x, hi_x, lo_y, hi_y = lo_x - pad_x, hi_x + pad_x, lo_y - pad_y, hi_y + pad_y
+            px = lambda v: x0 + left + (v - lo_x) / (hi_x - lo_x) * (W - left - right)
+            py = lambda v: y0 + top + (hi_y - v) / (hi_y - lo_y) * (H - top - bottom)
+            draw.rectangle([px(lo_x), py(hi_y), px(hi_x), py(lo_y)], outline=(120, 120, 120))
+            for v in (lo_x + pad_x, hi_x - pad_x):
+                draw.text((px(v) - 14, py(lo_y) + 3), f"{v:.2f}", fill="black", font=font(11))
+            for v in (lo_y + pad_y, hi_y - pad_y):
+                draw.text((x0 + 4, py(v) - 7), f"{v:.2f}", fill="black", font=font(11))
+            draw.text((px((lo_x + hi_x) / 2) - 40, py(lo_y) + 16), xlabel, fill="black", font=font(12))
+            draw.text((x0 + left + 4, y0 + top - 16), ylabel, fill="black", font=font(12))
+            for method, pts in series.items():
+                colour = colour_of(method)
+                xy = [(px(s[xk][0]), py(s[yk][0])) for _, s in pts]
+                if len(xy) > 1:
+                    draw.line(xy, fill=colour, width=2)
+                for (value, s), (x, y) in zip(pts, xy):
+                    draw.line([(px(s[xk][0] - s[xk][1]), y), (px(s[xk][0] + s[xk][1]), y)], fill=colour)
+                    draw.line([(x, py(s[yk][0] - s[yk][1])), (x, py(s[yk][0] + s[yk][1]))], fill=colour)
+                    draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+                    draw.text((x + 4, y - 12), str(value), fill=colour, font=font(10))  # the knob's value
+    with atomic_file(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+os.makedirs(args.out, exist_ok=True)
+out_of = lambda rewards: os.path.join(args.out, rewards.replace(",", "-")) if len(sequences) > 1 else args.out
+if args.frontier:  # every missing run, seed by seed: after each seed the picture can be drawn from what is done
+    plan = []
+    for rewards in sequences:
+        reference_runs(rewards, plan)
+        curve_runs(rewards, out_of(rewards), plan)
+    for seed, folder, rewards, method, flags in sorted(dict.fromkeys(plan), key=lambda p: p[0]):
+        run(folder, rewards, method, seed, flags)
+texts, figures = [], {}
+for rewards in sequences:
+    out = out_of(rewards)
+    if args.frontier:
+        text, figures[rewards] = frontier_mode(rewards, out)
+    else:
+        text = table_mode(rewards, out)
+    texts.append(text)
+report = "\n".join(texts)
+if args.frontier:
+    with atomic_file(os.path.join(args.out, "frontier.md")) as tmp, open(tmp, "w") as f:
+        f.write(report)
+    write_json(os.path.join(args.out, "frontier.json"), {"curves": curves, "figures": figures, "extra": extra})
+    draw_frontier(figures, os.path.join(args.out, "frontier.png"))
+print("\n" + report)

@@ -1,22 +1,24 @@
 """
-sample.py: the core of rid. Loads a Stable-Diffusion-format model, encodes prompts, runs the one
-DDIM sampler that training, evaluation and this CLI all use, decodes to images in [0, 1], and
-handles the LoRA adapters (add, freeze, activate, save in diffusers' format, load back).
+sample.py: the core of rid. Loads a Stable-Diffusion-format model (SD 1.x, 2.x or SDXL, read from the folder's
+model_index.json), encodes prompts, runs the one DDIM sampler that training, evaluation and this CLI all use,
+decodes to images in [0, 1], computes one training step's losses, and handles the LoRA adapters (add, freeze,
+activate, save in diffusers' format, load back).
 
-The sampler is differentiable: the last `grad_steps` (K) denoising steps keep their autograd graph
-(DRaFT-K / AlignProp), each UNet call there optionally under activation checkpointing, and the VAE
-decode keeps its graph too, so a reward on the images can be backpropagated into LoRA weights.
+The sampler is differentiable: the last `grad_steps` (K) denoising steps keep their autograd graph (DRaFT-K /
+AlignProp), each UNet call there under activation checkpointing, and the VAE decode keeps its graph too, so a
+reward on the images can be backpropagated into LoRA weights.
 
 Run it (offline, on the shipped toy model, a few seconds on a laptop CPU):
     python sample.py --model toy --prompt "a green triangle on a yellow background" --out out/green
-Stable Diffusion 1.5 on a GPU, with a LoRA adapter written by train_rid.py:
+Stable Diffusion 1.5 (or SDXL with --model stabilityai/stable-diffusion-xl-base-1.0) on a GPU, with an adapter:
     python sample.py --prompt "a photo of a cat" --prompt "a red bicycle" --out out/cats \
         --lora runs/rid/adapters/task1_aesthetic
 Import it:
-    from sample import load_pipeline, encode_prompts, initial_latents, sample
+    from sample import load_pipeline, encode_prompts, encode_uncond, initial_latents, sample
 """
 import argparse
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -33,6 +35,7 @@ TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_model"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' save/load_lora_weights use
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+XL_PARTS = SD_PARTS + ("text_encoder_2", "tokenizer_2")
 
 
 class UserError(Exception):
@@ -73,8 +76,18 @@ def run_cli(main):
         sys.exit(2)
 
 
+def seed_for(stream, *ids):
+    """The seed of one random draw: ids (non-negative ints such as seed, task, step) packed in radix 1,000,003,
+    times 4, plus the stream's index. Two streams never share a seed, by construction: evaluation noise can never
+    repeat a training draw, whatever the seeds (our choice)."""
+    s = 0
+    for i in ids:
+        assert 0 <= i < 1_000_003, f"seed component {i} out of range"
+        s = s * 1_000_003 + i
+    return s * 4 + ("eval", "train", "eta", "lora").index(stream)
+
 # -----------------------------------------------------------------------------
-# Loading: a Stable-Diffusion-format folder or hub id -> frozen UNet, VAE, text encoder, tokenizer
+# Loading: a Stable-Diffusion-format folder or hub id -> frozen UNet, VAE, text encoder(s), tokenizer(s)
 
 @dataclass
 class Pipe:
@@ -83,6 +96,13 @@ class Pipe:
     text_encoder: torch.nn.Module
     tokenizer: object
     scheduler: object  # a DDIMScheduler: we take its time grid and alphas_cumprod, never its step()
+    text_encoder_2: torch.nn.Module = None  # SDXL only: CLIPTextModelWithProjection, gives the pooled embedding
+    tokenizer_2: object = None
+    zero_uncond: bool = False  # SDXL's force_zeros_for_empty_prompt: the unconditional branch is all zeros
+
+    @property
+    def xl(self):
+        return self.text_encoder_2 is not None
 
     @property
     def vae_scale(self):  # 8 for SD: each latent pixel covers vae_scale x vae_scale image pixels
@@ -100,54 +120,97 @@ def resolve_model(model):
 
 
 def check_model(model):
-    """Cheap checks before loading anything: a local path must be an SD-format folder."""
+    """Cheap checks before loading anything: a local path must be an SD or SDXL folder."""
     path = resolve_model(model)
     looks_local = os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1
     if not looks_local:
         return  # a hub id "owner/name": only from_pretrained can tell whether it is reachable
     if not os.path.isdir(path):
         raise UserError(f"model folder '{model}' does not exist; pass a Stable Diffusion folder or a hub id")
-    missing = [p for p in ("model_index.json", *SD_PARTS) if not os.path.exists(os.path.join(path, p))]
+    parts = XL_PARTS if os.path.isdir(os.path.join(path, "text_encoder_2")) else SD_PARTS
+    missing = [p for p in ("model_index.json", *parts) if not os.path.exists(os.path.join(path, p))]
     if missing:
         raise UserError(f"'{model}' is not a Stable Diffusion folder (missing {', '.join(missing)}); "
                         f"pass a folder saved by StableDiffusionPipeline.save_pretrained or a hub id")
 
 
 def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
-    """Load the five parts of an SD pipeline with the real from_pretrained code; all weights frozen, in `dtype`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """Load the parts of an SD or SDXL pipeline with the real from_pretrained code; all weights frozen, in `dtype`.
+    The family comes from model_index.json: SDXL's lists a second text encoder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     check_model(model)
     path = resolve_model(model)
     try:
+        index = DiffusionPipeline.load_config(path)  # model_index.json (a few hundred bytes from the hub)
+        xl = "text_encoder_2" in index
+        part = lambda cls, name, **kw: cls.from_pretrained(path, subfolder=name, **kw)
         pipe = Pipe(
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype),
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            # SD 1.5 ships a PNDM config; DDIM reads the same betas, offsets and spacing from it.
-            scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
-        )
+            unet=part(UNet2DConditionModel, "unet", torch_dtype=dtype),
+            vae=part(AutoencoderKL, "vae", torch_dtype=dtype),
+            text_encoder=part(CLIPTextModel, "text_encoder", dtype=dtype),
+            tokenizer=part(CLIPTokenizer, "tokenizer"),
+            # SD 1.5 ships a PNDM config and SDXL an Euler one; DDIM reads the same betas, offsets and spacing.
+            scheduler=part(DDIMScheduler, "scheduler"),
+            text_encoder_2=part(CLIPTextModelWithProjection, "text_encoder_2", dtype=dtype) if xl else None,
+            tokenizer_2=part(CLIPTokenizer, "tokenizer_2") if xl else None,
+            zero_uncond=xl and index.get("force_zeros_for_empty_prompt", True))
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load model '{model}' ({reason}); offline or not a hub id? "
                         f"download it once (huggingface-cli download {model}) or pass a local folder with --model DIR")
     if pipe.scheduler.config.thresholding:
         raise UserError(f"model '{model}': dynamic thresholding in the scheduler config is not supported")
-    for net in (pipe.unet, pipe.vae, pipe.text_encoder):
-        net.requires_grad_(False).eval().to(device)
+    if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; its config asks for fp32, as diffusers does
+    for net in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        if net is not None:
+            net.requires_grad_(False).eval().to(device)
     return pipe
 
 
 # -----------------------------------------------------------------------------
-# Prompts and noise: text embeddings (B, L, D) and the initial latents (B, C, h, w)
+# Prompts and noise. A "context" is the UNet's conditioning as its keyword arguments, B rows:
+#   SD 1.x/2.x: {"encoder_hidden_states": (B, 77, D)}
+#   SDXL:       the same with D = 768 + 1280, plus {"added_cond_kwargs": {"text_embeds": (B, 1280), "time_ids": (B, 6)}}
 
-def encode_prompts(pipe, prompts):
-    """CLIP text embeddings, padded to the tokenizer's max length as diffusers does. The unconditional
-    branch of classifier-free guidance is simply encode_prompts(pipe, [""] * B)."""
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]  # (B, L, D); frozen, so no graph
+def tokenize(tokenizer, prompts):
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def encode_prompts(pipe, prompts, size=None):
+    """The context of `prompts`, as diffusers' pipelines encode them. SD: the CLIP text embeddings, padded to 77
+    tokens. SDXL: the penultimate hidden states of both text encoders side by side, the second one's pooled
+    projection, and the time ids (original size, crop top-left, target size) of images of `size` (H, W)."""
+    if not pipe.xl:
+        ids = tokenize(pipe.tokenizer, prompts)
+        return {"encoder_hidden_states": pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]}  # frozen: no graph
+    hidden = []
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        out = encoder(tokenize(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    h, w = size or pipe.size
+    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=out[0].dtype, device=out[0].device).repeat(len(prompts), 1)
+    return {"encoder_hidden_states": torch.cat(hidden, -1),
+            "added_cond_kwargs": {"text_embeds": out[0], "time_ids": time_ids}}
+
+
+def encode_uncond(pipe, n, size=None):
+    """The unconditional branch of classifier-free guidance for n images: the context of "" (SD), or zeros where
+    SDXL's config asks for them (force_zeros_for_empty_prompt), as diffusers does with no negative prompt."""
+    context = encode_prompts(pipe, [""] * n, size)
+    if pipe.zero_uncond:
+        context["encoder_hidden_states"] = torch.zeros_like(context["encoder_hidden_states"])
+        context["added_cond_kwargs"]["text_embeds"] = torch.zeros_like(context["added_cond_kwargs"]["text_embeds"])
+    return context
+
+
+def cat_context(*contexts):
+    """Contexts stacked along the batch: cat_context(uncond, cond) feeds both guidance branches in one UNet call."""
+    if isinstance(contexts[0], dict):
+        return {k: cat_context(*[c[k] for c in contexts]) for k in contexts[0]}
+    return torch.cat(contexts)
 
 
 def initial_latents(pipe, n, generator, height=None, width=None):
@@ -157,6 +220,14 @@ def initial_latents(pipe, n, generator, height=None, width=None):
     height, width = height or pipe.size[0], width or pipe.size[1]
     shape = (n, pipe.unet.config.in_channels, height // pipe.vae_scale, width // pipe.vae_scale)
     return torch.randn(shape, generator=generator) * pipe.scheduler.init_noise_sigma
+
+
+def randn_like(x, generator):
+    """Noise shaped like x (B, ...) from one generator, or from a list of B generators (one per image, so that an
+    image's noise does not depend on its batch), drawn on the CPU."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in generator]).to(x.device)
+    return torch.randn(x.shape, generator=generator).to(x.device)
 
 
 # -----------------------------------------------------------------------------
@@ -189,15 +260,14 @@ def ddim_step(x_t, eps, alpha_t, alpha_prev, eta=0.0, noise=None, clip=None):
 def unet_eps(unet, x, t, context):
     """One UNet call in the compute dtype (that of the text embeddings: diffusers' `unet.dtype` walks every
     submodule, ~2 ms a call); the output comes back in fp32 for the DDIM arithmetic."""
-    return unet(x.to(context.dtype), t, encoder_hidden_states=context, return_dict=False)[0].float()
+    dtype = context["encoder_hidden_states"].dtype
+    return unet(x.to(dtype), t, **context, return_dict=False)[0].float()
 
 
 def decode(pipe, latents, checkpointing=False):
     """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], differentiable unless the caller disables grad.
-    checkpointing: recompute each decoder block in backward (diffusers' own per-block checkpointing). Per block,
-    not the whole decoder: with K = 1 the decoder's backward is the memory peak, and a whole-decoder checkpoint
-    re-creates all its activations at once there (SD 1.5's VAE, 512 px, batch 1, bf16, CPU peak above start: 1.9 GB per
-    block, 3.1 GB without checkpointing, 3.2 GB for the whole decoder)."""
+    checkpointing: recompute each decoder block in backward (diffusers' own per-block checkpointing); with K = 1
+    the decoder's backward is the memory peak (docs/speed_and_memory.md)."""
     vae = pipe.vae
     if checkpointing:
         vae.enable_gradient_checkpointing()
@@ -211,17 +281,17 @@ def sample(pipe, cond, uncond, latents, ddim_steps=50, guidance_scale=7.5, eta=0
            checkpointing=True, checkpoint_decode=False, generator=None, capture=(), progress=False):
     """Guided DDIM from x_T = latents (B, C, h, w) to images (B, 3, H, W) in [0, 1].
 
-    cond, uncond: text embeddings (B, L, D) of the prompts and of "" (classifier-free guidance).
+    cond, uncond: contexts (encode_prompts, encode_uncond) of the prompts and of the unconditional branch.
     grad_steps:   K; only the last K steps (and the decode) build an autograd graph. 0: no graph at all.
     checkpointing: recompute each grad-window UNet call in backward instead of storing its activations.
-    generator:    the noise source for eta > 0 (pass the one that drew the latents to match diffusers).
+    generator:    the noise source for eta > 0: one generator, or one per image (see randn_like).
     capture:      step indices i at which to return (t, x_t, UNet output); used by RID's teacher matching.
     Returns (images, captured) with captured = {i: (t, x_t detached, raw UNet output (2B or B, C, h, w))}.
     """
     assert 0 <= grad_steps <= ddim_steps, f"grad_steps {grad_steps} must be in [0, ddim_steps={ddim_steps}]"
     ts, alphas, alphas_prev = ddim_schedule(pipe.scheduler, ddim_steps)
     guided = guidance_scale > 1.0  # as diffusers: guidance 1 means no unconditional branch at all
-    context = torch.cat([uncond, cond]) if guided else cond  # (2B, L, D): one batched UNet call per step
+    context = cat_context(uncond, cond) if guided else cond  # 2B rows: one batched UNet call per step
     config = pipe.scheduler.config
     v_pred = config.prediction_type == "v_prediction"  # SD 2.x 768 px models
     clip = config.clip_sample_range if config.clip_sample else None
@@ -234,7 +304,7 @@ def sample(pipe, cond, uncond, latents, ddim_steps=50, guidance_scale=7.5, eta=0
             if checkpointing and torch.is_grad_enabled():
                 # Store only the UNet's inputs, re-run it during backward: memory per window step drops from
                 # the UNet's activations (GBs for SD at 512 px) to one latent. use_reentrant=False is needed
-                # because x_in of the first window step does not require grad (NOTES.md).
+                # because x_in of the first window step does not require grad.
                 out = checkpoint(unet_eps, pipe.unet, x_in, t, context, use_reentrant=False)
             else:
                 out = unet_eps(pipe.unet, x_in, t, context)
@@ -244,48 +314,159 @@ def sample(pipe, cond, uncond, latents, ddim_steps=50, guidance_scale=7.5, eta=0
                 out = alphas[i].sqrt() * out + (1 - alphas[i]).sqrt() * x_in
             eps_uncond, eps_cond = out.chunk(2) if guided else (out, out)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # classifier-free guidance
-            noise = torch.randn(x.shape, generator=generator).to(x.device) if eta > 0 else None
+            noise = randn_like(x, generator) if eta > 0 else None
             x, _ = ddim_step(x, eps, alphas[i], alphas_prev[i], eta, noise, clip)
     with torch.set_grad_enabled(grad_steps > 0):
         return decode(pipe, x, checkpoint_decode), captured
-
-
-def teacher_loss(pipe, captured, context, teacher, checkpointing=True):
-    """RID's momentum-distillation term (RID.md section 3): the mean over matched steps of
-    || eps_student(x_t, t, c) - stopgrad(eps_teacher(x_t, t, c)) ||^2, on the raw UNet output of both
-    guidance branches (our choice, not in the paper).
-    captured: {i: (t, x_t, out)} from sample(capture=...). Inside the grad window `out` already holds the
-      student's graph; outside it (x_t saved by the no-grad pass) the student runs once more, with grad.
-    context:  the (2B or B, L, D) text embeddings the sampler used.
-    teacher:  {parameter name: tensor} that replace the current adapter's weights (its EMA) for the teacher,
-      through torch.func.functional_call: no adapter switch, so checkpointed recomputes stay correct."""
-    from torch.func import functional_call
-    losses = []
-    for t, x, out in captured.values():
-        x_in = torch.cat([x, x]) if context.shape[0] == 2 * x.shape[0] else x
-        if not out.requires_grad:  # a step before the grad window: one extra student forward with grad
-            out = (checkpoint(unet_eps, pipe.unet, x_in, t, context, use_reentrant=False) if checkpointing
-                   else unet_eps(pipe.unet, x_in, t, context))
-        with torch.no_grad():  # the teacher costs one no-grad UNet forward per matched step, nothing more
-            target = functional_call(pipe.unet, teacher, (x_in.to(context.dtype), t),
-                                     {"encoder_hidden_states": context, "return_dict": False})[0].float()
-        losses.append((out - target).pow(2).mean())
-    return torch.stack(losses).mean()
 
 
 @torch.no_grad()
 def generate(pipe, prompts, latents, ddim_steps=50, guidance_scale=7.5, eta=0.0, batch_size=8, generator=None,
              progress=True):
     """No-grad images (N, 3, H, W) in [0, 1] for N prompts and N initial latents, in batches.
-    generator: per-step noise for eta > 0 (the one that drew the latents, to match diffusers)."""
+    generator: per-step noise for eta > 0, one generator (the one that drew the latents, to match diffusers) or a
+    list of N (one per image: then the images do not depend on batch_size)."""
     device, images = pipe.unet.device, []
+    size = tuple(s * pipe.vae_scale for s in latents.shape[-2:])
     for b in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress):
         p = prompts[b:b + batch_size]
-        cond, uncond = encode_prompts(pipe, p), encode_prompts(pipe, [""] * len(p))
-        x, _ = sample(pipe, cond, uncond, latents[b:b + batch_size].to(device), ddim_steps, guidance_scale, eta,
-                      generator=generator)
+        g = generator[b:b + batch_size] if isinstance(generator, (list, tuple)) else generator
+        x, _ = sample(pipe, encode_prompts(pipe, p, size), encode_uncond(pipe, len(p), size),
+                      latents[b:b + batch_size].to(device), ddim_steps, guidance_scale, eta, generator=g)
         images.append(x.cpu())
     return torch.cat(images)
+
+
+# -----------------------------------------------------------------------------
+# One training step (train_rid.py and bench.py both call these): the losses of a micro-batch, RID's teacher term,
+# the EMA update of the teacher, the L2 baseline's penalty.
+
+def matched_steps(generator, ddim_steps, grad_steps, match_steps):
+    """The step indices RID matches the teacher at: the K grad-window steps, plus M drawn from the rest of the
+    trajectory (the no-grad part, whose x_t the sampler saves)."""
+    extra = torch.randperm(ddim_steps - grad_steps, generator=generator)[:match_steps].tolist()
+    return set(range(ddim_steps - grad_steps, ddim_steps)) | set(extra)
+
+
+def step_losses(pipe, reward, prompts, latents, ddim_steps, guidance_scale=7.5, eta=0.0, grad_steps=1, teacher=None,
+                matched=(), checkpointing=True, checkpoint_decode=False, checkpoint_reward=False, generator=None,
+                **rid):
+    """Forward half of a training step on one micro-batch: guided DDIM with the K-step grad window, decode, the
+    reward, and (teacher given) RID's teacher-matching loss at the `matched` steps (rid: teacher_loss's options).
+    The caller weights, sums and backpropagates. -> (rewards (B,) fp32 with graph, teacher loss (scalar; 0 without
+    a teacher))."""
+    size = tuple(s * pipe.vae_scale for s in latents.shape[-2:])
+    cond, uncond = encode_prompts(pipe, prompts, size), encode_uncond(pipe, len(prompts), size)
+    images, captured = sample(pipe, cond, uncond, latents, ddim_steps, guidance_scale, eta, grad_steps=grad_steps,
+                              checkpointing=checkpointing, checkpoint_decode=checkpoint_decode, generator=generator,
+                              capture=matched if teacher is not None else ())
+    dtype = cond["encoder_hidden_states"].dtype
+    if checkpoint_reward:  # store only the images; the reward network re-runs in backward
+        r = checkpoint(reward, images.to(dtype), prompts, use_reentrant=False).float()
+    else:
+        r = reward(images.to(dtype), prompts).float()  # (B,)
+    if teacher is None:
+        return r, torch.zeros((), device=r.device)
+    context = cat_context(uncond, cond) if guidance_scale > 1 else cond
+    return r, teacher_loss(pipe, captured, context, teacher, checkpointing, guidance_scale=guidance_scale, **rid)
+
+
+class ProjectedPull(torch.autograd.Function):
+    """The teacher-matching MSE of one grad-window step whose gradient is not added as it is: backward hands its pull
+    on the student's output to a hook on that output, which first removes from it, row by row, the component that
+    opposes the reward's gradient there (PCGrad, Yu et al. 2020, in the UNet's output space; our choice, not in the
+    paper). The reward is then learned at the pace it would be without a teacher, and only the changes it does not
+    ask for are pulled back. No extra UNet call: both gradients meet at the same tensor in the one backward pass."""
+
+    @staticmethod
+    def forward(ctx, out, target, holder):
+        ctx.save_for_backward(out - target)
+        ctx.holder = holder
+        return (out - target).pow(2).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        diff, = ctx.saved_tensors
+        ctx.holder["pull"] = grad * 2 * diff / diff.numel()  # what this term alone would add to d loss / d out
+        return torch.zeros_like(diff), None, None
+
+
+def project_pull(holder, grad):
+    """The hook on a matched grad-window output: grad (from the reward) + the pull minus its conflicting part."""
+    pull = holder.pop("pull", None)
+    if pull is None:
+        return grad
+    g, p = grad.flatten(1), pull.flatten(1)  # one row per image and guidance branch
+    dot = (p * g).sum(1, keepdim=True)
+    p = p - torch.where(dot < 0, dot / g.pow(2).sum(1, keepdim=True).clamp(min=1e-30), 0.0) * g
+    return grad + p.view_as(grad)
+
+
+def teacher_loss(pipe, captured, context, teacher, checkpointing=True, weighting="eps", branches="both",
+                 project=False, guidance_scale=7.5):
+    """RID's momentum-distillation term (docs/method.md): the mean over matched steps of
+    w_t || eps_student(x_t, t, c) - stopgrad(eps_teacher(x_t, t, c)) ||^2. Our reconstruction; the paper names the
+    teacher, not the loss. The options (ours, each measured in docs/experiments.md):
+      weighting  "eps": w_t = 1 (matching the noise prediction); "x0": w_t = (1 - abar_t) / abar_t, the same error
+                 measured on the predicted clean latent x0 (it weighs high-noise steps, where structure is decided,
+                 by up to ~150 and the last step by ~0.002); "hybrid": max(1, (1 - abar_t) / abar_t)
+      branches   "both": the raw output of both guidance branches; "guided": only the guided eps that DDIM uses
+      project    remove from the teacher's pull what opposes the reward (ProjectedPull), at grad-window steps
+    captured: {i: (t, x_t, out)} from sample(capture=...). Inside the grad window `out` already holds the
+      student's graph; outside it (x_t saved by the no-grad pass) the student runs once more, with grad.
+    context:  the (2B or B rows) context the sampler used.
+    teacher:  {parameter name: tensor} that replace the current adapter's weights (its EMA) for the teacher,
+      through torch.func.functional_call: no adapter switch, so checkpointed recomputes stay correct."""
+    from torch.func import functional_call
+    assert not (project and branches == "guided"), "the projection works on the raw outputs of both branches"
+    losses, abar = [], pipe.scheduler.alphas_cumprod
+    guided = context["encoder_hidden_states"].shape[0] == 2 * next(iter(captured.values()))[1].shape[0]
+    for t, x, out in captured.values():
+        x_in = torch.cat([x, x]) if guided else x
+        in_window = out.requires_grad
+        if not in_window:  # a step before the grad window: one extra student forward with grad
+            out = (checkpoint(unet_eps, pipe.unet, x_in, t, context, use_reentrant=False) if checkpointing
+                   else unet_eps(pipe.unet, x_in, t, context))
+        with torch.no_grad():  # the teacher costs one no-grad UNet forward per matched step, nothing more
+            target = functional_call(pipe.unet, teacher, (x_in.to(context["encoder_hidden_states"].dtype), t),
+                                     {**context, "return_dict": False})[0].float()
+        snr_inv = float((1 - abar[t]) / abar[t])  # (1 - abar) / abar: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+        w = {"eps": 1.0, "x0": snr_inv, "hybrid": max(1.0, snr_inv)}[weighting]
+        student = out
+        if branches == "guided" and guided:  # eps_u + s (eps_c - eps_u), for student and teacher alike
+            (su, sc), (tu, tc) = out.chunk(2), target.chunk(2)
+            student, target = su + guidance_scale * (sc - su), tu + guidance_scale * (tc - tu)
+        if project and in_window:
+            holder = {}
+            out.register_hook(lambda grad, holder=holder: project_pull(holder, grad))
+            losses.append(w * ProjectedPull.apply(student, target, holder))
+        else:
+            losses.append(w * (student - target).pow(2).mean())
+    return torch.stack(losses).mean()
+
+
+def ema_update(ema, params, momentum):
+    """RID's EMA teacher, right after optimizer.step(): A_bar <- m * A_bar + (1 - m) * A, in place, for every
+    tensor of the current adapter. It runs over the LoRA factors A and B, not their product B A (our choice, not
+    in the paper: it costs two small tensors per layer; an EMA of the factors is not the EMA of the product, but
+    both start at the model after the previous task and follow the student as m shrinks)."""
+    torch._foreach_lerp_(list(ema.values()), [p.detach() for p in params.values()], 1 - momentum)
+
+
+def lora_delta_sq(unet, name):
+    """The `l2` baseline's penalty: sum over layers of || (alpha / r) B A ||_F^2, the squared Frobenius norm of the
+    weight change adapter `name` makes (0 = the model after the previous task). Computed through the r x r
+    products trace((B^T B)(A A^T)), never the full matrix."""
+    params, total = lora_params(unet, name), 0.0
+    for k, a in params.items():
+        if ".lora_A." not in k:
+            continue
+        b = params[k.replace(".lora_A.", ".lora_B.")]  # A (r, in) or conv (r, in, kh, kw); B (out, r)
+        a, b = a.flatten(1), b.flatten(1)
+        module = unet.get_submodule(k.rsplit(".lora_A.", 1)[0])
+        scale = module.scaling[name]
+        total = total + scale ** 2 * ((b.T @ b) * (a @ a.T)).sum()
+    return total
 
 
 # -----------------------------------------------------------------------------
@@ -306,25 +487,25 @@ def lora_params(unet, name):
     return {k: p for k, p in unet.named_parameters() if ".lora_" in k and k.split(".")[-2] == name}
 
 
-def set_adapters(unet, names, trainable=None):
-    """Make exactly `names` active (their LoRA deltas summed, W0 + A_1 + ... + A_t) and only `trainable` trainable.
-    diffusers' set_adapters marks every active adapter trainable again, so we re-freeze after it."""
-    unet.set_adapters(list(names))
+def set_adapters(unet, names, trainable=None, weights=None):
+    """Make exactly `names` active (their LoRA deltas summed, W0 + w_1 A_1 + ... + w_t A_t; weights default 1) and
+    only `trainable` trainable. diffusers' set_adapters marks every active adapter trainable again: re-freeze."""
+    unet.set_adapters(list(names), weights=list(weights) if weights is not None else None)
     for k, p in unet.named_parameters():
         p.requires_grad_(".lora_" in k and k.split(".")[-2] == trainable)
 
 
-def save_lora(unet, name, config, out_dir):
+def save_lora(unet, name, config, out_dir, xl=False):
     """Save one adapter in diffusers' LoRA format (loadable by pipe.load_lora_weights), atomically.
-    The config goes in as metadata: without it diffusers assumes lora_alpha = rank (NOTES.md)."""
-    from diffusers import StableDiffusionPipeline
+    The config goes in as metadata: without it diffusers assumes lora_alpha = rank."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     state = get_peft_model_state_dict(unet, adapter_name=name)
     state = convert_state_dict_to_diffusers({k: v.detach().float().cpu().contiguous() for k, v in state.items()})
     with atomic_dir(out_dir) as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state,
-                                                  unet_lora_adapter_metadata=config.to_dict())
+        (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).save_lora_weights(
+            tmp, unet_lora_layers=state, unet_lora_adapter_metadata=config.to_dict())
 
 
 def check_lora(path):
@@ -375,6 +556,12 @@ def atomic_dir(path):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def write_json(path, data):
+    with atomic_file(path) as tmp, open(tmp, "w") as f:  # closed, then renamed
+        json.dump(data, f, indent=1)
+        f.write("\n")
+
+
 def to_pil(image):
     """(3, H, W) in [0, 1] -> PIL image, rounded as diffusers' numpy_to_pil does."""
     from PIL import Image
@@ -395,10 +582,12 @@ def image_grid(images, ncol=None, pad=2):
 
 
 def pick_device_dtype(device=None, dtype=None):
-    """One place that decides precision: bf16 compute on CUDA, fp32 on CPU, unless the user says otherwise."""
+    """One place that decides precision: bf16 compute on a CUDA GPU that supports it, else fp16 there (trained with
+    a loss scaler); fp32 on CPU; unless the user says otherwise."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    return device, getattr(torch, dtype)
+    if dtype is None and device.startswith("cuda"):
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return device, getattr(torch, dtype or "float32")
 
 
 # -----------------------------------------------------------------------------
@@ -406,7 +595,7 @@ def pick_device_dtype(device=None, dtype=None):
 
 def main():
     parser = one_line_errors(argparse.ArgumentParser(description="Sample images with rid's DDIM sampler."))
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, SD-format folder, or 'toy' (shipped model)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, SD/SDXL folder, or 'toy' (shipped model)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for more images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial latents of the whole batch")
     parser.add_argument("--ddim_steps", type=int, default=50, help="number of DDIM denoising steps")
@@ -418,7 +607,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=8, help="images per UNet batch (memory, not results)")
     parser.add_argument("--device", default=None, help="cuda or cpu; none = cuda when available")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="compute dtype; none = bfloat16 on cuda, float32 on cpu")
+                        help="compute dtype; none = bfloat16 on cuda (float16 where unsupported), float32 on cpu")
     parser.add_argument("--out", required=True, help="output folder for 000.png, 001.png, ... and grid.png")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     args = parser.parse_args()

@@ -1,32 +1,39 @@
 """
 train_rid.py: Reward Incremental Learning (RIL) with Reward Incremental Distillation (RID).
 
-Fine-tunes a Stable-Diffusion-format model on a sequence of differentiable rewards, one task after another
-(Wang, Mao, Wang, Yamasaki, arXiv 2411.17310). Each optimiser step samples images with guided DDIM, keeps the
-graph only through the last K denoising steps and the VAE decode (DRaFT-K), scores them with the task's reward
-and backpropagates -reward into LoRA weights. After each task it saves that task's adapter in diffusers' LoRA
+Fine-tunes a Stable-Diffusion-format model (SD 1.x, 2.x or SDXL) on a sequence of differentiable rewards, one task
+after another (Wang, Mao, Wang, Yamasaki, arXiv 2411.17310). Each optimiser step samples images with guided DDIM,
+keeps the graph only through the last K denoising steps and the VAE decode (DRaFT-K), scores them with the task's
+reward and backpropagates -reward into LoRA weights. After each task it saves that task's adapter in diffusers' LoRA
 format, evaluates every reward of the sequence on a fixed evaluation set and writes what was kept and what was
 forgotten (results.json, results.md, grid.png, heatmap.png).
 
-Methods (--method, RID.md section 4):
+Methods (--method; docs/method.md):
   naive     one LoRA adapter trained through all tasks in turn: the forgetting baseline
   adapters  a new adapter per task; earlier ones stay active and frozen (model = W0 + A_1 + ... + A_t)
-  rid       adapters + matching an EMA teacher: L = -mean(r_t) + lambda * ||eps_student - sg(eps_teacher)||^2
+  rid       adapters + matching an EMA teacher: L = -r_t / s_t + lambda * ||eps_student - sg(eps_teacher)||^2
+  l2        adapters + an L2 pull of the current adapter's weight change towards zero: + w * ||dW_t||^2
+  soup      rewarded soups: each adapter trained from the base model alone; the model after task t is
+            W0 + c * (A_1 + ... + A_t), c = --soup_weight (1: the sum)
 
 Run it:
-  python train_rid.py --model toy --method rid          # CPU, about 3 minutes: contrast -> saturation -> brightness
+  python train_rid.py --model toy                       # CPU, about 2 minutes: contrast -> saturation -> brightness
   python train_rid.py --rewards aesthetic,hps                                            # SD 1.5, one GPU
+  python train_rid.py --model stabilityai/stable-diffusion-xl-base-1.0 --rewards aesthetic,hps   # SDXL
   torchrun --nproc_per_node=4 train_rid.py --rewards aesthetic,hps                       # same global batch
   python train_rid.py ... --resume                                 # continue a killed or interrupted run
 
 What we simplified or chose ourselves (the paper's code is not public):
-  - the teacher is the student with its current adapter replaced by that adapter's EMA; the matching loss is
-    on the raw UNet output of both guidance branches at the K grad-window steps, plus --match_steps extra
-    steps drawn from the no-grad part of the trajectory (our hypothesis: structure is decided early);
+  - the teacher is the student with its current adapter replaced by that adapter's EMA (over the factors A and B);
+    the matching loss is on the raw UNet output of both guidance branches at the K grad-window steps, plus
+    --match_steps extra steps drawn from the no-grad part of the trajectory;
+  - each reward is divided by its standard deviation over the base model's evaluation images (s_t), so that one
+    lr, lambda and l2 weight mean the same trade-off for rewards of any scale (--no_reward_norm turns it off);
   - a fresh AdamW per task with a constant learning rate; the per-step randomness (prompts, noise, matched
     steps) is a function of (seed, task, step), so a resumed run repeats an uninterrupted one exactly.
 """
 import argparse
+import importlib
 import json
 import os
 import re
@@ -39,26 +46,26 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from eval import clip_at_hand, eval_set, evaluate, is_toy, write_report
+from eval import clip_at_hand, draw_grid, eval_set, evaluate, is_toy, ril_metrics, write_report
 from rewards import check_reward_name, load_reward
-from sample import (DEFAULT_MODEL, UserError, add_lora, atomic_dir, atomic_file, check_model, encode_prompts,
-                    initial_latents, load_pipeline, lora_params, one_line_errors, pick_device_dtype, sample,
-                    save_lora, set_adapters, teacher_loss, to_pil)
+from sample import (DEFAULT_MODEL, UserError, add_lora, atomic_dir, atomic_file, check_model, ema_update,
+                    initial_latents, load_pipeline, lora_delta_sq, lora_params, matched_steps, one_line_errors,
+                    pick_device_dtype, save_lora, seed_for, set_adapters, step_losses, to_pil, write_json)
 from toy import TOY_REWARDS, all_captions
 
 # -----------------------------------------------------------------------------
 # Settings: every knob is a flag; the defaults are for Stable Diffusion 1.5 at 512 px on one GPU.
 
+METHODS = ["naive", "adapters", "rid", "l2", "soup"]
 parser = one_line_errors(argparse.ArgumentParser(description="Reward incremental fine-tuning with RID."))
 # model and tasks
-parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, SD-format folder, or 'toy' (the shipped model)")
+parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, SD/SDXL folder, or 'toy' (the shipped model)")
 parser.add_argument("--rewards", default=None, help="the task sequence: reward names, comma-separated "
                     f"(default aesthetic,hps; {TOY_REWARDS} with --model toy)")
 parser.add_argument("--reward_path", action="append", default=[], help="NAME=PATH: local weights of a reward; repeat")
-parser.add_argument("--method", default="rid", choices=["naive", "adapters", "rid"], help="see the docstring")
+parser.add_argument("--method", default="rid", choices=METHODS, help="see the docstring")
 parser.add_argument("--prompts", default=None, help="training prompts, one per line; none = built-in list")
 # sampling (DDIM, classifier-free guidance)
 parser.add_argument("--ddim_steps", type=int, default=None, help="DDIM steps S per sampled image (default 50; 20 with --model toy)")
@@ -76,33 +83,47 @@ parser.add_argument("--grad_accum", type=int, default=1, help="micro-batches per
 parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the LoRA weights")
 parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
 parser.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the LoRA gradient norm; 0 = no clipping")
-parser.add_argument("--loss_scale", type=float, default=1.0, help="the reward loss is -loss_scale * mean(reward)")
+parser.add_argument("--loss_scale", type=float, default=1.0, help="the reward loss is -loss_scale * mean(reward) / s_t")
+parser.add_argument("--no_reward_norm", action="store_true", help="s_t = 1: use each reward in its own units")
 parser.add_argument("--lora_rank", type=int, default=4, help="LoRA rank r of each adapter")
 parser.add_argument("--lora_alpha", type=float, default=4.0, help="LoRA alpha (the update is scaled by alpha / r)")
-# RID
+# RID and the other baselines' knobs
 parser.add_argument("--rid_lambda", type=float, default=1.0, help="lambda: weight of the teacher-matching loss")
 parser.add_argument("--ema_momentum", type=float, default=0.99, help="m of the EMA teacher; 1 = frozen previous model")
 parser.add_argument("--match_steps", type=int, default=0, help="M: extra matched steps from the no-grad part")
-# memory
+parser.add_argument("--rid_weighting", default="eps", choices=["eps", "x0", "hybrid"], help="RID: per-step weight of "
+                    "the matching loss (eps: 1; x0: (1 - abar_t) / abar_t; hybrid: the larger of the two)")
+parser.add_argument("--rid_branches", default="both", choices=["both", "guided"], help="RID: match both guidance "
+                    "branches' raw outputs, or only the guided eps")
+parser.add_argument("--rid_project", action="store_true", help="RID: drop the part of the teacher's pull that "
+                    "opposes the reward's gradient (PCGrad in the UNet's output space)")
+parser.add_argument("--l2_weight", type=float, default=1.0, help="l2: weight w of ||dW_t||^2 (summed over layers)")
+parser.add_argument("--soup_weight", type=float, default=1.0, help="soup: weight c of every adapter; 1 = their sum")
+# memory and precision
 parser.add_argument("--no_checkpointing", action="store_true", help="keep grad-window UNet activations (faster, more memory)")
-parser.add_argument("--checkpoint_decode", action="store_true", help="recompute the VAE decode in backward")
+parser.add_argument("--checkpoint_decode", action="store_true", help="recompute the VAE decode in backward, per block")
 parser.add_argument("--checkpoint_reward", action="store_true", help="recompute the reward model in backward")
 parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="compute dtype of the frozen networks; none = bfloat16 on cuda, float32 on cpu")
+                    help="compute dtype of the frozen networks; none = bfloat16 on cuda (float16 where the GPU lacks "
+                    "bf16; trained with a loss scaler), float32 on cpu")
 parser.add_argument("--device", default=None, help="cuda or cpu; none = cuda when available")
 # evaluation
 parser.add_argument("--eval_n", type=int, default=64, help="images in the fixed evaluation set (one per prompt/seed)")
 parser.add_argument("--eval_seed", type=int, default=0, help="seed of the evaluation prompts and noise")
 parser.add_argument("--eval_batch_size", type=int, default=None,
-                    help="images per batch when evaluating (default 8; 64 with --model toy)")
-# run folder, checkpoints, faults
+                    help="images per batch and GPU when evaluating; changes no result (default 8; 64 with --model toy)")
+# run folder, checkpoints, logging, faults
 parser.add_argument("--out", default="runs/rid", help="run folder: adapters, checkpoint, results")
 parser.add_argument("--seed", type=int, default=0, help="seed of the training prompts and noise")
 parser.add_argument("--save_every", type=int, default=50, help="checkpoint every N steps (and after every task)")
 parser.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
 parser.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out and start again")
+parser.add_argument("--log", default="none", choices=["none", "tensorboard", "wandb"],
+                    help="also log to an experiment tracker (log.jsonl is always written)")
 parser.add_argument("--max_nonfinite", type=int, default=5, help="stop after this many non-finite steps in a row")
-parser.add_argument("--fault_nan_steps", default="", help="testing aid: global steps whose reward is made NaN")
+parser.add_argument("--fault_nan_steps", default="", help="testing aid: global steps (1-based) whose reward is made NaN")
+parser.add_argument("--fault_signal_step", type=int, default=0, help="testing aid: send ourselves SIGTERM during this "
+                    "global step (1-based); 0 = never")
 parser.add_argument("--dist_timeout", type=float, default=60.0, help="minutes a GPU waits for the others, then fails")
 args = parser.parse_args()
 # Defaults that depend on the model: SD 1.5's by default; with --model toy, a run that ends in minutes on a CPU.
@@ -146,6 +167,15 @@ if args.guidance_scale < 0 or not 0 <= args.eta <= 1:
     fail("--guidance_scale must be at least 0 and --eta in [0, 1]")
 if not 0 <= args.ema_momentum <= 1 or args.rid_lambda < 0 or args.lr <= 0:
     fail("--ema_momentum must be in [0, 1], --rid_lambda at least 0, --lr positive")
+if args.rid_project and args.rid_branches == "guided":
+    fail("--rid_project works on the raw outputs of both branches; drop --rid_branches guided or --rid_project")
+if args.l2_weight < 0 or args.soup_weight <= 0:
+    fail("--l2_weight must be at least 0 and --soup_weight positive")
+if args.log != "none":
+    try:
+        importlib.import_module(args.log)  # the optional package, imported only when asked for
+    except ImportError:
+        fail(f"--log {args.log} needs the {args.log} package: pip install {args.log}")
 try:
     fault_steps = {int(s) for s in args.fault_nan_steps.split(",") if s.strip()}
 except ValueError:
@@ -172,9 +202,9 @@ check_model(args.model)
 
 # The run folder: refuse to touch an earlier run unless asked; resume only a run with the same settings.
 ckpt_path = os.path.join(args.out, "checkpoint.pt")
-IGNORED_ON_RESUME = {"resume", "overwrite", "save_every", "eval_batch_size", "device", "dist_timeout",
-                     "fault_nan_steps", "max_nonfinite"}  # change nothing the run computes
-config = {k: v for k, v in vars(args).items()}
+IGNORED_ON_RESUME = {"out", "resume", "overwrite", "save_every", "eval_batch_size", "device", "dist_timeout", "log",
+                     "fault_nan_steps", "fault_signal_step", "max_nonfinite"}  # change nothing the run computes
+config = dict(vars(args))
 ckpt = None
 if args.resume and args.overwrite:
     fail("--resume and --overwrite contradict each other; pass one")
@@ -230,26 +260,35 @@ for name in dict.fromkeys(tasks):
         fail(str(e))
 eval_prompts, eval_seeds = eval_set(args.model, args.eval_n, args.eval_seed)
 S, K, M, T = args.ddim_steps, args.grad_steps, args.match_steps, len(tasks)
-guided = args.guidance_scale > 1
+rid, soup = args.method == "rid", args.method == "soup"
+rid_options = dict(weighting=args.rid_weighting, branches=args.rid_branches, project=args.rid_project)
+# fp16 (GPUs without bf16): a gradient scaler keeps the small reward gradients (x ~0.01 per DDIM step at K = 1) from
+# underflowing in the fp16 backward; it skips a step whose scaled gradients overflow and lowers its scale.
+# Its first scale is 2^10 (torch's default 2^16 overflows at once on a unit-sized reward loss); our choice.
+scaler = torch.amp.GradScaler(device.split(":")[0], init_scale=2.0 ** 10, enabled=dtype == torch.float16)
 if master:
     print(f"{T} tasks: {' -> '.join(tasks)} | method {args.method} | {world} process(es) x {args.grad_accum} "
           f"micro-batches x {micro} images = {args.batch_size} images per step | {height}x{width} px, {S} DDIM steps, "
-          f"K={K}{' (random)' if args.random_grad_steps else ''}, {dtype} on {device}")
-    print(f"UNet calls per image and step: {S} no-grad + {K} with grad (re-run in backward: "
-          f"{'no' if args.no_checkpointing else 'yes'})" + (f" + RID: {K + M} teacher, {M} student" if
-          args.method == "rid" else ""))
+          f"K={K}{' (random)' if args.random_grad_steps else ''}, {dtype} on {device}"
+          f"{' with a loss scaler' if scaler.is_enabled() else ''}{' | SDXL' if pipe.xl else ''}")
 assert micro >= 1 and micro * world * args.grad_accum == args.batch_size
+recompute = 0 if args.no_checkpointing else 1  # checkpointed calls run their forward twice
+unet_calls = {"forward": S + K * recompute + (K + M + M * (1 + recompute) if rid else 0),  # per image and step
+              "backward": K + (M if rid else 0)}
+if master:
+    print(f"UNet calls per image and step: {S - K} no-grad + {K} with grad (re-run in backward: "
+          f"{'no' if args.no_checkpointing else 'yes'})" + (f" + RID: {K + M} teacher, {M} student" if rid else "")
+          + f" = {unet_calls['forward']} forward and {unet_calls['backward']} backward passes")
 
 # Everything loaded: only now may files appear.
 if master:
     if args.overwrite and os.path.isdir(args.out):
         shutil.rmtree(args.out)
     os.makedirs(os.path.join(args.out, "adapters"), exist_ok=True)
-    with atomic_file(os.path.join(args.out, "config.json")) as tmp, open(tmp, "w") as f:
-        json.dump(config, f, indent=1)
+    write_json(os.path.join(args.out, "config.json"), config)
 
 # -----------------------------------------------------------------------------
-# Helpers for the loop: adapter names, per-step randomness, checkpoint, evaluation of one stage.
+# Helpers for the loop: adapter names, per-step randomness, checkpoint, evaluation of one stage, tracker.
 
 def adapter_name(t):
     return "lora" if args.method == "naive" else f"task{t + 1}"  # naive: one adapter through all tasks
@@ -259,21 +298,19 @@ def adapter_dir(t):  # relative to the run folder
     return f"adapters/task{t + 1}_{tasks[t]}"
 
 
-def stage_adapters(t):  # adapter folders active after task t (t = -1: the base model)
-    if t < 0:
-        return []
-    return [adapter_dir(t)] if args.method == "naive" else [adapter_dir(j) for j in range(t + 1)]
+def stage_adapters(t):  # adapter folders active after task t (t = -1: the base model), and their weights
+    folders = [] if t < 0 else [adapter_dir(t)] if args.method == "naive" else [adapter_dir(j) for j in range(t + 1)]
+    return folders, [args.soup_weight if soup else 1.0] * len(folders)
 
 
 def step_randomness(t, step):
     """Prompts, initial latents and matched steps of one optimiser step, for the GLOBAL batch: a function of
     (seed, task, step) only, so every process count and every resume sees the same data."""
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + t * 100_003 + step)
+    g = torch.Generator().manual_seed(seed_for("train", args.seed, t, step))
     idx = torch.randint(len(train_prompts), (args.batch_size,), generator=g).tolist()
     latents = initial_latents(pipe, args.batch_size, g, height, width)  # (B, 4, h, w)
     k = int(torch.randint(1, K + 1, (1,), generator=g)) if args.random_grad_steps else K
-    extra = torch.randperm(S - k, generator=g)[:M].tolist()  # M steps before the grad window
-    return [train_prompts[i] for i in idx], latents, k, set(range(S - k, S)) | set(extra)
+    return [train_prompts[i] for i in idx], latents, k, matched_steps(g, S, k, M)
 
 
 def stage_images(stage):  # (N, 3, H, W) in [0, 1]: the evaluation images of a stage, as its PNGs hold them
@@ -281,17 +318,19 @@ def stage_images(stage):  # (N, 3, H, W) in [0, 1]: the evaluation images of a s
 
 
 def run_eval(stage):
-    """Evaluate the current model (rank 0 only) and save its images, so a resumed run sees the same base."""
-    base = stage_images(0) if stage > 0 else None  # from the file, so a resumed run compares the same pixels
+    """Evaluate the current model (every process samples its share of the set) and save its images (rank 0)."""
+    base = stage_images(0) if stage > 0 and master else None  # the saved pixels, so a resumed run compares the same
     out = evaluate(pipe, rewards, eval_prompts, eval_seeds, S, args.guidance_scale, args.eta, args.eval_batch_size,
-                   base_images=base, toy=is_toy(args.model), clip_model=clip_at_hand(rewards))
+                   base_images=base, toy=is_toy(args.model), clip_model=clip_at_hand(rewards), rank=rank, world=world,
+                   progress=master)
     images = out.pop("images")
-    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    with atomic_file(os.path.join(args.out, "samples", f"stage{stage}.pt")) as tmp:
-        torch.save((images * 255).round().to(torch.uint8), tmp)  # uint8: 4x smaller, and what the PNGs hold
-    with atomic_dir(os.path.join(args.out, "samples", f"stage{stage}")) as tmp:
-        for k, image in enumerate(images):
-            to_pil(image).save(os.path.join(tmp, f"{k:03d}.png"))
+    if master:
+        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+        with atomic_file(os.path.join(args.out, "samples", f"stage{stage}.pt")) as tmp:
+            torch.save((images * 255).round().to(torch.uint8), tmp)  # uint8: 4x smaller, and what the PNGs hold
+        with atomic_dir(os.path.join(args.out, "samples", f"stage{stage}")) as tmp:
+            for k, image in enumerate(images):
+                to_pil(image).save(os.path.join(tmp, f"{k:03d}.png"))
     return out
 
 
@@ -299,23 +338,76 @@ def save_checkpoint(t, step):
     """One self-describing file: config, position, every adapter, the EMA teacher, the optimiser, the results so
     far. Written to a temporary name and renamed, so a kill leaves the previous checkpoint intact."""
     state = {"config": config, "task": t, "step": step, "stages": stages, "train": train_log,
+             "reward_scales": reward_scales, "nonfinite_run": nonfinite_run, "tracker_id": tracker.id,
              "adapters": {n: {k: p.detach().cpu() for k, p in lora_params(pipe.unet, n).items()}
                           for n in adapters_made},
              "ema": None if ema is None else {k: v.cpu() for k, v in ema.items()},
              "optimizer": None if optimizer is None else optimizer.state_dict(),
-             "rng": torch.get_rng_state()}
+             "scaler": scaler.state_dict(), "rng": torch.get_rng_state()}
     assert all(torch.isfinite(v).all() for a in state["adapters"].values() for v in a.values())
     with atomic_file(ckpt_path) as tmp:
         torch.save(state, tmp)
 
 
+class Tracker:
+    """--log tensorboard / wandb (rank 0): the step scalars, and after each task the reward matrix, F_t, A_t, the
+    structure measures and the evaluation grid. Imported only when asked for; log.jsonl needs nothing."""
+
+    def __init__(self, kind, run_id=None):
+        self.kind, self.id = kind, run_id
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(args.out, "tensorboard"))
+        elif kind == "wandb":
+            import wandb  # WANDB_MODE=offline writes the run to OUT/wandb/ without a server
+            self.wandb = wandb
+            self.run = wandb.init(project="rid", dir=args.out, name=os.path.basename(os.path.abspath(args.out)),
+                                  config=config, id=run_id, resume="allow")
+            self.id = self.run.id
+
+    def scalars(self, values, step):
+        if self.kind == "tensorboard":
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+        elif self.kind == "wandb":
+            self.wandb.log(values, step=step)
+
+    def image(self, name, image, step):  # a PIL image
+        if self.kind == "tensorboard":
+            import numpy as np
+            self.writer.add_image(name, np.asarray(image), step, dataformats="HWC")
+        elif self.kind == "wandb":
+            self.wandb.log({name: self.wandb.Image(image)}, step=step)
+
+    def close(self):
+        if self.kind == "tensorboard":
+            self.writer.close()
+        elif self.kind == "wandb":
+            self.run.finish()
+
+
+def track_stage(t):
+    """After task t (t+1 stages evaluated): the results of the tasks so far, to the tracker."""
+    names, step = tasks[:t + 1], (t + 1) * args.iters
+    matrix = [[s["rewards"][r]["mean"] for r in names] for s in stages]
+    m = ril_metrics(matrix)
+    values = {f"eval/after_task{t + 1}/{r}": matrix[-1][j] for j, r in enumerate(names)}
+    values.update({f"eval/{k}": v["mean"] for k, v in stages[-1]["structure"].items()})
+    values.update({"eval/forgetting": m["forgetting"][-1], "eval/average_gain": m["average"][-1]})
+    tracker.scalars({k: v for k, v in values.items() if v is not None}, step)
+    results = {"rewards": names}
+    tracker.image("eval/grid", draw_grid(results, [stage_images(s) for s in range(t + 2)]), step)
+
+
 # -----------------------------------------------------------------------------
 # State: restored from the checkpoint on --resume, else fresh (the base model is evaluated first).
 
-stages, train_log, adapters_made = [], [], []
-ema, optimizer, start_task, start_step = None, None, 0, 0
+stages, train_log, adapters_made, reward_scales = [], [], [], []
+ema, optimizer, start_task, start_step, nonfinite_run = None, None, 0, 0, 0
 if ckpt is not None:
     stages, train_log, start_task, start_step = ckpt["stages"], ckpt["train"], ckpt["task"], ckpt["step"]
+    reward_scales, nonfinite_run = ckpt["reward_scales"], ckpt["nonfinite_run"]
+    scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"])
     for name, state in ckpt["adapters"].items():
         add_lora(pipe.unet, name, args.lora_rank, args.lora_alpha)
@@ -333,9 +425,10 @@ if master and args.resume:  # leftovers of writes that a kill interrupted (see a
                 shutil.rmtree(path)
             elif re.search(r"\.(tmp|old)\d+$", f):
                 os.remove(path)
+tracker = Tracker(args.log if master else "none", ckpt.get("tracker_id") if ckpt else None)
 if not stages:
+    stages.append(run_eval(0))
     if master:
-        stages.append(run_eval(0))
         save_checkpoint(0, 0)
     if world > 1:
         dist.barrier()
@@ -354,70 +447,69 @@ signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
 # -----------------------------------------------------------------------------
-# Training: tasks one after another; within a task, DRaFT-K steps on the task's reward (+ RID's teacher term).
+# Training: tasks one after another; within a task, DRaFT-K steps on the task's reward (+ the method's own term).
 
 for t in range(start_task, T):
     reward_fn, name = rewards[tasks[t]], adapter_name(t)
     if name not in adapters_made:  # a new adapter starts with B = 0: the model is unchanged by adding it
-        torch.manual_seed(args.seed * 1_000_003 + t)  # its random A: a function of (seed, task), as all else
+        torch.manual_seed(seed_for("lora", args.seed, t))  # its random A: a function of (seed, task), as all else
         add_lora(pipe.unet, name, args.lora_rank, args.lora_alpha)
         adapters_made.append(name)
-    set_adapters(pipe.unet, adapters_made, trainable=name)  # earlier adapters active and frozen
+    # soup trains each adapter from the base model alone; the others keep earlier adapters active and frozen
+    set_adapters(pipe.unet, [name] if soup else adapters_made, trainable=name)
     params = lora_params(pipe.unet, name)  # {full name: fp32 parameter}
     assert all(p.dtype == torch.float32 and p.requires_grad for p in params.values())
     assert sum(p.requires_grad for p in pipe.unet.parameters()) == len(params)
+    # The reward's scale s_t: its standard deviation over the base model's evaluation images (our choice), so that
+    # -r / s_t is about unit-sized for every reward. Measured once, from stage 0, and kept in the checkpoint.
+    if len(reward_scales) <= t:
+        spread = stages[0]["scores"][tasks[t]].float().std().item() if args.eval_n > 1 else 0.0
+        reward_scales.append(1.0 if args.no_reward_norm or not spread > 0 else spread)
+    scale = args.loss_scale / reward_scales[t]
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     # EMA teacher (RID): a copy of the current adapter that trails it; with B = 0 at the start of a task it is
     # exactly the model after the previous task.
-    ema = {k: p.detach().clone() for k, p in params.items()} if args.method == "rid" else None
-    resumed_here = ckpt is not None and t == start_task and start_step > 0
-    if resumed_here:
+    ema = {k: p.detach().clone() for k, p in params.items()} if rid else None
+    first = start_step if t == start_task else 0
+    if ckpt is not None and t == start_task and start_step > 0:  # resumed inside this task
         optimizer.load_state_dict(ckpt["optimizer"])
         if ema is not None:
             ema = {k: v.to(device) for k, v in ckpt["ema"].items()}
-    first = start_step if t == start_task else 0
     if master and first == 0:
-        print(f"task {t + 1}/{T}: {tasks[t]} | adapter '{name}' | "
-              f"{sum(p.numel() for p in params.values()):,} trainable parameters")
+        print(f"task {t + 1}/{T}: {tasks[t]} | adapter '{name}' | {sum(p.numel() for p in params.values()):,} "
+              f"trainable parameters | reward scale s_t = {reward_scales[t]:.4g}")
     bar = tqdm(range(first, args.iters), initial=first, total=args.iters, desc=f"task {t + 1} {tasks[t]}",
                disable=not master, dynamic_ncols=True)
-    # One live line per loss term under the bar (on a terminal; in a log file they would be escape codes).
-    live = master and sys.stderr.isatty()
-    lines = {k: tqdm(total=0, position=i + 1, bar_format="{desc}", disable=not live, leave=False)
-             for i, k in enumerate(["reward", "loss_reward", "loss_rid"])}
-    nonfinite_run, times = 0, []
     task_log = train_log[t] if len(train_log) > t else {"task": tasks[t], "seconds": [], "skipped": 0}
     if len(train_log) <= t:
         train_log.append(task_log)
     for step in bar:
-        t0 = time.time()
+        t0, global_step = time.time(), t * args.iters + step + 1
+        if global_step == args.fault_signal_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real handler runs; this step still finishes
         prompts, latents, k, matched = step_randomness(t, step)
         # This process's share of the global batch, in micro-batches (gradient accumulation).
-        stats = torch.zeros(4, dtype=torch.float64)  # sum of rewards, loss_reward, loss_rid, stop flag
+        stats = torch.zeros(5, dtype=torch.float64)  # sums of rewards, loss_reward, loss_rid, loss_l2; stop flag
         for j in range(args.grad_accum):
             lo = (rank * args.grad_accum + j) * micro
             p, z = prompts[lo:lo + micro], latents[lo:lo + micro].to(device)
-            cond, uncond = encode_prompts(pipe, p), encode_prompts(pipe, [""] * micro)
-            noise = torch.Generator().manual_seed(args.seed + 7919 * (t * args.iters + step) + lo)  # eta > 0 only
-            images, captured = sample(pipe, cond, uncond, z, S, args.guidance_scale, args.eta, grad_steps=k,
-                                      checkpointing=not args.no_checkpointing, checkpoint_decode=args.checkpoint_decode,
-                                      generator=noise, capture=matched if args.method == "rid" else ())
-            if args.checkpoint_reward:  # recompute the reward network in backward instead of storing it
-                r = checkpoint(reward_fn, images.to(dtype), p, use_reentrant=False).float()
-            else:
-                r = reward_fn(images.to(dtype), p).float()  # (micro,)
-            if t * args.iters + step in fault_steps:
+            eta_noise = [torch.Generator().manual_seed(seed_for("eta", args.seed, t, step, lo + i)) for i in range(micro)]
+            r, loss_rid = step_losses(pipe, reward_fn, p, z, S, args.guidance_scale, args.eta, k, ema, matched,
+                                      not args.no_checkpointing, args.checkpoint_decode, args.checkpoint_reward,
+                                      eta_noise, **rid_options)  # r: (micro,) rewards with graph
+            if global_step in fault_steps:
                 r = r * float("nan")
             # The losses, side by side. Each micro-batch adds its share of the global-batch mean, so the summed
             # gradient over micro-batches and processes is the gradient of the global-batch mean.
-            loss_reward = -args.loss_scale * r.sum() / args.batch_size
-            loss_rid = torch.zeros(())
-            if args.method == "rid":
-                context = torch.cat([uncond, cond]) if guided else cond
-                loss_rid = teacher_loss(pipe, captured, context, ema, not args.no_checkpointing) * micro / args.batch_size
-            (loss_reward + args.rid_lambda * loss_rid).backward()
-            stats += torch.tensor([r.detach().sum().item(), loss_reward.item(), loss_rid.item(), 0.0])
-        stats[3] = float(stop_requested)
+            loss_reward = -scale * r.sum() / args.batch_size
+            loss_rid = loss_rid * micro / args.batch_size
+            scaler.scale(loss_reward + args.rid_lambda * loss_rid).backward()
+            stats[:3] += torch.tensor([r.detach().sum().item(), loss_reward.item(), loss_rid.item()])
+        if args.method == "l2":  # once per step; each process adds 1/world of it, the all-reduce sums them
+            loss_l2 = lora_delta_sq(pipe.unet, name)
+            scaler.scale(args.l2_weight * loss_l2 / world).backward()
+            stats[3] = loss_l2.item() / world
+        stats[4] = float(stop_requested)
         # One all-reduce per optimiser step carries every LoRA gradient and the step's statistics, so all
         # processes take the same decisions (skip a non-finite step, stop on Ctrl-C) at the same step.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
@@ -428,31 +520,34 @@ for t in range(start_task, T):
         for p, g in zip(params.values(), grads):
             p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
             offset += g.numel()
-        reward_sum, loss_r, loss_d, stop = flat[offset:].tolist()
-        finite = bool(torch.isfinite(flat).all())
+        reward_sum, loss_r, loss_d, loss_w, stop = flat[offset:].tolist()
+        scaler.unscale_(optimizer)  # fp16 only: back to true gradients (and a record of any overflow)
+        finite = bool(torch.isfinite(flat).all()) and all(torch.isfinite(p.grad).all() for p in params.values())
+        # fp16: finite losses with overflowing gradients mean the scale is too high; the scaler halves it and the
+        # step is skipped, as torch's scaler does, without counting towards --max_nonfinite.
+        overflow = scaler.is_enabled() and not finite and all(map(lambda v: v == v and abs(v) != float("inf"),
+                                                                   (reward_sum, loss_r, loss_d, loss_w)))
         grad_norm = float("nan")
         if finite:
             nonfinite_run = 0
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), args.max_grad_norm or float("inf")))
-            optimizer.step()
+            scaler.step(optimizer)
             if ema is not None:  # EMA teacher update, right after the optimiser step: A_bar <- m A_bar + (1-m) A_t
-                torch._foreach_lerp_(list(ema.values()), [p.detach() for p in params.values()], 1 - args.ema_momentum)
+                ema_update(ema, params, args.ema_momentum)
         else:  # a NaN or inf anywhere: skip this step entirely, the weights stay as they were
-            nonfinite_run += 1
+            nonfinite_run += 0 if overflow else 1
             task_log["skipped"] += 1
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.time() - t0
         task_log["seconds"].append(round(seconds, 4))
         if master:
-            bar.set_postfix(s_per_step=f"{seconds:.2f}", skipped=task_log["skipped"], **({} if live else {
-                "reward": f"{reward_sum / args.batch_size:+.4f}", "loss_rid": f"{args.rid_lambda * loss_d:.2e}"}))
-            lines["reward"].set_description_str(f"  reward {tasks[t]:<14} {reward_sum / args.batch_size:+.4f}")
-            lines["loss_reward"].set_description_str(f"  loss_reward          {loss_r:+.4f}")
-            lines["loss_rid"].set_description_str(f"  loss_rid (x lambda)  {args.rid_lambda * loss_d:+.6f}")
+            row = {"reward": reward_sum / args.batch_size, "loss_reward": loss_r, "loss_rid": loss_d, "loss_l2": loss_w,
+                   "grad_norm": grad_norm, "seconds": round(seconds, 4)}
+            bar.set_postfix(reward=f"{row['reward']:+.4f}", skipped=task_log["skipped"], s_per_step=f"{seconds:.2f}")
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps({"task": t + 1, "step": step + 1, "reward": reward_sum / args.batch_size,
-                                    "loss_reward": loss_r, "loss_rid": loss_d, "grad_norm": grad_norm,
-                                    "seconds": round(seconds, 4), "finite": finite}) + "\n")
+                f.write(json.dumps({"task": t + 1, "step": step + 1, **row, "finite": finite}) + "\n")
+            tracker.scalars({f"train/{k}": v for k, v in row.items() if v == v}, global_step)  # v == v: not NaN
         if nonfinite_run >= args.max_nonfinite:
             if master:
                 save_checkpoint(t, step + 1)
@@ -460,26 +555,28 @@ for t in range(start_task, T):
             fail(f"stopped: {nonfinite_run} non-finite steps in a row (task {t + 1}, step {step + 1}); lower --lr "
                  f"or --loss_scale. The last finite weights are in {ckpt_path}")
         done = step + 1
-        if master and (stop or done % args.save_every == 0) and done < args.iters:
-            save_checkpoint(t, done)
+        if master and (stop or (done % args.save_every == 0 and done < args.iters)):
+            save_checkpoint(t, done)  # also at done == iters when stopping: the resume then finishes the task
         if stop:
             bar.close()
             if master:
                 again = " ".join(["python", *sys.argv] + ([] if args.resume else ["--resume"]))
                 print(f"\ninterrupted: checkpoint saved at task {t + 1}, step {done}. Continue with:\n  {again}")
+            tracker.close()
             if world > 1:
                 dist.destroy_process_group()
             sys.exit(130)
     bar.close()
-    for line in lines.values():
-        line.close()
     # Task done: its adapter (diffusers LoRA format), then the evaluation of every reward, then a checkpoint.
     if master:
-        save_lora(pipe.unet, name, pipe.unet.peft_config[name], os.path.join(args.out, adapter_dir(t)))
-        stages.append(run_eval(t + 1))
-        ema, optimizer = None, None
-        save_checkpoint(t + 1, 0)
+        save_lora(pipe.unet, name, pipe.unet.peft_config[name], os.path.join(args.out, adapter_dir(t)), xl=pipe.xl)
+    if soup:  # the soup after task t: every adapter so far, each with weight c
+        set_adapters(pipe.unet, adapters_made, weights=stage_adapters(t)[1])
+    stages.append(run_eval(t + 1))
     ema, optimizer = None, None
+    if master:
+        save_checkpoint(t + 1, 0)
+        track_stage(t)
     if world > 1:
         dist.barrier()
 
@@ -494,13 +591,16 @@ if master:
         "matrix": [[s["rewards"][r]["mean"] for r in tasks] for s in stages],
         "matrix_se": [[s["rewards"][r]["se"] for r in tasks] for s in stages],
         "structure": [s["structure"] for s in stages],
-        "adapters": [stage_adapters(t) for t in range(-1, T)],
+        "adapters": [stage_adapters(t)[0] for t in range(-1, T)],
+        "adapter_weights": [stage_adapters(t)[1] for t in range(-1, T)],
         "train": {"seconds_per_step": [sorted(l["seconds"])[len(l["seconds"]) // 2] for l in train_log],
                   "seconds_total": [round(sum(l["seconds"]), 1) for l in train_log],
-                  "skipped_steps": [l["skipped"] for l in train_log], "peak_memory_bytes_this_session": peak},
+                  "skipped_steps": [l["skipped"] for l in train_log], "reward_scales": reward_scales,
+                  "unet_calls_per_image_step": unet_calls, "peak_memory_bytes_this_session": peak},
     }
     table = write_report(args.out, results, [stage_images(s) for s in range(T + 1)])
     print(table)
     print(f"wrote {args.out}/results.json, results.md, grid.png, heatmap.png and {T} adapters")
+tracker.close()
 if world > 1:
     dist.destroy_process_group()

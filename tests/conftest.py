@@ -3,6 +3,7 @@
 code offline. Everything here builds in about a second on a CPU."""
 import json
 import os
+import subprocess
 import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach a hub from the tests
@@ -73,7 +74,82 @@ def build_tiny_pipeline(folder, seed=0):
     return folder
 
 
+def build_tiny_sdxl(folder, seed=0):
+    """Random-weight SDXL pipeline in the hub layout: two text encoders (the second with a projection, whose pooled
+    output and the six time ids feed the UNet's added embedding), tokenizer_2 with SDXL's pad token "!", an
+    EulerDiscreteScheduler config as on the hub. 32x32 images, ~0.4M parameters."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(os.path.join(folder, "_tok"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(os.path.join(folder, "_tok"), pad_token="!", model_max_length=16)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+        cross_attention_dim=32 + 16, norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=32, scaling_factor=0.13025)
+    common = dict(vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, hidden_act="gelu")
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=16, projection_dim=16, **common))
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(2)
+        unet.conv_out.weight.mul_(5)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                              tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False
+                              ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """Path of a tiny SDXL-format model folder (built once per test session)."""
+    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """Path of a tiny SD-format model folder (built once per test session)."""
     return build_tiny_pipeline(str(tmp_path_factory.mktemp("tiny_sd")))
+
+
+# -----------------------------------------------------------------------------
+# train_rid.py runs on the tiny model, shared by several test files: each made once per session, on first use.
+
+# Small but real: 2 tasks x 3 steps, 4 DDIM steps, K=2, 4 evaluation images, a checkpoint after every step.
+RUN = ["--rewards", "brightness,saturation", "--iters", "3", "--ddim_steps", "4", "--grad_steps", "2",
+       "--batch_size", "2", "--eval_n", "4", "--eval_batch_size", "2", "--lr", "0.02", "--save_every", "1",
+       "--lora_alpha", "8"]
+
+
+def train(model, out, *extra, method="rid", wait=True, launcher=None, env=None):
+    """train_rid.py as a user runs it (later flags win, as in argparse)."""
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "train_rid.py"), "--model", model, "--out", str(out),
+                                            "--method", method, *RUN, *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_sd, tmp_path_factory):
+    """trained(method, *flags) -> (run folder, stdout) of a finished run; each distinct call trains once."""
+    cache = {}
+
+    def get(method, *flags):
+        if (method, flags) not in cache:
+            out = tmp_path_factory.mktemp("runs") / method
+            r = train(tiny_sd, out, *flags, method=method)
+            assert r.returncode == 0, r.stderr[-3000:]
+            cache[method, flags] = out, r.stdout
+        return cache[method, flags]
+    return get

@@ -1,17 +1,21 @@
-"""bench.py runs end to end at a tiny size and writes every figure: once on the tiny SD folder of conftest.py (every
-code path of the training step: micro-batches, matched steps, both checkpoint levers) and once on sd15-arch, the
-real SD 1.5 shapes at 32 px, 1 DDIM step. Not a timed test: nothing here asserts a speed."""
+"""bench.py: the -arch models have the published parameter counts (built on the meta device: no memory, no time),
+random_weights fills every tensor as it says, and the script runs end to end on the tiny SD and SDXL folders with
+every phase, writing figures that are consistent with each other. Not a timed test: nothing here asserts a speed."""
 import json
-import math
 import os
+import statistics
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from conftest import ROOT
 
-PHASES = ("sample", "diffusers", "adapters", "rid")
-TABLE = ("| (a) rid sampler, no grad |", "| (b) diffusers StableDiffusionPipeline |", "| (c) train step, adapters |",
-         "| (d) train step, rid |", "| (a)/(b) ours vs diffusers |", "| (c)/(a) train step", "| (d)/(c) rid vs adapters |")
+sys.path.insert(0, ROOT)
+import bench  # noqa: E402
+
+ALL = ("sample", "diffusers", "naive", "adapters", "rid", "l2", "soup")
 
 
 def run_bench(*args):
@@ -19,65 +23,82 @@ def run_bench(*args):
                           cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def check_figures(path, stdout):
+def count(build):
+    with torch.device("meta"):
+        return sum(p.numel() for p in build().parameters())
+
+
+def test_arch_models_have_the_published_sizes():
+    """SD 1.5: UNet 859,520,964, VAE 83,653,863, text encoder 123,060,480; SDXL base: UNet 2,567,463,684 (the
+    parameter counts of the hub checkpoints' configurations)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    assert count(lambda: UNet2DConditionModel(**bench.SD15_UNET)) == 859_520_964
+    assert count(lambda: AutoencoderKL(**bench.SD_VAE)) == 83_653_863
+    assert count(lambda: CLIPTextModel(CLIPTextConfig(**bench.CLIP_L14_TEXT))) == 123_060_480
+    assert count(lambda: UNet2DConditionModel(**bench.SDXL_UNET)) == 2_567_463_684
+    big_g = count(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**bench.CLIP_BIGG_TEXT)))
+    assert 690e6 < big_g < 700e6  # OpenCLIP ViT-bigG/14's text tower with its projection: ~695M
+
+
+def test_random_weights_fills_every_tensor():
+    from transformers import CLIPTextConfig, CLIPTextModel
+    config = dict(bench.CLIP_L14_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    m = bench.random_weights(lambda: CLIPTextModel(CLIPTextConfig(**config)), "cpu", torch.float32)
+    for name, p in m.named_parameters():
+        assert torch.isfinite(p).all(), name
+        if p.dim() >= 2:  # uniform in +-1/sqrt(fan_in), and not constant
+            assert p.abs().max() <= p[0].numel() ** -0.5 + 1e-6 and p.std() > 0, name
+    pos = dict(m.named_buffers())["embeddings.position_ids"]
+    assert torch.equal(pos[0], torch.arange(77))  # the buffer, not to_empty's garbage
+
+
+def check_figures(path, stdout, phases):
     with open(path) as f:
         figures = json.load(f)
-    assert set(figures["phases"]) == set(PHASES)
-    for name in PHASES:
+    assert set(figures["phases"]) == set(phases)
+    for name in phases:
         phase = figures["phases"][name]
-        for key in ("median_s", "images_per_s", "peak_memory_bytes"):
-            assert math.isfinite(phase[key]) and phase[key] > 0, (name, key, phase[key])
+        assert phase["median_s"] > 0 and phase["images_per_s"] == pytest.approx(figures["config"]["batch_size"] / phase["median_s"])
         assert phase["peak_memory_bytes"] >= 2**20  # bytes, not KB or GB: a process holding a model
-    assert set(figures["ratios"]) == {"a_over_b", "c_over_a", "d_over_c"}
-    assert set(figures["cpu_ratios"]) == set(figures["ratios"])  # on a CPU: the same ratios from process CPU time
-    assert all(math.isfinite(v) and v > 0 for v in [*figures["ratios"].values(), *figures["cpu_ratios"].values()])
-    assert figures["resident_before_bytes"] > 0 and figures["memory_kind"]
-    for row in TABLE:
-        assert row in stdout, row
+        assert phase["median_s"] == pytest.approx(statistics.median(phase["times_s"]))
+        assert bench.LABELS[name] in stdout
+    for key, _, num, den, _ in bench.RATIOS:  # every ratio is the quotient of the figures it names
+        if num in phases and den in phases:
+            assert figures["ratios"][key] == pytest.approx(figures["phases"][num]["median_s"] / figures["phases"][den]["median_s"])
+            assert figures["cpu_ratios"][key] == pytest.approx(
+                figures["phases"][num]["cpu_median_s"] / figures["phases"][den]["cpu_median_s"])
     return figures
 
 
-def test_bench_tiny_model(tiny_sd, tmp_path):
+def test_bench_tiny_model_every_phase(tiny_sd, tmp_path):
     out = tmp_path / "bench.json"
-    r = run_bench("--model", tiny_sd, "--batch_size", "2", "--grad_accum", "2", "--ddim_steps", "4", "--grad_steps", "2",
-                  "--match_steps", "1", "--checkpoint_decode", "--checkpoint_reward", "--warmup", "1", "--repeats", "1",
-                  "--json", str(out))
+    r = run_bench("--model", tiny_sd, "--batch_size", "2", "--grad_accum", "2", "--ddim_steps", "3", "--grad_steps", "2",
+                  "--match_steps", "1", "--checkpoint_decode", "--checkpoint_reward", "--rid_project", "--warmup", "0",
+                  "--repeats", "2", "--phases", ",".join(ALL), "--json", str(out))
     assert r.returncode == 0, r.stderr
-    figures = check_figures(out, r.stdout)
+    figures = check_figures(out, r.stdout, ALL)
     # (a) and (b) did the same work: in fp32 they make the same images (parity is tested in test_sample.py too)
     assert figures["max_abs_diff_a_b"] <= 1e-5
     assert figures["config"]["grad_accum"] == 2 and figures["height"] == 32
 
 
-def test_bench_tiny_model_bf16(tiny_sd, tmp_path):
-    """The GPU default: frozen networks in bf16, LoRA weights in fp32 (bench.py asserts it before timing)."""
+def test_bench_tiny_sdxl_bf16(tiny_sdxl, tmp_path):
+    """The SDXL path (two text encoders, StableDiffusionXLPipeline as the reference) at the GPU default: frozen
+    networks in bf16, LoRA weights in fp32."""
     out = tmp_path / "bench.json"
-    r = run_bench("--model", tiny_sd, "--batch_size", "2", "--ddim_steps", "4", "--grad_steps", "2", "--match_steps", "1",
+    r = run_bench("--model", tiny_sdxl, "--batch_size", "2", "--ddim_steps", "3", "--phases", "sample,diffusers,rid",
                   "--dtype", "bfloat16", "--warmup", "0", "--repeats", "1", "--json", str(out))
     assert r.returncode == 0, r.stderr
-    figures = check_figures(out, r.stdout)
+    figures = check_figures(out, r.stdout, ("sample", "diffusers", "rid"))
     assert figures["dtype"] == "bfloat16"
-    # bf16 UNet calls in both samplers; ours keeps the DDIM arithmetic in fp32, so the images differ a little
-    assert 0 < figures["max_abs_diff_a_b"] < 0.25
-
-
-def test_bench_sd15_arch_small(tmp_path):
-    """The SD 1.5 architecture and the ViT-L/14 aesthetic stand-in, built from their configs with random weights.
-    fp32: on a CPU without bf16 instructions (AVX2 only, as on the CI machine) the bf16 backward ran 640 s; fp32
-    runs in about 55 s at 32 px and one DDIM step, with 6 GiB resident. The bf16 path is run on the tiny model."""
-    out = tmp_path / "sd15.json"
-    r = run_bench("--model", "sd15-arch", "--height", "32", "--width", "32", "--batch_size", "1", "--ddim_steps", "1",
-                  "--dtype", "float32", "--warmup", "0", "--repeats", "1", "--json", str(out))
-    assert r.returncode == 0, r.stderr
-    figures = check_figures(out, r.stdout)
-    assert figures["reward"] == "aesthetic-arch" and figures["dtype"] == "float32"
-    assert "model sd15-arch (861M UNet parameters)" in r.stdout  # 859.5M of SD 1.5 + two rank-4 adapters
+    # bf16 UNet calls in both samplers; ours keeps the DDIM arithmetic in fp32 where diffusers' stays in bf16, and
+    # guidance 7.5 amplifies that on this random model: the largest pixel differs by up to ~0.3 (fp32: exactly equal)
+    assert 0 < figures["max_abs_diff_a_b"] < 0.5
 
 
 def test_sweep_command_lines_parse_back():
     """--sweep re-runs bench.py with one lever flipped: the command line it builds must parse back to the same flags."""
-    sys.path.insert(0, ROOT)
-    import bench
     args = bench.parser.parse_args(["--model", "sd15-arch", "--checkpoint_decode", "--grad_accum", "2", "--batch_size", "4"])
     config = {**vars(args), "dtype": "bfloat16", "no_checkpointing": True}
     assert vars(bench.parser.parse_args(bench.to_argv(config))) == config

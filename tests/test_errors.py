@@ -1,12 +1,14 @@
 """Bad input, tried as a new user would: every mistake gets one line on stderr that names the problem and the fix,
 exit code 2, no traceback, and no file written (an earlier run's files untouched)."""
 import os
+import runpy
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT
+from sample import UserError
 
 OK = ["--rewards", "brightness", "--iters", "2", "--ddim_steps", "4", "--batch_size", "2", "--eval_n", "2"]
 
@@ -25,6 +27,8 @@ CASES = {  # name: (arguments, a word the message must contain)
     "unknown reward": (["--rewards", "brightness,beauty"], "beauty"),
     "empty rewards": (["--rewards", ","], "--rewards"),
     "unknown method": (["--method", "ewc"], "method"),
+    "project with guided": (["--method", "rid", "--rid_project", "--rid_branches", "guided"], "--rid_project"),
+    "negative l2 weight": (["--l2_weight", "-1"], "--l2_weight"),
     "missing prompt file": (["--prompts", "nope.txt"], "nope.txt"),
     "empty prompt file": (["--prompts", "empty.txt"], "empty.txt"),
     "K above steps": (["--grad_steps", "9"], "--grad_steps"),
@@ -56,38 +60,69 @@ def workdir(tmp_path, tiny_sd):
     return tmp_path
 
 
+def train_in_process(args, cwd, monkeypatch, capsys):
+    """train_rid.py run in this process (runpy), as the CLI would run it: -> (exit code, stderr). Its one_line_errors
+    turns a UserError into one line and exit code 2 (checked in a real subprocess below); here we apply the same
+    rule by hand, so that each case costs no interpreter start and library import (~2 s each)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["train_rid.py", *args])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    try:
+        runpy.run_path(os.path.join(ROOT, "train_rid.py"), run_name="__main__")
+        code = 0
+    except SystemExit as e:  # argparse's errors: one_line_errors prints the line itself
+        code = e.code
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_train_bad_input_is_one_line_exit_2_and_writes_nothing(case, workdir, tiny_sd):
+def test_train_bad_input_is_one_line_exit_2_and_writes_nothing(case, workdir, tiny_sd, monkeypatch, capsys):
     args, word = CASES[case]
     base = ["--model", tiny_sd, "--out", "run", *OK]
     before = listing(workdir)
-    r = train_cli(*base, *args, cwd=workdir)  # later flags win, as in argparse
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2, (case, r.stderr[-2000:])
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    code, stderr = train_in_process([*base, *args], workdir, monkeypatch, capsys)  # later flags win, as in argparse
+    lines = stderr.strip().splitlines()
+    assert code == 2, (case, stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
     assert word in lines[0], lines[0]
     assert listing(workdir) == before  # no file appeared, none was touched
 
 
-def test_an_earlier_run_is_never_clobbered_and_resume_checks_settings(workdir, tiny_sd):
-    """A real (tiny) run; then a plain rerun and a --resume are refused (it is finished); with its results.json
-    gone (as if killed before the end), --resume with another learning rate and K is refused, naming both."""
-    r = train_cli("--model", tiny_sd, "--out", "run", *OK, cwd=workdir)
-    assert r.returncode == 0, r.stderr[-2000:]
+@pytest.mark.parametrize("case", ["unknown reward", "hub id offline"])
+def test_train_bad_input_in_a_real_process(case, workdir, tiny_sd):
+    """Two of the cases as a user meets them: one line on stderr, exit code 2, no traceback, nothing written."""
+    args, word = CASES[case]
+    before = listing(workdir)
+    r = train_cli("--model", tiny_sd, "--out", "run", *OK, *args, cwd=workdir)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and word in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert listing(workdir) == before
+
+
+def test_an_earlier_run_is_never_clobbered_and_resume_checks_settings(workdir, tiny_sd, trained, monkeypatch, capsys):
+    """A real (tiny) finished run; a plain rerun and a --resume are refused (it is finished); with its results.json
+    gone (as if killed before the end), --resume with another learning rate and K is refused, naming both; with
+    the base model's evaluated images gone, --resume is refused before any work."""
+    import shutil
+    from conftest import RUN
+    shutil.copytree(trained("naive")[0], workdir / "run")
+    flags = ["--model", tiny_sd, "--out", "run", "--method", "naive", *RUN]
     for extra, message in (([], "finished run"), (["--resume"], "finished run")):
         before = listing(workdir)
-        r = train_cli("--model", tiny_sd, "--out", "run", *OK, *extra, cwd=workdir)
-        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        code, stderr = train_in_process([*flags, *extra], workdir, monkeypatch, capsys)
+        assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
         assert listing(workdir) == before
     os.remove(workdir / "run" / "results.json")
     before = listing(workdir)
-    r = train_cli("--model", tiny_sd, "--out", "run", *OK, "--resume", "--lr", "0.5", "--grad_steps", "2", cwd=workdir)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "lr=" in r.stderr and "grad_steps=" in r.stderr
+    code, stderr = train_in_process([*flags, "--resume", "--lr", "0.5", "--grad_steps", "1"], workdir, monkeypatch, capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "lr=" in stderr and "grad_steps=" in stderr
     assert listing(workdir) == before
-    # The same settings, but the base model's evaluated images are gone: refused, not a traceback later on.
     os.remove(workdir / "run" / "samples" / "stage0.pt")
     before = listing(workdir)
-    r = train_cli("--model", tiny_sd, "--out", "run", *OK, "--resume", cwd=workdir)
-    assert r.returncode == 2 and "stage0.pt is gone" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    code, stderr = train_in_process([*flags, "--resume"], workdir, monkeypatch, capsys)
+    assert code == 2 and "stage0.pt is gone" in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert listing(workdir) == before

@@ -299,19 +299,15 @@ def test_cli_bad_input_is_one_line(case, fake_run, tmp_path, monkeypatch, capsys
     assert (sorted(os.walk(tmp_path)), sorted(os.walk(fake_run))) == before  # nothing written
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "train_rid.py")), reason="train_rid.py not there yet")
-def test_cli_reproduces_a_train_rid_run(tiny_sd, tmp_path):
-    """A real (tiny) naive run of train_rid.py: every stage is its own snapshot of the one adapter."""
-    out = tmp_path / "naive"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train_rid.py"), "--model", tiny_sd, "--out", str(out),
-                        "--method", "naive", "--rewards", "brightness,saturation", "--iters", "2", "--ddim_steps", "4",
-                        "--batch_size", "2", "--eval_n", "4", "--eval_batch_size", "2", "--lr", "0.05"],
-                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_cli_reproduces_a_train_rid_run(trained, tmp_path):
+    """A real (tiny) soup run of train_rid.py, each adapter weighted 0.5: eval.py rebuilds every stage from the saved
+    adapters and the recorded weights and gets the training-time matrix and structure."""
+    out, _ = trained("soup", "--soup_weight", "0.5")
     r = run_eval_cli("--run", str(out), "--out", str(tmp_path / "again"))
     assert r.returncode == 0, r.stderr
     old, new = (json.load(open(d / "results.json")) for d in (out, tmp_path / "again"))
-    assert old["adapters"][2] == ["adapters/task2_saturation"]
+    assert old["adapters"][2] == ["adapters/task1_brightness", "adapters/task2_saturation"]
+    assert old["adapter_weights"][2] == [0.5, 0.5]
     assert np.abs(np.array(new["matrix"]) - np.array(old["matrix"])).max() < 1e-6
     for a, b in zip(old["structure"][1:], new["structure"][1:]):
         assert a["ssim"]["mean"] == pytest.approx(b["ssim"]["mean"], abs=1e-6)
