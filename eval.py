@@ -1,5 +1,5 @@
 """
-eval.py: the metrics of rid (RID.md section 5) on a fixed, paired evaluation set. Every stage (the base
+eval.py: the metrics of rid (docs/method.md) on a fixed, paired evaluation set. Every stage (the base
 model, after task 1, after task 2, ...) samples the same prompts from the same per-image seeds, so every
 comparison between stages is paired: image k of every stage starts from the same noise x_T.
 
@@ -11,7 +11,7 @@ comparison between stages is paired: image k of every stage starts from the same
 Recompute a finished run from its saved adapters (train_rid.py wrote DIR/results.json and DIR/adapters/);
 the run's own files are never touched, the new ones go to DIR/eval/ (or --out):
     python eval.py --run runs/toy_rid
-    python eval.py --run runs/sd_rid --device cuda --clip_model /ckpt/clip-vit-large-patch14 --out runs/sd_rid/eval2
+    python eval.py --run runs/sd_rid --device cuda --clip_model /path/to/clip-vit-large-patch14 --out runs/sd_rid/eval2
 It prints the Markdown table and the largest absolute difference to the training-time reward matrix.
 """
 import argparse
@@ -83,7 +83,7 @@ def clip_embed(clip_model, images):
     x = x.to(p.device, p.dtype)
     if hasattr(clip_model, "get_image_features"):
         e = clip_model.get_image_features(pixel_values=x)
-        e = e if torch.is_tensor(e) else e.pooler_output  # transformers 5 returns an output object (NOTES.md)
+        e = e if torch.is_tensor(e) else e.pooler_output  # transformers 5 returns an output object
     else:
         e = clip_model(pixel_values=x).image_embeds
     return F.normalize(e.float().cpu(), dim=-1)
@@ -140,6 +140,13 @@ def evaluate(pipe, rewards, prompts, seeds, ddim_steps=50, guidance_scale=7.5, e
                                for b in range(0, len(mine), batch_size)]) for name, reward in rewards.items()}
     if world > 1:  # rewards were scored on the float images; the gathered images are 8-bit, as the structure uses
         images, scores = gather(images, scores, rank, world)
+    return {"rewards": {name: mean_se(s) for name, s in scores.items()}, "images": images, "scores": scores,
+            "structure": structure_of(images, prompts, base_images, toy, clip_model, batch_size)}
+
+
+def structure_of(images, prompts, base_images=None, toy=False, clip_model=None, batch_size=8):
+    """Structure of a stage's images (N, 3, H, W): SSIM (and CLIP cosine) to the base model's images of the same
+    prompt and seed, and in the toy world the caption checker's rates. -> {name: {"mean", "se"}, ...}"""
     # Structure is measured on 8-bit images, what a saved PNG holds (our choice): a run's saved base images
     # then give the same numbers as freshly sampled ones, and float noise below 1/255 cannot count as drift.
     q = lambda x: (x.float().cpu() * 255).round() / 255
@@ -157,11 +164,10 @@ def evaluate(pipe, rewards, prompts, seeds, ddim_steps=50, guidance_scale=7.5, e
         ok = toy_world.check_captions(q(images), prompts)  # {"shape", "colour", "background"}: (N,) bool
         structure["caption"] = {**mean_se((ok["shape"] & ok["colour"] & ok["background"]).float()),
                                 **{k: v.float().mean().item() for k, v in ok.items()}}
-    return {"rewards": {name: mean_se(s) for name, s in scores.items()}, "structure": structure,
-            "images": images, "scores": scores}
+    return structure
 
 # -----------------------------------------------------------------------------
-# RIL metrics (RID.md section 5) from the reward matrix R: (T+1) x T, row 0 = base, row i = after task i,
+# RIL metrics (docs/method.md) from the reward matrix R: (T+1) x T, row 0 = base, row i = after task i,
 # column j (0-based) = reward of task j+1, so the diagonal "after learning task j+1" is R[j+1][j].
 
 def ril_metrics(matrix, tol=1e-6, scale=None):
@@ -188,7 +194,7 @@ def ril_metrics(matrix, tol=1e-6, scale=None):
             gain[i][j] = (R[i][j] - R[0][j]) / own + 0.0  # 1 = all of the task's gain kept, 0 = base (+0.0: no -0.0)
     mean = lambda v: sum(v) / len(v) if v else None
     # F_t = mean over earlier tasks of (their best g so far) - (their g now). Column j (task j+1) was learned at row
-    # j+1, so its best so far is the max over rows j+1 .. t-1 (RID.md: l in [j, t-1] with 1-based tasks).
+    # j+1, so its best so far is the max over rows j+1 .. t-1 (docs/method.md: l in [j, t-1] with 1-based tasks).
     forgetting = [mean([max(gain[l][j] for l in range(j + 1, t)) - gain[t][j]
                         for j in range(t - 1) if gain[t][j] is not None]) for t in range(1, T + 1)]
     average = [mean([gain[t][j] for j in range(t) if gain[t][j] is not None]) for t in range(1, T + 1)]
@@ -250,6 +256,21 @@ def draw_grid(results, stage_images, ncol=8, min_px=96, label_w=130):
     return out
 
 
+def side_by_side(paths, titles, out, gap=24, head_h=34):
+    """Pictures (PNG files) next to each other, each with its title above, written atomically to `out`."""
+    from PIL import Image, ImageDraw
+    ims = [Image.open(p).convert("RGB") for p in paths]
+    canvas = Image.new("RGB", (sum(im.width for im in ims) + gap * (len(ims) - 1), head_h + max(im.height for im in ims)),
+                       "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for im, title in zip(ims, titles):
+        canvas.paste(im, (x, head_h))
+        draw.text((x + 8, 6), title, fill="black", font=font(18))
+        x += im.width + gap
+    with atomic_file(out) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
 def draw_heatmap(results, cell=(96, 44), label_w=130, head_h=52):
     """The normalised gain matrix: blue = the task's gain kept (1), white = back to base (0), red = below base."""
     from PIL import Image, ImageDraw
@@ -288,19 +309,11 @@ def write_report(run_dir, results, stage_images):
 # -----------------------------------------------------------------------------
 # CLI: rebuild every stage of a finished run from its saved adapters and recompute its results
 
-def main():
-    parser = one_line_errors(argparse.ArgumentParser(description="Recompute a finished rid run's results."))
-    parser.add_argument("--run", required=True, help="run folder written by train_rid.py (results.json, adapters/)")
-    parser.add_argument("--out", default=None, help="output folder; none = RUN/eval (never RUN itself)")
-    parser.add_argument("--device", default=None, help="cuda or cpu; none = the run's config")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="compute dtype; none = the run's config")
-    parser.add_argument("--clip_model", default=None, help="CLIP folder or hub id for CLIP-image drift; none = the one a reward holds, if any")
-    args = parser.parse_args()
-    # Validate everything before loading a model, so that bad input writes nothing.
-    path = os.path.join(args.run, "results.json")
+def read_run(run):
+    """The training-time record of a finished run, checked before anything loads. -> results dict"""
+    path = os.path.join(run, "results.json")
     if not os.path.isfile(path):
-        raise UserError(f"'{args.run}' is not a finished run (no results.json); pass a folder written by train_rid.py")
+        raise UserError(f"'{run}' is not a finished run (no results.json); pass a folder written by train_rid.py")
     try:
         with open(path) as f:
             old = json.load(f)
@@ -311,11 +324,26 @@ def main():
         assert len(adapters) == len(names) + 1 and not adapters[0], "adapters must list base + one stage per task"
     except (ValueError, KeyError, TypeError, AssertionError) as e:
         raise UserError(f"'{path}' is not a train_rid.py results file ({type(e).__name__}: {e})")
+    for folder in dict.fromkeys(sum(adapters, [])):
+        check_lora(os.path.join(run, folder))
+    return old
+
+
+def main():
+    parser = one_line_errors(argparse.ArgumentParser(description="Recompute a finished rid run's results."))
+    parser.add_argument("--run", required=True, help="run folder written by train_rid.py (results.json, adapters/)")
+    parser.add_argument("--out", default=None, help="output folder; none = RUN/eval (never RUN itself)")
+    parser.add_argument("--device", default=None, help="cuda or cpu; none = the run's config")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="compute dtype; none = the run's config")
+    parser.add_argument("--clip_model", default=None, help="CLIP folder or hub id for CLIP-image drift; none = the one a reward holds, if any")
+    args = parser.parse_args()
+    # Validate everything before loading a model, so that bad input writes nothing.
+    old = read_run(args.run)
+    config, adapters, names = old["config"], old["adapters"], old["rewards"]
     out_dir = args.out or os.path.join(args.run, "eval")
     if os.path.realpath(out_dir) == os.path.realpath(args.run):
         raise UserError("--out must not be the run folder itself: its results.json is the training-time record")
-    for folder in dict.fromkeys(sum(adapters, [])):
-        check_lora(os.path.join(args.run, folder))
     paths = dict(kv.split("=", 1) for kv in config.get("reward_path") or [])
     device, dtype = pick_device_dtype(args.device or config.get("device"), args.dtype or config.get("dtype"))
     pipe = load_pipeline(config["model"], device, dtype)

@@ -5,11 +5,11 @@ Differentiable rewards for rid. Every reward is a frozen nn.Module with one sign
 
 differentiable with respect to the images (any H, W). Preprocessing is pure torch on the tensor (bicubic
 with antialias, crop or pad as the reference does, CLIP mean/std), so the graph reaches the pixels; the
-references' processors go through PIL/uint8 and would cut it. See RID.md section 6.
+references' processors go through PIL/uint8 and would cut it. See docs/rewards.md.
 
     from rewards import load_reward
     reward = load_reward("aesthetic")                        # weights from the hub
-    reward = load_reward("hps", path="/ckpt/HPS_v2.1_compressed.pt")   # or a local copy
+    reward = load_reward("hps", path="/path/to/HPS_v2.1_compressed.pt")   # or a local copy
     scores = reward(images, prompts)                        # (B,) float32, keeps the graph to `images`
 
 What `path` means for each reward is written at the top of its load_* function below.

@@ -254,7 +254,7 @@ def build_tokenizer():
 
 
 def lr_at(step, total, peak, warmup):
-    # linear warmup, then cosine decay to zero: a constant LR plateaued early (NOTES.md)
+    # linear warmup, then cosine decay to zero: a constant LR plateaued early (docs/toy_world.md)
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -264,6 +264,119 @@ def nparams(m):
     return sum(p.numel() for p in m.parameters())
 
 
+def train_autoencoder(args, step_seed):
+    """Stage 1: the AutoencoderKL, 32x32x3 pixels -> 8x8x4 latents (3 encoder blocks, 2 downsamplings); then its latent
+    scale, measured on fresh images. -> (frozen vae, the checker's rates on its reconstructions)"""
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
+                        norm_num_groups=16, sample_size=32)
+    print(f"AutoencoderKL: {nparams(vae) / 1e6:.2f}M params; {args.vae_steps} steps x {args.vae_batch} images")
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    bar = tqdm(range(args.vae_steps), desc="vae", unit="step")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.vae_steps, args.vae_lr, args.warmup)
+        seed = step_seed(1, step)
+        x = render(toy_captions(args.vae_batch, seed), seed) * 2 - 1  # (B, 3, 32, 32) in [-1, 1]
+        posterior = vae.encode(x).latent_dist
+        x_rec = vae.decode(posterior.sample()).sample
+        rec = F.mse_loss(x_rec, x)
+        kl = posterior.kl().mean()
+        loss = rec + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(rec=f"{rec.item():.4f}")
+        if step % args.log_every == 0 or step == args.vae_steps - 1:
+            tqdm.write(f"vae step {step:5d} | rec mse {rec.item():.5f} | kl {kl.item():.1f} | lr {opt.param_groups[0]['lr']:.2e}")
+    vae.eval().requires_grad_(False)
+    # Latent scale: SD multiplies latents by vae.config.scaling_factor (0.18215 for its VAE) so the diffusion sees
+    # ~unit variance. Ours is measured on 2048 fresh images and saved in the config.
+    with torch.no_grad():
+        caps = toy_captions(2048, args.seed + 7)
+        z = vae.encode(render(caps, args.seed + 7) * 2 - 1).latent_dist.sample()  # (2048, 4, 8, 8)
+        x_rec = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+    vae.register_to_config(scaling_factor=1.0 / z.std().item())
+    rates = match_rates(x_rec, caps)
+    print(f"latent std {z.std().item():.3f} -> scaling_factor {vae.config.scaling_factor:.4f}; "
+          f"checker on reconstructions: " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
+    return vae, rates
+
+
+def train_denoiser(args, vae, step_seed):
+    """Stage 2: the text encoder and the UNet, trained jointly with the epsilon loss on latents of fresh images.
+    -> (tokenizer, text_encoder, unet, scheduler)"""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from tqdm import tqdm
+    from transformers import CLIPTextConfig, CLIPTextModel
+    tokenizer = build_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=4)  # (diffusers: head count)
+    # SD v1's training schedule; DDIM sampling later uses the same betas
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    alphas_cumprod = scheduler.alphas_cumprod  # (1000,) alpha-bar_t
+    print(f"UNet: {nparams(unet) / 1e6:.2f}M params, text encoder: {nparams(text_encoder) / 1e6:.2f}M params, "
+          f"vocab {len(tokenizer)}; {args.unet_steps} steps x {args.unet_batch} images = {args.unet_steps * args.unet_batch} samples")
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
+    bar = tqdm(range(args.unet_steps), desc="unet", unit="step")
+    loss_avg = None
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.unet_steps, args.unet_lr, args.warmup)
+        seed = step_seed(2, step)
+        g = torch.Generator().manual_seed(seed)
+        captions = toy_captions(args.unet_batch, seed)
+        with torch.no_grad():
+            z0 = vae.encode(render(captions, seed) * 2 - 1).latent_dist.sample(g) * vae.config.scaling_factor  # (B, 4, 8, 8)
+        # caption dropout: the pipeline's unconditional branch encodes "" the same way
+        drop = torch.rand(len(captions), generator=g) < args.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids  # (B, 16)
+        cond = text_encoder(ids)[0]  # (B, 16, 64); no attention mask, like the pipeline
+        t = torch.randint(0, 1000, (len(captions),), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps  # forward process, DDPM eq. 4
+        loss = F.mse_loss(unet(z_t, t, cond).sample, eps)  # epsilon loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{loss_avg:.4f}")
+        if step % args.log_every == 0 or step == args.unet_steps - 1:
+            tqdm.write(f"unet step {step:5d} | eps mse {loss.item():.4f} (avg {loss_avg:.4f}) | lr {opt.param_groups[0]['lr']:.2e}")
+    return tokenizer, text_encoder.eval(), unet.eval(), scheduler
+
+
+def measure(args, out):
+    """The acceptance numbers: the checker on procedural images, then its rates on held-out (never trained) captions."""
+    real = toy_captions(4096, args.eval_seed + 1, split="heldout")
+    print("checker on 4096 procedural images: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in match_rates(render(real, args.eval_seed + 2), real).items()))
+    captions = toy_captions(args.eval_n, args.eval_seed, split="heldout")
+    t0 = time.time()
+    images = sample_toy(out, captions, args.eval_seed, args.ddim_steps, args.guidance_scale)
+    rates = match_rates(images, captions)
+    print(f"held-out caption match, {args.eval_n} captions, guidance {args.guidance_scale}, {args.ddim_steps} DDIM steps "
+          f"({time.time() - t0:.0f} s): " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
+    if args.grid:
+        save_grid(images[:24], captions[:24], args.grid)
+        print(f"grid of 24 samples -> {args.grid}")
+
+
 def main(args):
     out = os.path.abspath(args.out)
     # Bad input first, before the heavy imports and any work: refuse before spending half an hour, not after.
@@ -271,136 +384,31 @@ def main(args):
         raise UserError(f"--eval_only needs a model folder, and '{args.out}' does not exist; pass --out DIR")
     if not args.eval_only and os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         raise UserError(f"'{args.out}' exists and is not empty; choose another --out or pass --overwrite")
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from tqdm import tqdm
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}")
     t_start = time.time()
     if not args.eval_only:
+        from diffusers import StableDiffusionPipeline
         torch.manual_seed(args.seed)
-        train_step_seed = lambda stage, step: args.seed * 1_000_003 + stage * 100_000 + step  # distinct data per step
-
-        # -------------------------------------------------------------------------------------------
-        # Stage 1: the autoencoder. 32x32x3 pixels -> 8x8x4 latents (3 encoder blocks, 2 downsamplings).
-        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                            block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
-                            norm_num_groups=16, sample_size=32)
-        print(f"AutoencoderKL: {nparams(vae) / 1e6:.2f}M params; {args.vae_steps} steps x {args.vae_batch} images")
-        opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-        bar = tqdm(range(args.vae_steps), desc="vae", unit="step")
-        for step in bar:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, args.vae_steps, args.vae_lr, args.warmup)
-            seed = train_step_seed(1, step)
-            x = render(toy_captions(args.vae_batch, seed), seed) * 2 - 1  # (B, 3, 32, 32) in [-1, 1]
-            posterior = vae.encode(x).latent_dist
-            x_rec = vae.decode(posterior.sample()).sample
-            rec = F.mse_loss(x_rec, x)
-            kl = posterior.kl().mean()
-            loss = rec + args.vae_kl * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.set_postfix(rec=f"{rec.item():.4f}")
-            if step % args.log_every == 0 or step == args.vae_steps - 1:
-                tqdm.write(f"vae step {step:5d} | rec mse {rec.item():.5f} | kl {kl.item():.1f} | lr {opt.param_groups[0]['lr']:.2e}")
-        vae.eval().requires_grad_(False)
-
-        # Latent scale: SD multiplies latents by vae.config.scaling_factor (0.18215 for its VAE) so the
-        # diffusion sees ~unit variance. Ours is measured on 2048 fresh images and saved in the config.
-        with torch.no_grad():
-            caps = toy_captions(2048, args.seed + 7)
-            x = render(caps, args.seed + 7) * 2 - 1
-            z = vae.encode(x).latent_dist.sample()  # (2048, 4, 8, 8)
-            x_rec = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
-        vae.register_to_config(scaling_factor=1.0 / z.std().item())
-        rec_rates = match_rates(x_rec, caps)
-        print(f"latent std {z.std().item():.3f} -> scaling_factor {vae.config.scaling_factor:.4f}; "
-              f"checker on reconstructions: " + ", ".join(f"{k} {v:.3f}" for k, v in rec_rates.items()))
-
-        # -------------------------------------------------------------------------------------------
-        # Stage 2: text encoder + UNet, trained jointly with the epsilon loss on latents of fresh images.
-        tokenizer = build_tokenizer()
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=4)  # (diffusers: head count)
-        # SD v1's training schedule; DDIM sampling later uses the same betas
-        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-        alphas_cumprod = scheduler.alphas_cumprod  # (1000,) alpha-bar_t
-        print(f"UNet: {nparams(unet) / 1e6:.2f}M params, text encoder: {nparams(text_encoder) / 1e6:.2f}M params, "
-              f"vocab {len(tokenizer)}; {args.unet_steps} steps x {args.unet_batch} images "
-              f"= {args.unet_steps * args.unet_batch} samples")
-        params = list(unet.parameters()) + list(text_encoder.parameters())
-        opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
-        bar = tqdm(range(args.unet_steps), desc="unet", unit="step")
-        loss_avg = None
-        for step in bar:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, args.unet_steps, args.unet_lr, args.warmup)
-            seed = train_step_seed(2, step)
-            g = torch.Generator().manual_seed(seed)
-            captions = toy_captions(args.unet_batch, seed)
-            with torch.no_grad():
-                z0 = vae.encode(render(captions, seed) * 2 - 1).latent_dist.sample(g) * vae.config.scaling_factor  # (B, 4, 8, 8)
-            # caption dropout: the pipeline's unconditional branch encodes "" the same way
-            drop = torch.rand(len(captions), generator=g) < args.caption_dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids  # (B, 16)
-            cond = text_encoder(ids)[0]  # (B, 16, 64); no attention mask, like the pipeline
-            t = torch.randint(0, 1000, (len(captions),), generator=g)
-            eps = torch.randn(z0.shape, generator=g)
-            a = alphas_cumprod[t].view(-1, 1, 1, 1)
-            z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps  # forward process, DDPM eq. 4
-            loss = F.mse_loss(unet(z_t, t, cond).sample, eps)  # epsilon loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-            bar.set_postfix(loss=f"{loss_avg:.4f}")
-            if step % args.log_every == 0 or step == args.unet_steps - 1:
-                tqdm.write(f"unet step {step:5d} | eps mse {loss.item():.4f} (avg {loss_avg:.4f}) | lr {opt.param_groups[0]['lr']:.2e}")
+        step_seed = lambda stage, step: args.seed * 1_000_003 + stage * 100_000 + step  # distinct data per step
+        vae, rec_rates = train_autoencoder(args, step_seed)
+        tokenizer, text_encoder, unet, scheduler = train_denoiser(args, vae, step_seed)
         train_s = time.time() - t_start
-
-        # -------------------------------------------------------------------------------------------
-        # Save as an ordinary StableDiffusionPipeline folder: write to a temporary sibling and rename
-        # into place, so a kill never leaves a half-written model and an earlier model stays intact.
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        # An ordinary StableDiffusionPipeline folder, written to a temporary sibling and renamed into place: a kill
+        # never leaves a half-written model, and an earlier model stays intact.
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
         with atomic_dir(out) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
             with open(os.path.join(tmp, "toy.json"), "w") as f:  # provenance; from_pretrained ignores it
-                json.dump({"args": vars(args), "train_seconds": round(train_s), "threads": torch.get_num_threads(),
+                recipe = {k: v for k, v in vars(args).items() if k not in ("out", "grid", "overwrite", "eval_only")}
+                json.dump({"args": recipe, "train_seconds": round(train_s), "threads": torch.get_num_threads(),
                            "checker_on_vae_reconstructions": rec_rates}, f, indent=2)
         print(f"saved {out} after {train_s:.0f} s of training")
-
-    # -----------------------------------------------------------------------------------------------
-    # The acceptance numbers: checker match rates on held-out (never trained) captions.
     if args.eval_n:
-        real = toy_captions(4096, args.eval_seed + 1, split="heldout")  # the checker itself, on drawn images
-        print("checker on 4096 procedural images: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in match_rates(render(real, args.eval_seed + 2), real).items()))
-        captions = toy_captions(args.eval_n, args.eval_seed, split="heldout")
-        t0 = time.time()
-        images = sample_toy(out, captions, args.eval_seed, args.ddim_steps, args.guidance_scale)
-        rates = match_rates(images, captions)
-        print(f"held-out caption match, {args.eval_n} captions, guidance {args.guidance_scale}, {args.ddim_steps} DDIM steps "
-              f"({time.time() - t0:.0f} s): " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
-        if args.grid:
-            save_grid(images[:24], captions[:24], args.grid)
-            print(f"grid of 24 samples -> {args.grid}")
+        measure(args, out)
     print(f"total {time.time() - t_start:.0f} s")
 
 

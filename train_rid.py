@@ -40,6 +40,7 @@ import re
 import resource
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -48,7 +49,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from eval import clip_at_hand, draw_grid, eval_set, evaluate, is_toy, ril_metrics, write_report
+from eval import clip_at_hand, draw_grid, eval_set, evaluate, is_toy, ril_metrics, side_by_side, write_report
 from rewards import check_reward_name, load_reward
 from sample import (DEFAULT_MODEL, UserError, add_lora, atomic_dir, atomic_file, check_model, ema_update,
                     initial_latents, load_pipeline, lora_delta_sq, lora_params, matched_steps, one_line_errors,
@@ -118,6 +119,9 @@ parser.add_argument("--seed", type=int, default=0, help="seed of the training pr
 parser.add_argument("--save_every", type=int, default=50, help="checkpoint every N steps (and after every task)")
 parser.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
 parser.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out and start again")
+parser.add_argument("--baseline", default=None, choices=["none"] + METHODS, help="after the run, train this method "
+                    "with the same settings into OUT/baseline_METHOD and draw both grids side by side in OUT/compare.png; "
+                    "none = skip (default naive with --model toy, none otherwise)")
 parser.add_argument("--log", default="none", choices=["none", "tensorboard", "wandb"],
                     help="also log to an experiment tracker (log.jsonl is always written)")
 parser.add_argument("--max_nonfinite", type=int, default=5, help="stop after this many non-finite steps in a row")
@@ -128,7 +132,7 @@ parser.add_argument("--dist_timeout", type=float, default=60.0, help="minutes a 
 args = parser.parse_args()
 # Defaults that depend on the model: SD 1.5's by default; with --model toy, a run that ends in minutes on a CPU.
 for flag, sd, toy in (("rewards", "aesthetic,hps", TOY_REWARDS), ("iters", 100, 20), ("batch_size", 4, 8),
-                      ("ddim_steps", 50, 20), ("eval_batch_size", 8, 64)):
+                      ("ddim_steps", 50, 20), ("eval_batch_size", 8, 64), ("baseline", "none", "naive")):
     if getattr(args, flag) is None:
         setattr(args, flag, toy if is_toy(args.model) else sd)
 
@@ -203,6 +207,7 @@ check_model(args.model)
 # The run folder: refuse to touch an earlier run unless asked; resume only a run with the same settings.
 ckpt_path = os.path.join(args.out, "checkpoint.pt")
 IGNORED_ON_RESUME = {"out", "resume", "overwrite", "save_every", "eval_batch_size", "device", "dist_timeout", "log",
+                     "baseline",
                      "fault_nan_steps", "fault_signal_step", "max_nonfinite"}  # change nothing the run computes
 config = dict(vars(args))
 ckpt = None
@@ -596,11 +601,28 @@ if master:
         "train": {"seconds_per_step": [sorted(l["seconds"])[len(l["seconds"]) // 2] for l in train_log],
                   "seconds_total": [round(sum(l["seconds"]), 1) for l in train_log],
                   "skipped_steps": [l["skipped"] for l in train_log], "reward_scales": reward_scales,
-                  "unet_calls_per_image_step": unet_calls, "peak_memory_bytes_this_session": peak},
+                  "unet_calls_per_image_step": unet_calls, "peak_memory_bytes": peak},
     }
     table = write_report(args.out, results, [stage_images(s) for s in range(T + 1)])
     print(table)
     print(f"wrote {args.out}/results.json, results.md, grid.png, heatmap.png and {T} adapters")
+
+# -----------------------------------------------------------------------------
+# The baseline beside this run (the toy quick start: naive next to rid): the same flags in a fresh process.
+
+if master and args.baseline not in ("none", args.method) and world == 1:
+    base_out = os.path.join(args.out, f"baseline_{args.baseline}")
+    done = os.path.isfile(os.path.join(base_out, "results.json"))
+    if not done:
+        flags = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+        flags += ["--method", args.baseline, "--out", base_out, "--baseline", "none"]
+        flags += ["--resume"] if os.path.isfile(os.path.join(base_out, "checkpoint.pt")) else []
+        print(f"\nbaseline: {args.baseline} with the same settings, into {base_out}", flush=True)
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), *flags]).returncode == 0
+    if done:
+        side_by_side([os.path.join(base_out, "grid.png"), os.path.join(args.out, "grid.png")],
+                     [f"{args.baseline} (baseline)", f"{args.method} (this run)"], os.path.join(args.out, "compare.png"))
+        print(f"wrote {args.out}/compare.png: {args.baseline} (left) and {args.method} (right), the same prompts and noise")
 tracker.close()
 if world > 1:
     dist.destroy_process_group()

@@ -117,7 +117,7 @@ def test_gradients_reach_only_trainable_lora_weights(tiny_sd):
     params = list(sample.lora_params(fresh.unet, "t").values())
     opt = torch.optim.AdamW(params, lr=1e-2)
     first = grad_of_loss(fresh, 1, True)
-    assert all(first[k].abs().sum() == 0 for k in first if "lora_A" in k)  # NOTES.md: B = 0 at the start
+    assert all(first[k].abs().sum() == 0 for k in first if "lora_A" in k)  # B = 0 at the start
     opt.step()
     assert all(g.abs().sum() > 0 for g in grad_of_loss(fresh, 1, True).values())
 

@@ -76,12 +76,18 @@ def test_toy_model_defaults(tmp_path):
     from toy import TOY_REWARDS
     out = tmp_path / "toy"
     cmd = [sys.executable, os.path.join(ROOT, "train_rid.py"), "--model", "toy", "--out", str(out), "--iters", "1",
-           "--eval_n", "8", "--ddim_steps", "10"]
+           "--eval_n", "8", "--ddim_steps", "6"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(out / "results.json"))
     assert res["rewards"] == TOY_REWARDS.split(",") and len(res["matrix"]) == 4
     assert (res["config"]["batch_size"], res["config"]["eval_batch_size"], res["config"]["method"]) == (8, 64, "rid")
+    # the quick start's picture: naive trained with the same flags beside it, both grids in compare.png
+    base = json.load(open(out / "baseline_naive" / "results.json"))
+    assert base["method"] == "naive" and base["config"]["ddim_steps"] == 6 and base["config"]["baseline"] == "none"
+    grid, naive_grid, both = (Image.open(p) for p in (out / "grid.png", out / "baseline_naive" / "grid.png", out / "compare.png"))
+    assert both.width > grid.width + naive_grid.width and both.height > grid.height
+    assert "compare.png: naive (left) and rid (right)" in r.stdout
     # held-out captions, so the caption checker measures structure; the base model follows them
     assert res["structure"][0]["caption"]["mean"] >= 0.75
 
