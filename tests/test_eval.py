@@ -261,6 +261,7 @@ def fake_run(tiny_sd, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_cli_recomputes_a_run(fake_run):
     before = open(os.path.join(fake_run, "results.json"), "rb").read()
     r = run_eval_cli("--run", fake_run)
@@ -304,6 +305,7 @@ def test_cli_bad_input_is_one_line(case, fake_run, tmp_path, monkeypatch, capsys
     assert (sorted(os.walk(tmp_path)), sorted(os.walk(fake_run))) == before  # nothing written
 
 
+@pytest.mark.slow
 def test_cli_reproduces_a_train_rid_run(trained, tmp_path):
     """A real (tiny) soup run of train_rid.py, each adapter weighted 0.5: eval.py rebuilds every stage from the saved
     adapters and the recorded weights and gets the training-time matrix and structure."""
@@ -314,7 +316,9 @@ def test_cli_reproduces_a_train_rid_run(trained, tmp_path):
     assert old["adapters"][2] == ["adapters/task1_brightness", "adapters/task2_saturation"]
     assert old["adapter_weights"][2] == [0.5, 0.5]
     assert np.abs(np.array(new["matrix"]) - np.array(old["matrix"])).max() < 1e-6
+    # SSIM divides by small local variances, so float-order differences in the weighted adapter sum move it in the
+    # 6th digit (2.5e-6 seen on another machine); a wrong stage would move it by far more than 1e-4.
     for a, b in zip(old["structure"][1:], new["structure"][1:]):
-        assert a["ssim"]["mean"] == pytest.approx(b["ssim"]["mean"], abs=1e-6)
+        assert a["ssim"]["mean"] == pytest.approx(b["ssim"]["mean"], abs=1e-4)
     assert old["structure"][2]["ssim"]["mean"] < 0.999  # training changed the images
     assert not (out / "eval").exists()  # --out was honoured
