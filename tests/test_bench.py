@@ -71,6 +71,7 @@ def check_figures(path, stdout, phases):
     return figures
 
 
+@pytest.mark.slow
 def test_bench_tiny_model_every_phase(tiny_sd, tmp_path):
     out = tmp_path / "bench.json"
     r = run_bench("--model", tiny_sd, "--batch_size", "2", "--grad_accum", "2", "--ddim_steps", "3", "--grad_steps", "2",
@@ -83,6 +84,7 @@ def test_bench_tiny_model_every_phase(tiny_sd, tmp_path):
     assert figures["config"]["grad_accum"] == 2 and figures["height"] == 32
 
 
+@pytest.mark.slow
 def test_bench_tiny_sdxl_bf16(tiny_sdxl, tmp_path):
     """The SDXL path (two text encoders, StableDiffusionXLPipeline as the reference) at the GPU default: frozen
     networks in bf16, LoRA weights in fp32."""

@@ -91,6 +91,7 @@ def test_train_bad_input_is_one_line_exit_2_and_writes_nothing(case, workdir, ti
     assert listing(workdir) == before  # no file appeared, none was touched
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["unknown reward", "hub id offline"])
 def test_train_bad_input_in_a_real_process(case, workdir, tiny_sd):
     """Two of the cases as a user meets them: one line on stderr, exit code 2, no traceback, nothing written."""
@@ -102,6 +103,7 @@ def test_train_bad_input_in_a_real_process(case, workdir, tiny_sd):
     assert listing(workdir) == before
 
 
+@pytest.mark.slow
 def test_an_earlier_run_is_never_clobbered_and_resume_checks_settings(workdir, tiny_sd, trained, monkeypatch, capsys):
     """A real (tiny) finished run; a plain rerun and a --resume are refused (it is finished); with its results.json
     gone (as if killed before the end), --resume with another learning rate and K is refused, naming both; with

@@ -149,6 +149,7 @@ def test_l2_penalty_is_the_squared_norm_of_the_dense_weight_change(pipe):
     torch.testing.assert_close(ours.detach(), total.detach(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
 def test_teacher_loss_in_a_real_run_and_the_ema_after_one_step(tiny_sd, tmp_path):
     """train_rid.py --method rid: the log's teacher loss is exactly 0 at step 1 of each task (the new adapter has
     B = 0, so the EMA teacher is the student), above 0 after. Stopped after step 1 of task 1 (SIGTERM through the

@@ -154,6 +154,7 @@ def test_steps_before_the_window_build_no_graph(tiny_sd):
     assert saved_bytes(pipe, 20, 2, checkpointing=False) > saved_bytes(pipe, 20, 2)  # and checkpointing saves it
 
 
+@pytest.mark.slow
 def test_lora_round_trip_in_stock_pipeline(tiny_sd, tmp_path):
     """An adapter with lora_alpha != rank, saved by us, loads in a fresh stock pipeline with load_lora_weights
     and gives the images sample.py gives with --lora."""
@@ -197,6 +198,7 @@ def test_two_adapters_compose_and_reload(tiny_sd, tmp_path):
         assert not torch.allclose(sample.unet_eps(fresh.unet, x, t, ctx), sample.unet_eps(pipe.unet, x, t, ctx))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "not_sd", "hub_offline", "no_prompt", "bad_lora", "not_empty"])
 def test_cli_bad_input_is_one_line(case, tiny_sd, tmp_path):
     out = tmp_path / "out"
@@ -271,6 +273,7 @@ def test_sdxl_sampler_matches_diffusers_xl_pipeline(tiny_sdxl, tmp_path):
     assert uncond["added_cond_kwargs"]["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]]
 
 
+@pytest.mark.slow
 def test_sdxl_lora_round_trip_in_stock_pipeline(tiny_sdxl, tmp_path):
     """An adapter on the SDXL UNet, saved by us, loads in a stock StableDiffusionXLPipeline and reproduces our images."""
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline

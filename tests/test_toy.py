@@ -106,6 +106,7 @@ def test_shipped_model_samples_depend_on_the_caption(shipped_samples):
     assert allmatch[[not s for s in same]].mean() < 0.3
 
 
+@pytest.mark.slow
 def test_remake_script_runs_and_never_clobbers(tmp_path):
     # the real script end to end, a few steps of each stage: a loadable pipeline folder, no temp leftovers
     import subprocess

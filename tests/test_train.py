@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, RUN, train
 
+pytestmark = pytest.mark.slow  # every test here runs train_rid.py in a subprocess
+
 METHOD_FLAGS = {"rid": ("--match_steps", "1"), "l2": ("--l2_weight", "0.0001"), "soup": ("--soup_weight", "0.5"),
                 "naive": (), "adapters": ()}
 
