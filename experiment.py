@@ -9,7 +9,7 @@ subprocess per run, one after another) and compares them. Two modes:
     python experiment.py --out runs/experiment                                  # naive, adapters, rid x 3 seeds
     python experiment.py --out runs/ablation --methods rid --vary rid_lambda=0.1,1,10    # an ablation
     python experiment.py --frontier --out runs/frontier \\
-        --rewards contrast,saturation,brightness --rewards warmth,contrast,compressibility  # the README's picture
+        --rewards contrast,saturation,brightness --rewards brightness,warmth,contrast  # the README's picture
     python experiment.py --out runs/experiment -- --lr 3e-4       # flags after -- go to every train_rid.py run
 
 A finished run is reused and an interrupted one resumed, so a command can simply be run again after a kill.
@@ -39,11 +39,12 @@ from toy import TOY_REWARDS
 # for every method: train_rid.py's defaults.
 FRONTIER = {
     "naive": ("iters", [3, 6, 10, 20]),          # naive stopped early: steps per task
-    "adapters": ("iters", [3, 6, 10, 20]),
-    "l2": ("l2_weight", [0.001, 0.003, 0.01, 0.03]),
-    "soup": ("soup_weight", [0.33, 0.67, 1.0]),  # each adapter's weight in the soup; 1 = the sum
-    "rid": ("rid_lambda", [0.3, 1, 3, 10]),
+    "l2": ("l2_weight", [0.01, 0.03]),
+    "soup": ("soup_weight", [0.33, 1.0]),        # each adapter's weight in the soup; 1 = the sum
+    "rid": ("rid_lambda", [1, 3, 10]),           # lambda 0 would be `adapters`
+    "adapters": ("iters", [3, 6, 10, 20]),       # not in the default picture: --methods adapters,... adds it
 }
+FRONTIER_DEFAULT = "naive,l2,soup,rid"
 
 parser = one_line_errors(argparse.ArgumentParser(description="Compare RIL methods over seeds."))
 parser.add_argument("--out", default="runs/experiment", help="folder for all runs and the comparison")
@@ -51,7 +52,7 @@ parser.add_argument("--model", default="toy", help="model of every run (hub id, 
 parser.add_argument("--rewards", action="append", default=None, help="a task sequence; repeat for more sequences "
                     f"(default {TOY_REWARDS})")
 parser.add_argument("--methods", default=None, help="methods to compare, comma-separated (default naive,adapters,rid; "
-                    "with --frontier every method of FRONTIER)")
+                    "with --frontier naive,l2,soup,rid)")
 parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (evaluation set is fixed)")
 parser.add_argument("--vary", default=None, help="ablation: KEY=v1,v2,... a train_rid.py flag to sweep")
 parser.add_argument("--frontier", action="store_true", help="curves over each method's knob (see FRONTIER)")
@@ -60,14 +61,18 @@ parser.add_argument("--knob", action="append", default=[], help="with --frontier
 parser.add_argument("--flags", action="append", default=[], help="with --frontier: NAME=\"--flag value ...\", fixed "
                     "train_rid.py flags of one curve (a variant such as rid/project=\"--rid_project\"); repeat")
 parser.add_argument("--reference", default=None, help="folder of the single-task reference runs; none = OUT/reference")
+parser.add_argument("--jobs", type=int, default=1, help="with --frontier: runs at a time; each gets cores/jobs "
+                    "threads and writes its output to FOLDER.log beside its folder (1 = one after another, output here)")
 parser.add_argument("--iters", type=int, default=None, help="optimiser steps per task of every run; none = train_rid.py's")
 parser.add_argument("--batch_size", type=int, default=None, help="images per optimiser step of every run; none = train_rid.py's")
 parser.add_argument("--eval_n", type=int, default=None, help="evaluation images of every run; none = train_rid.py's")
 args, extra = parser.parse_known_args()
+if args.jobs < 1 or (args.jobs > 1 and not args.frontier):
+    raise UserError(f"--jobs {args.jobs}: must be at least 1, and above 1 only with --frontier")
 extra = [a for a in extra if a != "--"]
 seeds = [int(s) for s in args.seeds.split(",")]
 sequences = args.rewards or [TOY_REWARDS]
-methods = (args.methods or (",".join(FRONTIER) if args.frontier else "naive,adapters,rid")).split(",")
+methods = (args.methods or (FRONTIER_DEFAULT if args.frontier else "naive,adapters,rid")).split(",")
 curves = {m: FRONTIER.get(m, (None, [None])) for m in methods}  # curve name -> (knob, values)
 for item in args.knob:
     name, _, spec = item.partition("=")
@@ -107,12 +112,23 @@ def run(folder, rewards, method, seed, flags=(), plan=None):
     given = {flag: getattr(args, flag) for flag in ("iters", "batch_size", "eval_n") if getattr(args, flag) is not None}
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_rid.py"),
            "--model", args.model, "--rewards", rewards, "--method", method, "--seed", str(seed), "--out", folder,
+           "--baseline", "none",
            *[a for k, v in given.items() for a in (f"--{k}", str(v))], *extra, *flags]
     if os.path.isfile(os.path.join(folder, "checkpoint.pt")):
         cmd.append("--resume")
     print(f"\n=== {folder}: {' '.join(cmd[1:])}", flush=True)
-    if subprocess.run(cmd).returncode != 0:
-        raise UserError(f"run {folder} failed (its own error is above); fix it and run this command again")
+    if args.jobs == 1:
+        ok = subprocess.run(cmd).returncode == 0
+    else:  # parallel runs: each on its share of the cores, its output in its own log
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                                               str(max(1, (os.cpu_count() or 1) // args.jobs)))}
+        with open(folder + ".log", "a") as log:  # beside the folder: train_rid.py wants its folder new
+            ok = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode == 0
+        print(f"=== {folder}: {'done' if ok else 'FAILED'}", flush=True)
+    if not ok:
+        where = "above" if args.jobs == 1 else f"in {folder}.log"
+        raise UserError(f"run {folder} failed (its own error is {where}); fix it and run this command again")
     return folder
 
 
@@ -325,8 +341,13 @@ if args.frontier:  # every missing run, seed by seed: after each seed the pictur
     for rewards in sequences:
         reference_runs(rewards, plan)
         curve_runs(rewards, out_of(rewards), plan)
-    for seed, folder, rewards, method, flags in sorted(dict.fromkeys(plan), key=lambda p: p[0]):
-        run(folder, rewards, method, seed, flags)
+    plan = sorted(dict.fromkeys(plan), key=lambda p: p[0])
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(args.jobs)
+    try:  # list() re-raises the first failure; the runs not yet started are then cancelled
+        list(pool.map(lambda p: run(p[1], p[2], p[3], p[0], p[4]), plan))
+    finally:
+        pool.shutdown(cancel_futures=True)
 texts, figures = [], {}
 for rewards in sequences:
     out = out_of(rewards)

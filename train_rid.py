@@ -89,7 +89,8 @@ parser.add_argument("--no_reward_norm", action="store_true", help="s_t = 1: use 
 parser.add_argument("--lora_rank", type=int, default=4, help="LoRA rank r of each adapter")
 parser.add_argument("--lora_alpha", type=float, default=4.0, help="LoRA alpha (the update is scaled by alpha / r)")
 # RID and the other baselines' knobs
-parser.add_argument("--rid_lambda", type=float, default=1.0, help="lambda: weight of the teacher-matching loss")
+parser.add_argument("--rid_lambda", type=float, default=3.0, help="lambda: weight of the teacher-matching loss "
+                    "(3: our choice from docs/experiments.md)")
 parser.add_argument("--ema_momentum", type=float, default=0.99, help="m of the EMA teacher; 1 = frozen previous model")
 parser.add_argument("--match_steps", type=int, default=0, help="M: extra matched steps from the no-grad part")
 parser.add_argument("--rid_weighting", default="eps", choices=["eps", "x0", "hybrid"], help="RID: per-step weight of "

@@ -2,6 +2,7 @@
 experiment.py reuses as finished runs), and one real train_rid.py run launched by it on the tiny SD folder."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -86,6 +87,7 @@ def test_table_mode_against_a_hand_computed_example(tmp_path):
     assert "| naive | 0.542 ± 0.295 |" in (out / "table.md").read_text()
 
 
+@pytest.mark.slow
 def test_experiment_trains_what_is_missing_and_reuses_what_is_there(tiny_sd, tmp_path):
     args = ["--model", tiny_sd, "--rewards", "brightness", "--methods", "naive", "--seeds", "0", "--out", "exp",
             "--iters", "1", "--batch_size", "2", "--eval_n", "2", "--", "--ddim_steps", "2", "--eval_batch_size", "2",
@@ -98,6 +100,18 @@ def test_experiment_trains_what_is_missing_and_reuses_what_is_there(tiny_sd, tmp
     table = (tmp_path / "exp" / "table.md").read_text()
     again = experiment(*args, cwd=tmp_path)
     assert again.returncode == 0 and "=== " not in again.stdout and (tmp_path / "exp" / "table.md").read_text() == table
+
+
+def test_parallel_runs_write_logs_beside_their_folders_and_a_failure_names_its_log(tmp_path):
+    """--jobs 2: each run's output goes to FOLDER.log; a run that fails (here: no such model folder) stops the
+    experiment with one line that points at that log, which holds train_rid.py's own error."""
+    r = experiment("--frontier", "--jobs", "2", "--model", "no_such_model", "--rewards", "brightness", "--methods",
+                   "naive", "--seeds", "0,1", "--knob", "naive=iters:1", "--out", "exp", cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and ".log" in r.stderr, r.stderr
+    log = re.search(r"its own error is in (\S+\.log)\)", r.stderr).group(1)
+    assert log in ("exp/reference/brightness/seed0.log", "exp/reference/brightness/seed1.log"), log
+    assert "no_such_model" in (tmp_path / log).read_text()
+    assert not any(n.endswith("seed0") or n.endswith("seed1") for _, dirs, _ in os.walk(tmp_path) for n in dirs)
 
 
 @pytest.mark.parametrize("args, word", [(["--vary", "rid_lambda"], "KEY=v1,v2"), (["--knob", "rid"], "NAME=KEY"),
