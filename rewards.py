@@ -311,12 +311,12 @@ def load_imagereward(path, device, dtype):
 # p(nonzero) * (2 bits for its Huffman run/size symbol + log2(1 + |q|) magnitude bits), p a sigmoid
 # around the rounding threshold |q| = 0.5. DC is coded as a difference to the previous block, as JPEG.
 # The proxy and its constants are our choice; tests/test_rewards.py checks its rank correlation with
-# real PIL sizes (README).
+# real PIL sizes (docs/rewards.md).
 Q_LUMA = [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
           14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
           49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99]   # ITU T.81 Annex K
 Q_CHROMA = [17, 18, 24, 47] + [99] * 4 + [18, 21, 26, 66] + [99] * 4 + [24, 26, 56] + [99] * 5 + [47, 66] + [99] * 38
-RATE_SCALE = 1.8  # proxy bits -> real coded bits: median ratio on the Spearman test images (README)
+RATE_SCALE = 1.8  # proxy bits -> real coded bits: median ratio on the Spearman test images (docs/rewards.md)
 
 def jpeg_bytes_per_pixel(images, quality=95):
     x = images.float() * 255                                                   # (B, 3, H, W)

@@ -406,7 +406,7 @@ def teacher_loss(pipe, captured, context, teacher, checkpointing=True, weighting
                  project=False, guidance_scale=7.5):
     """RID's momentum-distillation term (docs/method.md): the mean over matched steps of
     w_t || eps_student(x_t, t, c) - stopgrad(eps_teacher(x_t, t, c)) ||^2. Our reconstruction; the paper names the
-    teacher, not the loss. The options (ours, each measured in docs/experiments.md):
+    teacher, not the loss. The options (ours; docs/experiments.md has the ones measured):
       weighting  "eps": w_t = 1 (matching the noise prediction); "x0": w_t = (1 - abar_t) / abar_t, the same error
                  measured on the predicted clean latent x0 (it weighs high-noise steps, where structure is decided,
                  by up to ~150 and the last step by ~0.002); "hybrid": max(1, (1 - abar_t) / abar_t)

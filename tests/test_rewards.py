@@ -4,7 +4,7 @@ snapshot + CLIPImageProcessor config + tokenizer files, the aesthetic MLP as a .
 checkpoint as {"state_dict": ...} in open_clip's key layout), loaded through load_reward(name, path).
 
     python -m pytest tests/test_rewards.py     # the tests (~1 min on 2 CPU cores)
-    python tests/test_rewards.py               # README numbers: timing of every reward + JPEG Spearman
+    python tests/test_rewards.py               # docs/rewards.md's figures: timing of every reward + JPEG Spearman
 """
 import io, json, math, os, sys
 import numpy as np
@@ -596,7 +596,7 @@ def test_compressibility_ascent_shrinks_jpeg():
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    # README numbers: timing of every reward on the tiny stand-ins, then the JPEG-size rank correlation
+    # docs/rewards.md's figures: timing of every reward on the tiny stand-ins, then the JPEG-size rank correlation
     import tempfile
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as root:
