@@ -9,7 +9,7 @@ subprocess per run, one after another) and compares them. Two modes:
     python experiment.py --out runs/experiment                                  # naive, adapters, rid x 3 seeds
     python experiment.py --out runs/ablation --methods rid --vary rid_lambda=0.1,1,10    # an ablation
     python experiment.py --frontier --out runs/frontier \\
-        --rewards contrast,saturation,brightness --rewards brightness,warmth,contrast  # the README's picture
+        --rewards contrast,saturation,brightness --rewards brightness,warmth,contrast --jobs 2  # the README's picture
     python experiment.py --out runs/experiment -- --lr 3e-4       # flags after -- go to every train_rid.py run
 
 A finished run is reused and an interrupted one resumed, so a command can simply be run again after a kill.
@@ -42,9 +42,9 @@ FRONTIER = {
     "l2": ("l2_weight", [0.01, 0.03]),
     "soup": ("soup_weight", [0.33, 1.0]),        # each adapter's weight in the soup; 1 = the sum
     "rid": ("rid_lambda", [1, 3, 10]),           # lambda 0 would be `adapters`
-    "adapters": ("iters", [3, 6, 10, 20]),       # not in the default picture: --methods adapters,... adds it
+    "adapters": ("iters", [6, 20]),              # rid's lambda = 0, stopped early or not
 }
-FRONTIER_DEFAULT = "naive,l2,soup,rid"
+FRONTIER_DEFAULT = "naive,adapters,l2,soup,rid"
 
 parser = one_line_errors(argparse.ArgumentParser(description="Compare RIL methods over seeds."))
 parser.add_argument("--out", default="runs/experiment", help="folder for all runs and the comparison")
@@ -52,7 +52,7 @@ parser.add_argument("--model", default="toy", help="model of every run (hub id, 
 parser.add_argument("--rewards", action="append", default=None, help="a task sequence; repeat for more sequences "
                     f"(default {TOY_REWARDS})")
 parser.add_argument("--methods", default=None, help="methods to compare, comma-separated (default naive,adapters,rid; "
-                    "with --frontier naive,l2,soup,rid)")
+                    "with --frontier naive,adapters,l2,soup,rid)")
 parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (evaluation set is fixed)")
 parser.add_argument("--vary", default=None, help="ablation: KEY=v1,v2,... a train_rid.py flag to sweep")
 parser.add_argument("--frontier", action="store_true", help="curves over each method's knob (see FRONTIER)")
@@ -243,9 +243,11 @@ def curve_runs(rewards, out, plan=None):
 
 def frontier_mode(rewards, out):
     ref = reference_gains(rewards)
-    points = {name: [(value, summarise(folders, ref)) for value, folders in row]
-              for name, row in curve_runs(rewards, out).items()}  # in knob order
-    first = next(iter(curve_runs(rewards, out).values()))[0][1][0]
+    runs = curve_runs(rewards, out)
+    points = {name: [(value, summarise(folders, ref)) for value, folders in row] for name, row in runs.items()}
+    # the header's settings from a run at the common budget (not one with a curve over iters)
+    first = next((row[0][1][0] for name, row in runs.items() if curves[name][0] != "iters"),
+                 next(iter(runs.values()))[0][1][0])
     lines = [header(rewards, first),
              f"Reference gains (single-task runs): " + ", ".join(f"{n} {g:+.4f}" for n, g in zip(rewards.split(","), ref)),
              "", "| method | knob | new-task gain | F_T | F_T own | A_T | final gain | SSIM to base | caption match | "
