@@ -42,6 +42,7 @@ parser.add_argument("--vae_steps", type=int, default=1000, help="AutoencoderKL o
 parser.add_argument("--vae_batch", type=int, default=32, help="images per AutoencoderKL step")
 parser.add_argument("--vae_lr", type=float, default=2e-3, help="peak AdamW learning rate of the autoencoder")
 parser.add_argument("--vae_kl", type=float, default=1e-6, help="weight of the KL term (SD's value; keeps latents near-Gaussian)")
+parser.add_argument("--scale_n", type=int, default=2048, help="fresh images on which the latent scale is measured")
 # denoiser + text encoder
 parser.add_argument("--unet_steps", type=int, default=1800, help="UNet + text encoder optimiser steps")
 parser.add_argument("--unet_batch", type=int, default=64, help="images per UNet step")
@@ -49,7 +50,7 @@ parser.add_argument("--unet_lr", type=float, default=1e-3, help="peak AdamW lear
 parser.add_argument("--warmup", type=int, default=100, help="linear LR warmup steps (both stages), then cosine decay to 0")
 parser.add_argument("--caption_dropout", type=float, default=0.1, help="fraction of captions replaced by '' (for classifier-free guidance)")
 parser.add_argument("--log_every", type=int, default=100, help="print a loss line every this many steps")
-# evaluation (the issue's acceptance numbers)
+# evaluation (the numbers in docs/toy_world.md)
 parser.add_argument("--eval_n", type=int, default=256, help="held-out captions to sample and check (0 = skip)")
 parser.add_argument("--eval_seed", type=int, default=1234, help="seed of the held-out captions and of the initial latents")
 parser.add_argument("--ddim_steps", type=int, default=50, help="DDIM steps at evaluation")
@@ -293,10 +294,10 @@ def train_autoencoder(args, step_seed):
             tqdm.write(f"vae step {step:5d} | rec mse {rec.item():.5f} | kl {kl.item():.1f} | lr {opt.param_groups[0]['lr']:.2e}")
     vae.eval().requires_grad_(False)
     # Latent scale: SD multiplies latents by vae.config.scaling_factor (0.18215 for its VAE) so the diffusion sees
-    # ~unit variance. Ours is measured on 2048 fresh images and saved in the config.
+    # ~unit variance. Ours is measured on --scale_n fresh images and saved in the config.
     with torch.no_grad():
-        caps = toy_captions(2048, args.seed + 7)
-        z = vae.encode(render(caps, args.seed + 7) * 2 - 1).latent_dist.sample()  # (2048, 4, 8, 8)
+        caps = toy_captions(args.scale_n, args.seed + 7)
+        z = vae.encode(render(caps, args.seed + 7) * 2 - 1).latent_dist.sample()  # (scale_n, 4, 8, 8)
         x_rec = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
     vae.register_to_config(scaling_factor=1.0 / z.std().item())
     rates = match_rates(x_rec, caps)

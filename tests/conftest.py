@@ -3,6 +3,8 @@
 code offline. Everything here builds in about a second on a CPU."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402  (a dependency of huggingface_hub)
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest-xdist workers share the cores: one share each
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,9 +47,11 @@ def build_tiny_pipeline(folder, seed=0):
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(os.path.join(folder, "_tok"))
+    # Cross-attention (where the LoRA adapters go) at the 8x8 level only: at 16x16, self-attention over 256 tokens
+    # took a fifth of every tiny training run.
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
@@ -111,16 +116,34 @@ def build_tiny_sdxl(folder, seed=0):
     return folder
 
 
+def shared(tmp_path_factory, worker_id, name, make):
+    """make(folder) -> text, done once per test session however many pytest-xdist workers ask for it: the first
+    builds it under a file lock in the folder that all workers share, the others wait and reuse it. -> (folder, text)"""
+    root = tmp_path_factory.getbasetemp()
+    root = root if worker_id == "master" else root.parent  # under xdist each worker's basetemp is ROOT/popen-gwN
+    folder, done = root / "shared" / name, root / "shared" / f"{name}.done"
+    folder.parent.mkdir(exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        if not done.exists():
+            try:
+                text = make(folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)  # a half-made folder would fail the next worker oddly
+                raise
+            done.write_text(text)
+    return folder, done.read_text()
+
+
 @pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory):
+def tiny_sdxl(tmp_path_factory, worker_id):
     """Path of a tiny SDXL-format model folder (built once per test session)."""
-    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
+    return str(shared(tmp_path_factory, worker_id, "tiny_sdxl", lambda f: build_tiny_sdxl(str(f)) and "")[0])
 
 
 @pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory):
+def tiny_sd(tmp_path_factory, worker_id):
     """Path of a tiny SD-format model folder (built once per test session)."""
-    return build_tiny_pipeline(str(tmp_path_factory.mktemp("tiny_sd")))
+    return str(shared(tmp_path_factory, worker_id, "tiny_sd", lambda f: build_tiny_pipeline(str(f)) and "")[0])
 
 
 # -----------------------------------------------------------------------------
@@ -143,15 +166,15 @@ def train(model, out, *extra, method="rid", wait=True, launcher=None, env=None):
 
 
 @pytest.fixture(scope="session")
-def trained(tiny_sd, tmp_path_factory):
-    """trained(method, *flags) -> (run folder, stdout) of a finished run; each distinct call trains once."""
-    cache = {}
+def trained(tiny_sd, tmp_path_factory, worker_id):
+    """trained(method, *flags) -> (run folder, stdout) of a finished run; each distinct call trains once per session.
+    Tests may read the folder but not change it: copy it first."""
+    def make(method, flags, out):
+        r = train(tiny_sd, out, *flags, method=method)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
 
     def get(method, *flags):
-        if (method, flags) not in cache:
-            out = tmp_path_factory.mktemp("runs") / method
-            r = train(tiny_sd, out, *flags, method=method)
-            assert r.returncode == 0, r.stderr[-3000:]
-            cache[method, flags] = out, r.stdout
-        return cache[method, flags]
+        name = "run_" + re.sub(r"[^\w.=,-]+", "_", "_".join((method, *flags)))
+        return shared(tmp_path_factory, worker_id, name, lambda out: make(method, flags, out))
     return get

@@ -150,15 +150,14 @@ def test_l2_penalty_is_the_squared_norm_of_the_dense_weight_change(pipe):
 
 
 @pytest.mark.slow
-def test_teacher_loss_in_a_real_run_and_the_ema_after_one_step(tiny_sd, tmp_path):
+def test_teacher_loss_in_a_real_run_and_the_ema_after_one_step(trained, tiny_sd, tmp_path):
     """train_rid.py --method rid: the log's teacher loss is exactly 0 at step 1 of each task (the new adapter has
-    B = 0, so the EMA teacher is the student), above 0 after. Stopped after step 1 of task 1 (SIGTERM through the
-    testing aid), the checkpoint's EMA is m * A_0 + (1 - m) * A_1, A_0 the adapter as created (rebuilt here from its
-    seed) and A_1 the adapter after the step; with m = 1 it is A_0 itself, whose B is 0: the previous model."""
+    B = 0, so the EMA teacher is the student, at the K window steps and the extra matched one), above 0 after.
+    Stopped after step 1 of task 1 (SIGTERM through the testing aid), the checkpoint's EMA is m * A_0 + (1 - m) * A_1,
+    A_0 the adapter as created (rebuilt here from its seed) and A_1 the adapter after the step; with m = 1 it is A_0
+    itself, whose B is 0: the previous model."""
     from conftest import train
-    full = tmp_path / "full"
-    r = train(tiny_sd, full, "--iters", "3", "--match_steps", "0")
-    assert r.returncode == 0, r.stderr[-2000:]
+    full, _ = trained("rid", "--match_steps", "1")  # 3 steps per task
     log = [json.loads(line) for line in open(full / "log.jsonl")]
     assert [row["loss_rid"] == 0 for row in log] == [True, False, False] * 2
     for m in ("0.9", "1"):

@@ -20,6 +20,8 @@ from conftest import ROOT, RUN, train
 
 pytestmark = pytest.mark.slow  # every test here runs train_rid.py in a subprocess
 
+# One adapters run serves two tests: no reward normalisation, and two steps made non-finite by the testing aid.
+ADAPTERS_NAN = ("adapters", "--no_reward_norm", "--fault_nan_steps", "1,4")
 METHOD_FLAGS = {"rid": ("--match_steps", "1"), "l2": ("--l2_weight", "0.0001"), "soup": ("--soup_weight", "0.5"),
                 "naive": (), "adapters": ()}
 
@@ -69,7 +71,7 @@ def test_reward_scales_are_the_base_images_spread(trained, tiny_sd):
     for name, scale in zip(res["rewards"], res["train"]["reward_scales"]):
         spread = load_reward(name)(images, [""] * 4).std().item()
         assert scale == pytest.approx(spread, rel=1e-2) and scale != 1.0
-    off, _ = trained("adapters", "--no_reward_norm")
+    off, _ = trained(*ADAPTERS_NAN)
     assert json.load(open(off / "results.json"))["train"]["reward_scales"] == [1.0, 1.0]
 
 
@@ -215,9 +217,10 @@ def test_torchrun_two_processes_equal_one(trained, tiny_sd, tmp_path):
     for d in a:
         for k in a[d]:
             # Per-process batches of 1 instead of 2 change float summation orders (~1e-7 relative); Adam divides
-            # each element by its own running scale, so a near-zero gradient can turn that into a visible change
-            # (2.6e-4 seen on one of 64 weights). Unsynced gradients differ by a whole step, lr = 0.02.
-            torch.testing.assert_close(b[d][k], a[d][k], rtol=1e-3, atol=1e-3)
+            # each element by its own running scale, so a near-zero gradient can turn that into a visible change of
+            # a few elements (3.5e-3 seen on one of 128; 2.4e-3 the largest relative norm of a tensor's change).
+            # Unsynced gradients move most elements by a different step of lr = 0.02, against weights of ~0.04-0.2.
+            assert (b[d][k] - a[d][k]).norm() <= 1e-2 * a[d][k].norm(), (d, k)
     ref, got = json.load(open(ref_out / "results.json")), json.load(open(out / "results.json"))
     np.testing.assert_allclose(got["matrix"], ref["matrix"], rtol=1e-4)
     for s, t in zip(got["structure"][1:], ref["structure"][1:]):
@@ -227,10 +230,8 @@ def test_torchrun_two_processes_equal_one(trained, tiny_sd, tmp_path):
         assert np.abs(x - y).max() <= 1
 
 
-def test_nonfinite_steps_are_skipped_counted_and_the_count_survives_a_resume(tiny_sd, tmp_path):
-    out = tmp_path / "nan"
-    r = train(tiny_sd, out, "--fault_nan_steps", "1,4", method="adapters")
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_nonfinite_steps_are_skipped_counted_and_the_count_survives_a_resume(trained, tiny_sd, tmp_path):
+    out, _ = trained(*ADAPTERS_NAN)
     res = json.load(open(out / "results.json"))
     assert res["train"]["skipped_steps"] == [1, 1]  # global step 1 is in task 1, step 4 in task 2
     log = [json.loads(line) for line in open(out / "log.jsonl")]
