@@ -249,7 +249,7 @@ def frontier_mode(rewards, out):
     first = next((row[0][1][0] for name, row in runs.items() if curves[name][0] != "iters"),
                  next(iter(runs.values()))[0][1][0])
     lines = [header(rewards, first),
-             f"Reference gains (single-task runs): " + ", ".join(f"{n} {g:+.4f}" for n, g in zip(rewards.split(","), ref)),
+             "Reference gains (single-task runs): " + ", ".join(f"{n} {g:+.4f}" for n, g in zip(rewards.split(","), ref)),
              "", "| method | knob | new-task gain | F_T | F_T own | A_T | final gain | SSIM to base | caption match | "
              "UNet calls per image and step | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, row in points.items():

@@ -44,12 +44,21 @@ def images():
 
 
 def reference(out):
-    """Runs in the references' environment."""
+    """Runs in the references' environment: writes the files of both checks and reference.json."""
+    os.makedirs(out, exist_ok=True)
+    scores = imagereward_reference(out)
+    ids = openclip_reference(out)
+    with open(os.path.join(out, "reference.json"), "w") as f:
+        json.dump({"imagereward": scores, "prompts": PROMPTS, "tricky": TRICKY, "openclip_ids": ids}, f, indent=1)
+    print(f"wrote the reference files and scores to {out}")
+
+
+def imagereward_reference(out):
+    """A shrunk ImageReward (its own class, small random weights) saved in the published layout, and its scores of
+    the PNG images. -> [score of image k under PROMPTS[k]]"""
     import types, importlib.util
-    import numpy as np
     import torch
     from PIL import Image
-    os.makedirs(out, exist_ok=True)
     # Import ImageReward's model files without its package __init__ (which imports openai-clip, accelerate, ...).
     root = os.path.dirname(importlib.util.find_spec("ImageReward").origin)
     for name, sub in (("ImageReward", ""), ("ImageReward.models", "models")):
@@ -94,7 +103,12 @@ def reference(out):
     for k, (array, prompt) in enumerate(zip(images(), PROMPTS)):
         Image.fromarray(array).save(os.path.join(out, f"image{k}.png"))
         scores.append(model.score(prompt, Image.open(os.path.join(out, f"image{k}.png"))))
-    # HPS: open_clip's tokenizer, and its BPE vocabulary in the transformers (laion) file layout.
+    return scores
+
+
+def openclip_reference(out):
+    """HPS's text side: open_clip's BPE vocabulary written in the transformers (laion) file layout, and open_clip's
+    own token ids of the TRICKY prompts. -> [ids of each prompt, padded to 77]"""
     from open_clip.tokenizer import SimpleTokenizer
     oc = SimpleTokenizer()
     names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # the laion files' names
@@ -105,10 +119,7 @@ def reference(out):
         json.dump(vocab, f)
     with open(os.path.join(out, "laion_tokenizer", "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    ids = [oc(p, context_length=77)[0].tolist() for p in TRICKY]  # open_clip's tokenize: cleaning, BPE, pad 0
-    with open(os.path.join(out, "reference.json"), "w") as f:
-        json.dump({"imagereward": scores, "prompts": PROMPTS, "tricky": TRICKY, "openclip_ids": ids}, f, indent=1)
-    print(f"wrote the reference files and scores to {out}")
+    return [oc(p, context_length=77)[0].tolist() for p in TRICKY]  # open_clip's tokenize: cleaning, BPE, pad 0
 
 
 def check(out):

@@ -359,11 +359,10 @@ TOY = {
     # plus estimated JPEG bytes/pixel. Hacked by high-frequency noise.
     "incompressibility": lambda x: jpeg_bytes_per_pixel(x),
 }
-# Sequences for the toy world (our suggestion, untested by training here): saturation -> brightness is
-# the best pair. The greedy path for brightness is white, which erases saturation (forgetting shows),
-# yet both can be high at once (pure yellow: luma 0.89, chroma 1). warmth -> brightness behaves alike
-# (yellow again). brightness -> contrast conflicts harder (contrast needs dark pixels), and
-# compressibility -> incompressibility are exact opposites: not jointly satisfiable, avoid as a pair.
+# Toy-world sequences: contrast -> saturation -> brightness is the default (toy.TOY_REWARDS); docs/experiments.md
+# measures it and brightness -> warmth -> contrast. The greedy path for brightness is white, which erases saturation
+# and contrast (forgetting shows), yet brightness and saturation can be high at once (pure yellow: luma 0.89,
+# chroma 1). compressibility and incompressibility are exact opposites: not jointly satisfiable, avoid the pair.
 
 class ImageReward(nn.Module):
     def __init__(self, fn, dtype):
@@ -401,7 +400,7 @@ def load_reward(name, path=None, device="cpu", dtype=torch.float32):
 # -----------------------------------------------------------------------------
 def bench(paths=None, names=None, batch=4, sizes=(32, 512), repeats=5):
     # One forward + backward (to the images) on a (batch, 3, s, s) input, median of `repeats`, on CPU.
-    print(f"| reward | params | " + " | ".join(f"fwd+bwd {s}x{s}, B={batch}" for s in sizes) + " |")
+    print("| reward | params | " + " | ".join(f"fwd+bwd {s}x{s}, B={batch}" for s in sizes) + " |")
     print("|---|---|" + "---|" * len(sizes))
     for name in names or REWARDS:
         try:

@@ -208,8 +208,7 @@ check_model(args.model)
 # The run folder: refuse to touch an earlier run unless asked; resume only a run with the same settings.
 ckpt_path = os.path.join(args.out, "checkpoint.pt")
 IGNORED_ON_RESUME = {"out", "resume", "overwrite", "save_every", "eval_batch_size", "device", "dist_timeout", "log",
-                     "baseline",
-                     "fault_nan_steps", "fault_signal_step", "max_nonfinite"}  # change nothing the run computes
+                     "baseline", "fault_nan_steps", "fault_signal_step", "max_nonfinite"}  # change nothing it computes
 config = dict(vars(args))
 ckpt = None
 if args.resume and args.overwrite:

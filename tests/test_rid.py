@@ -4,13 +4,11 @@ projected pull (PCGrad) against its formula, the x0 weighting, and the L2 baseli
 weight change. In a real train_rid.py run: the teacher loss is exactly 0 at the first step of every task and above 0
 after, and the EMA after one step is m * A_0 + (1 - m) * A_1 (m = 1: the adapter's initial weights, B = 0)."""
 import json
-import os
 
 import pytest
 import torch
 
 import sample
-from conftest import ROOT
 
 PROMPTS = ["a red circle", "a green square"]
 
