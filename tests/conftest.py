@@ -117,8 +117,9 @@ def build_tiny_sdxl(folder, seed=0):
 
 
 def shared(tmp_path_factory, worker_id, name, make):
-    """make(folder) -> text, done once per test session however many pytest-xdist workers ask for it: the first
-    builds it under a file lock in the folder that all workers share, the others wait and reuse it. -> (folder, text)"""
+    """make(folder) -> str, done once per test session however many pytest-xdist workers ask for it: the first
+    builds it under a file lock in the folder that all workers share, the others wait and reuse it.
+    -> (folder, what make returned)"""
     root = tmp_path_factory.getbasetemp()
     root = root if worker_id == "master" else root.parent  # under xdist each worker's basetemp is ROOT/popen-gwN
     folder, done = root / "shared" / name, root / "shared" / f"{name}.done"
@@ -137,13 +138,13 @@ def shared(tmp_path_factory, worker_id, name, make):
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory, worker_id):
     """Path of a tiny SDXL-format model folder (built once per test session)."""
-    return str(shared(tmp_path_factory, worker_id, "tiny_sdxl", lambda f: build_tiny_sdxl(str(f)) and "")[0])
+    return str(shared(tmp_path_factory, worker_id, "tiny_sdxl", lambda f: build_tiny_sdxl(str(f)))[0])
 
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory, worker_id):
     """Path of a tiny SD-format model folder (built once per test session)."""
-    return str(shared(tmp_path_factory, worker_id, "tiny_sd", lambda f: build_tiny_pipeline(str(f)) and "")[0])
+    return str(shared(tmp_path_factory, worker_id, "tiny_sd", lambda f: build_tiny_pipeline(str(f)))[0])
 
 
 # -----------------------------------------------------------------------------

@@ -112,7 +112,8 @@ def test_remake_script_runs_and_never_clobbers(tmp_path):
     import subprocess
     out = tmp_path / "toy_tiny"
     cmd = [sys.executable, str(ROOT / "toy.py"), "--out", str(out), "--vae_steps", "2", "--unet_steps", "2",
-           "--vae_batch", "4", "--unet_batch", "4", "--scale_n", "64", "--warmup", "1", "--eval_n", "4", "--ddim_steps", "2"]
+           "--vae_batch", "4", "--unet_batch", "4", "--scale_n", "64", "--warmup", "1", "--eval_n", "4",
+           "--ddim_steps", "2"]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "held-out caption match, 4 captions" in run.stdout and "unet step" in run.stdout
