@@ -22,6 +22,7 @@ import argparse, json, math, os, pickle, time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 # -----------------------------------------------------------------------------
 # Pure-torch image preprocessing (produces the (B, 3, 224, 224) normalised CLIP input)
@@ -67,22 +68,29 @@ def openclip_clean(text):
     return re.sub(r"\s+", " ", text).strip().lower()
 
 class CLIPReward(nn.Module):
-    def __init__(self, model, tokenizer=None, head=None, pad=False, scaled=False, openclip_text=False):
+    def __init__(self, model, tokenizer=None, head=None, pad=False, scaled=False, openclip_text=False,
+                 dtype=torch.float32):
+        # model: a transformers CLIPModel loaded in fp32; its towers then run in `dtype` (the compute dtype), while
+        # the head, the normalisation, the cosine and the scale stay in fp32, so that a score depends on the compute
+        # dtype only as much as the towers make it (bf16 would round PickScore's scale exp(4.6052) = 100 to 98.9).
         super().__init__()
-        self.model, self.tokenizer, self.head = model, tokenizer, head   # transformers CLIPModel, its tokenizer
-        self.pad, self.scaled = pad, scaled                              # HPS pads; PickScore scales by logit_scale
+        self.scale = math.exp(model.logit_scale.item()) if scaled else None  # read in fp32, before the cast
+        self.model, self.tokenizer = model.to(dtype), tokenizer
+        self.head = head.float() if head is not None else None            # aesthetic: the MLP head, fp32
+        self.pad = pad                                                     # HPS pads instead of cropping
         # HPS tokenises as open_clip does: cleaned text, and "!" always text. The laion tokenizer files name "!"
         # (id 0, open_clip's padding) the pad token, and transformers would split every "!" of a prompt out as
         # that special token; split_special_tokens=True keeps open_clip's merges ("!!!" is one word).
         self.openclip_text = openclip_text
-        self.dtype = model.dtype                                         # compute dtype of the frozen net
+        self.dtype = dtype                                                 # compute dtype of the frozen towers
 
     def forward(self, images, prompts):
         size = self.model.config.vision_config.image_size
         x = clip_preprocess(images, size, self.pad).to(self.dtype)                    # (B, 3, 224, 224)
-        img = F.normalize(self.model.get_image_features(pixel_values=x).pooler_output, dim=-1)  # (B, D)
+        img = self.model.get_image_features(pixel_values=x).pooler_output.float()     # (B, D), fp32 from here on
+        img = F.normalize(img, dim=-1)
         if self.head is not None:                            # aesthetic: MLP on the L2-normalised embedding
-            return self.head(img).squeeze(-1).float()
+            return self.head(img).squeeze(-1)
         # Text side is not differentiated: no_grad here is safe, the image side above keeps its graph.
         text = [openclip_clean(p) for p in prompts] if self.openclip_text else list(prompts)
         tok = self.tokenizer(text, padding="max_length", truncation=True, return_tensors="pt",
@@ -91,10 +99,8 @@ class CLIPReward(nn.Module):
         with torch.no_grad():
             txt = self.model.get_text_features(input_ids=tok.input_ids.to(x.device),
                                                attention_mask=tok.attention_mask.to(x.device)).pooler_output
-        score = (img * F.normalize(txt, dim=-1)).sum(-1)     # cosine, (B,)
-        if self.scaled:
-            score = self.model.logit_scale.exp() * score     # PickScore: logit_scale.exp() * cosine (~100x)
-        return score.float()
+        score = (img * F.normalize(txt.float(), dim=-1)).sum(-1)  # cosine, (B,)
+        return score * self.scale if self.scale else score     # PickScore: logit_scale.exp() * cosine (~100x)
 
 def aesthetic_mlp(width=768):
     # LAION aesthetic predictor v2 head (improved-aesthetic-predictor): 768-1024-128-64-16-1, no activations; the
@@ -147,11 +153,20 @@ def _hub_file(repo, filename):
     from huggingface_hub import hf_hub_download
     return hf_hub_download(repo, filename)
 
-LOAD_ERRORS = (OSError, ValueError, RuntimeError, pickle.UnpicklingError)  # hub, missing file, bad pickle
+# hub, missing file, bad pickle, damaged safetensors, a file that holds something else (wrong keys or type)
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError, AttributeError, KeyError,
+               TypeError, EOFError)
 
 def _load_error(name, what, err, hint):
-    return ValueError(f"reward {name!r}: cannot load {what} ({type(err).__name__}: offline, not found or unreadable); "
-                      f"pass a local copy with --reward_path {name}={hint}")
+    chain, e = set(), err  # transformers wraps the hub's own errors in OSError: look at the causes too
+    while e is not None and len(chain) < 8:
+        chain.add(type(e).__name__)
+        e = e.__cause__ or e.__context__
+    why = ("the hub cannot be reached and it is not in the local cache" if chain & {"LocalEntryNotFoundError",
+           "OfflineModeIsEnabled"} else "the hub has no such repository or file" if chain & {
+           "RepositoryNotFoundError", "GatedRepoError", "RemoteEntryNotFoundError"} else
+           f"{type(err).__name__}: missing, unreadable or not the expected file")
+    return ValueError(f"reward {name!r}: cannot load {what} ({why}); pass a local copy with --reward_path {name}={hint}")
 
 def load_aesthetic(path, device, dtype):
     # path: a folder with a CLIP ViT-L/14 snapshot (config.json + weights) and aesthetic-model.pth,
@@ -159,16 +174,16 @@ def load_aesthetic(path, device, dtype):
     from transformers import CLIPModel
     folder = path if path and os.path.isdir(path) else None
     pth = os.path.join(folder, "aesthetic-model.pth") if folder else path
+    head = aesthetic_mlp()
     try:
-        model = CLIPModel.from_pretrained(folder or CLIP_L14, dtype=dtype)
+        model = CLIPModel.from_pretrained(folder or CLIP_L14, dtype=torch.float32)  # CLIPReward casts the tower
         sd = torch.load(pth or _hub_file("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"),
                         map_location="cpu", weights_only=True)  # the file is a plain MLP state dict
+        head.load_state_dict({k.removeprefix("layers."): v for k, v in sd.items()})  # strict
     except LOAD_ERRORS as e:
         raise _load_error("aesthetic", f"{folder or CLIP_L14} + {pth or 'trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth'}",
                           e, "/path/to/folder (CLIP snapshot + aesthetic-model.pth)") from None
-    head = aesthetic_mlp()
-    head.load_state_dict({k.removeprefix("layers."): v for k, v in sd.items()})  # strict
-    return CLIPReward(model, head=head.to(device, dtype)).to(device)
+    return CLIPReward(model, head=head, dtype=dtype).to(device)
 
 def load_hps(path, device, dtype):
     # HPSv2.1 = open_clip ViT-H-14 fine-tuned; held in transformers' CLIPModel after a key mapping.
@@ -181,17 +196,17 @@ def load_hps(path, device, dtype):
         config = CLIPConfig.from_pretrained(folder or LAION_H14)
         tokenizer = AutoTokenizer.from_pretrained(folder or LAION_H14)
         sd = torch.load(ckpt or _hub_file("xswu/HPSv2", "HPS_v2.1_compressed.pt"), map_location="cpu", weights_only=True)
+        sd = openclip_to_transformers(sd.get("state_dict", sd))   # HPSv2 saves {"state_dict": ...}
     except LOAD_ERRORS as e:
         raise _load_error("hps", f"{ckpt or 'xswu/HPSv2/HPS_v2.1_compressed.pt'} (config+tokenizer: {folder or LAION_H14})",
                           e, "/path/to/HPS_v2.1_compressed.pt") from None
-    sd = openclip_to_transformers(sd.get("state_dict", sd))   # HPSv2 saves {"state_dict": ...}
     # from_pretrained(None, state_dict=...) skips the random init of ~1B parameters; strictness is ours:
-    model = CLIPModel.from_pretrained(None, config=config, state_dict=sd, dtype=dtype)
+    model = CLIPModel.from_pretrained(None, config=config, state_dict=sd, dtype=torch.float32)
     missing, unused = set(model.state_dict()) - set(sd), set(sd) - set(model.state_dict())
     if missing or unused:
         raise ValueError(f"reward 'hps': checkpoint {ckpt} does not match ViT-H-14: missing {sorted(missing)[:5]}, "
                          f"unused {sorted(unused)[:5]}")
-    return CLIPReward(model, tokenizer, pad=True, openclip_text=True).to(device)
+    return CLIPReward(model, tokenizer, pad=True, openclip_text=True, dtype=dtype).to(device)
 
 def load_clip_like(name, default_id, default_tok, scaled):
     # path: a folder with a transformers CLIPModel snapshot; its tokenizer files if it has them.
@@ -199,11 +214,11 @@ def load_clip_like(name, default_id, default_tok, scaled):
         from transformers import AutoTokenizer, CLIPModel
         tok_src = path if path and os.path.exists(os.path.join(path, "tokenizer_config.json")) else default_tok
         try:
-            model = CLIPModel.from_pretrained(path or default_id, dtype=dtype)
+            model = CLIPModel.from_pretrained(path or default_id, dtype=torch.float32)  # CLIPReward casts the towers
             tokenizer = AutoTokenizer.from_pretrained(tok_src)
         except LOAD_ERRORS as e:
             raise _load_error(name, f"{path or default_id} (tokenizer: {tok_src})", e, "/path/to/folder") from None
-        return CLIPReward(model, tokenizer, scaled=scaled).to(device)
+        return CLIPReward(model, tokenizer, scaled=scaled, dtype=dtype).to(device)
     return load
 
 # -----------------------------------------------------------------------------
@@ -269,12 +284,12 @@ def load_imagereward(path, device, dtype):
         with open(med) as f:
             med = json.load(f)
         tokenizer = BertTokenizer.from_pretrained(tok_src)
+        vision_sd, text_sd, head_sd, unused = imagereward_to_transformers(sd.get("state_dict", sd))
     except LOAD_ERRORS as e:
         raise _load_error("imagereward", f"{ckpt or 'THUDM/ImageReward/ImageReward.pt'} (+ med_config.json, tokenizer: "
                           f"{tok_src})", e, "/path/to/folder (ImageReward.pt + med_config.json)") from None
     # BLIP's tokenizer: bert-base-uncased plus [DEC] (bos) and [ENC], ids 30522 and 30523 (blip.init_tokenizer)
     tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
-    vision_sd, text_sd, head_sd, unused = imagereward_to_transformers(sd.get("state_dict", sd))
     width = vision_sd["embeddings.class_embedding"].shape[-1]                   # 1024: BLIP's ViT-L/16
     patch = vision_sd["embeddings.patch_embedding.weight"].shape[-1]
     grid = round((vision_sd["embeddings.position_embedding"].shape[1] - 1) ** 0.5)
@@ -365,15 +380,15 @@ TOY = {
 # chroma 1). compressibility and incompressibility are exact opposites: not jointly satisfiable, avoid the pair.
 
 class ImageReward(nn.Module):
-    def __init__(self, fn, dtype):
+    def __init__(self, fn):
         super().__init__()
-        self.fn, self.dtype = fn, dtype
+        self.fn = fn
 
-    def forward(self, images, prompts=None):   # prompts are ignored
-        return self.fn(images.to(self.dtype)).float()
+    def forward(self, images, prompts=None):   # prompts are ignored; fp32 whatever the compute dtype (cheap)
+        return self.fn(images.float())
 
 def load_toy(name):
-    return lambda path, device, dtype: ImageReward(TOY[name], dtype)
+    return lambda path, device, dtype: ImageReward(TOY[name])
 
 # -----------------------------------------------------------------------------
 # Registry: name -> loader(path, device, dtype). Looking a name up costs nothing; loading happens on call.

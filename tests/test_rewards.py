@@ -479,13 +479,39 @@ def test_gradients(name, paths):
     assert all(p.grad is None and not p.requires_grad for p in reward.parameters())
 
 def test_compute_dtype(paths):
-    # a frozen net runs in the dtype it was given and still returns float32 scores with a graph
+    # a frozen tower runs in the dtype it was given and still returns float32 scores with a graph
     reward = rewards.load_reward("clip", paths["clip"], dtype=torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for p in reward.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in reward.model.parameters())
     x = torch.rand(2, 3, 32, 32, requires_grad=True)
     r = reward(x, PROMPTS[:2])
     r.sum().backward()
     assert r.dtype == torch.float32 and x.grad.abs().sum() > 0
+
+def test_bf16_towers_keep_heads_and_scales_in_fp32(paths):
+    """PickScore's scale is exp of the fp32 logit_scale (bf16 would round it), heads stay fp32 in bf16 runs."""
+    raw = CLIPModel.from_pretrained(paths["pickscore"]).logit_scale.item()   # fp32, from the file
+    pick = rewards.load_reward("pickscore", paths["pickscore"], dtype=torch.bfloat16)
+    assert pick.scale == math.exp(raw) and pick.scale != math.exp(torch.tensor(raw).bfloat16().item())
+    aesthetic = rewards.load_reward("aesthetic", paths["aesthetic"], dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in aesthetic.head.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in aesthetic.model.vision_model.parameters())
+    ir = rewards.load_reward("imagereward", paths["imagereward"], dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in ir.head.parameters())
+    assert dtype_figures(paths, n=4, names=["pickscore"])["pickscore"]["max_abs"] < 1  # 100x cosine; 0.05 here
+
+def dtype_figures(paths, n=16, size=(256, 256), names=("aesthetic", "hps", "pickscore", "clip", "imagereward")):
+    """Each reward with bf16 towers (heads, normalisation, cosine and scale in fp32) against all-fp32, on n natural
+    images: {name: {"max_abs": largest |bf16 - fp32|, "spread": std of the fp32 scores}}."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.stack([quantised(natural_image(*size, g)) for _ in range(n)])
+    prompts = [PROMPTS[k % 4] for k in range(n)]
+    out = {}
+    for name in names:
+        with torch.no_grad():
+            s32 = rewards.load_reward(name, paths.get(name))(x, prompts)
+            s16 = rewards.load_reward(name, paths.get(name), dtype=torch.bfloat16)(x, prompts)
+        out[name] = {"max_abs": (s16 - s32).abs().max().item(), "spread": s32.std().item(), "mean": s32.mean().item()}
+    return out
 
 # -----------------------------------------------------------------------------
 # Failure paths: one line, naming the fix
@@ -503,6 +529,21 @@ def test_missing_weights(name, paths, tmp_path):
         rewards.load_reward(name, str(tmp_path / "not_there"))
     msg = str(e.value)
     assert "\n" not in msg and f"reward '{name}': cannot load" in msg and f"--reward_path {name}=" in msg, msg
+
+@pytest.mark.parametrize("name", ["aesthetic", "hps", "imagereward", "clip"])
+def test_damaged_weights_are_one_line_and_left_as_they_were(name, paths, tmp_path):
+    """A truncated checkpoint (or CLIP snapshot): one line naming the reward and the fix; the file is not touched."""
+    import shutil
+    folder = shutil.copytree(paths[name], tmp_path / name)
+    target = {"aesthetic": "aesthetic-model.pth", "hps": "HPS_v2.1_compressed.pt", "imagereward": "ImageReward.pt",
+              "clip": "model.safetensors"}[name]
+    data = (folder / target).read_bytes()[:300]
+    (folder / target).write_bytes(data)
+    with pytest.raises(ValueError) as e:
+        rewards.load_reward(name, str(folder))
+    msg = str(e.value)
+    assert "\n" not in msg and f"reward '{name}': cannot load" in msg and f"--reward_path {name}=" in msg, msg
+    assert (folder / target).read_bytes() == data
 
 def test_hps_folder_without_checkpoint(paths, tmp_path):
     import shutil
@@ -600,5 +641,9 @@ if __name__ == "__main__":
     import tempfile
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as root:
-        rewards.bench(build_all(root))
+        found = build_all(root)
+        rewards.bench(found)
+        print("bf16 towers + fp32 heads against fp32, 16 images of 256x256:")
+        for name, v in dtype_figures(found).items():
+            print(f"  {name}: max |bf16 - fp32| {v['max_abs']:.2e}, fp32 mean {v['mean']:.4g}, spread {v['spread']:.3g}")
     print("compressibility vs PIL JPEG q95:", compressibility_figures())
