@@ -1,6 +1,7 @@
 """
-parity_references.py: rewards.py against the reference packages themselves, which cannot be project dependencies
-(they pull torchvision, timm, fairscale and old transformers). Two steps, in two environments:
+parity_references.py: rewards.py and eval.py's SSIM against the reference packages themselves, which cannot be
+project dependencies (they pull torchvision, timm, fairscale, scipy and old transformers). Two steps, in two
+environments:
 
   1. in a separate virtual environment that holds the references (docs/rewards.md has the install lines):
          python parity_references.py reference --out /tmp/parity
@@ -9,12 +10,15 @@ parity_references.py: rewards.py against the reference packages themselves, whic
        med_config.json, a BERT vocab.txt), with its scores of 8 PNG images of several sizes (ImageReward.score);
      - HPS's text side (PyPI `open_clip_torch`): open_clip's tokenizer on prompts with "!", HTML entities, curly
        quotes, ligatures and full-width letters, and its BPE vocabulary written as vocab.json + merges.txt in the
-       layout of the laion tokenizer files (pad token "!").
+       layout of the laion tokenizer files (pad token "!");
+     - SSIM (PyPI `scikit-image`): structural_similarity of image pairs (an image and a noisy copy), with
+       use_sample_covariance False (eval.ssim's definition) and True (skimage's default).
+     --only NAME (repeatable: imagereward, hps, ssim) runs a part, in an environment that holds only its package.
   2. in the project's environment:
          python parity_references.py check --out /tmp/parity
      loads the same files through load_reward("imagereward", folder) and through hps's tokenisation, prints the
      largest differences, and checks that a deliberately wrong preprocessing (squash instead of resize and crop)
-     fails the same tolerance. Exit code 0 when everything agrees.
+     fails the same tolerance, and eval.ssim on the same pairs. Exit code 0 when everything agrees.
 """
 import argparse
 import json
@@ -43,14 +47,45 @@ def images():
     return out
 
 
-def reference(out):
-    """Runs in the references' environment: writes the files of both checks and reference.json."""
+def reference(out, parts):
+    """Runs in the references' environment: writes the files of the checks in `parts` and reference.json."""
     os.makedirs(out, exist_ok=True)
-    scores = imagereward_reference(out)
-    ids = openclip_reference(out)
+    ref = {"prompts": PROMPTS, "tricky": TRICKY}
+    if "imagereward" in parts:
+        ref["imagereward"] = imagereward_reference(out)
+    if "hps" in parts:
+        ref["openclip_ids"] = openclip_reference(out)
+    if "ssim" in parts:
+        ref["ssim"] = ssim_reference(out)
     with open(os.path.join(out, "reference.json"), "w") as f:
-        json.dump({"imagereward": scores, "prompts": PROMPTS, "tricky": TRICKY, "openclip_ids": ids}, f, indent=1)
+        json.dump(ref, f, indent=1)
     print(f"wrote the reference files and scores to {out}")
+
+
+def ssim_pairs():
+    """(image, noisy copy) uint8 pairs of three sizes, fixed by a seed."""
+    import numpy as np
+    rng = np.random.default_rng(1)
+    pairs = []
+    for array in images()[:3] + [images()[6]]:
+        noisy = np.clip(array.astype(float) + rng.normal(0, 25, array.shape), 0, 255).round().astype("uint8")
+        pairs.append((array, noisy))
+    return pairs
+
+
+def ssim_reference(out):
+    """skimage's SSIM of each pair, Gaussian window sigma 1.5, data range 1, per channel. -> {"false": [...],
+    "true": [...]} for use_sample_covariance False and True (skimage's default)."""
+    from PIL import Image
+    from skimage.metrics import structural_similarity
+    scores = {"false": [], "true": []}
+    for k, (a, b) in enumerate(ssim_pairs()):
+        Image.fromarray(b).save(os.path.join(out, f"noisy{k}.png"))
+        for cov in (False, True):
+            scores[str(cov).lower()].append(float(structural_similarity(
+                a / 255, b / 255, gaussian_weights=True, sigma=1.5, data_range=1.0, channel_axis=2,
+                use_sample_covariance=cov)))
+    return scores
 
 
 def imagereward_reference(out):
@@ -123,18 +158,28 @@ def openclip_reference(out):
 
 
 def check(out):
-    """Runs in the project's environment."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
-    from transformers import CLIPTokenizer
+    """Runs in the project's environment: every part that reference.json holds."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import rewards
     with open(os.path.join(out, "reference.json")) as f:
         ref = json.load(f)
-    reward = rewards.load_reward("imagereward", out)
     ok = True
+    if "imagereward" in ref:
+        ok &= check_imagereward(out, ref, rewards)
+    if "openclip_ids" in ref:
+        ok &= check_hps(out, ref, rewards)
+    if "ssim" in ref:
+        ok &= check_ssim(out, ref)
+    print("parity: OK" if ok else "parity: FAILED")
+    sys.exit(0 if ok else 1)
+
+
+def check_imagereward(out, ref, rewards):
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    reward = rewards.load_reward("imagereward", out)
     worst, wrong_best = 0.0, math.inf
     for k, (prompt, target) in enumerate(zip(ref["prompts"], ref["imagereward"])):
         x = torch.from_numpy(np.array(Image.open(os.path.join(out, f"image{k}.png")))).permute(2, 0, 1).float()[None] / 255
@@ -147,8 +192,12 @@ def check(out):
         print(f"image {k} {tuple(x.shape[-2:])}: reference {target:+.5f}  ours {ours:+.5f}  squashed {squashed:+.5f}")
     print(f"imagereward: largest |ours - reference| = {worst:.2e} (tolerance {TOLERANCE}); a squash instead of "
           f"resize + crop misses by at least {wrong_best:.2e}")
-    ok &= worst <= TOLERANCE < wrong_best
-    # HPS's tokenisation with the laion tokenizer layout (pad token "!") against open_clip's ids.
+    return worst <= TOLERANCE < wrong_best
+
+
+def check_hps(out, ref, rewards):
+    """HPS's tokenisation with the laion tokenizer layout (pad token "!") against open_clip's ids."""
+    from transformers import CLIPTokenizer
     tok = CLIPTokenizer.from_pretrained(os.path.join(out, "laion_tokenizer"), pad_token="!", model_max_length=77)
     bad = 0
     for prompt, want in zip(ref["tricky"], ref["openclip_ids"]):
@@ -160,14 +209,37 @@ def check(out):
         print(f"{prompt!r}: open_clip {want[:n]}, ours {'same' if got[:n] == want[:n] else got[:n]}, "
               f"plain transformers {'same' if plain[:n] == want[:n] else 'differs'}")
     print(f"hps tokenisation: {len(ref['tricky']) - bad} of {len(ref['tricky'])} prompts equal open_clip's ids")
-    ok &= bad == 0
-    print("parity: OK" if ok else "parity: FAILED")
-    sys.exit(0 if ok else 1)
+    return bad == 0
+
+
+def check_ssim(out, ref):
+    """eval.ssim on the same pairs (8-bit images, as the structure measures see them) against skimage's."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from eval import ssim
+    worst, default = 0.0, 0.0
+    for k, (a, _) in enumerate(ssim_pairs()):
+        b = np.array(Image.open(os.path.join(out, f"noisy{k}.png")))
+        x, y = (torch.from_numpy(v).permute(2, 0, 1).float()[None] / 255 for v in (a, b))
+        ours = ssim(x, y).item()
+        worst = max(worst, abs(ours - ref["ssim"]["false"][k]))
+        default = max(default, abs(ours - ref["ssim"]["true"][k]))
+        print(f"pair {k} {a.shape[:2]}: skimage {ref['ssim']['false'][k]:.7f} (default: {ref['ssim']['true'][k]:.7f}), "
+              f"ours {ours:.7f}")
+    print(f"ssim: largest |ours - skimage(use_sample_covariance=False)| = {worst:.1e}; against skimage's default "
+          f"(use_sample_covariance=True) {default:.1e}")
+    return worst <= 1e-6
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="rewards.py against the reference packages (two environments)")
     parser.add_argument("step", choices=["reference", "check"], help="reference: in the side venv; check: in ours")
     parser.add_argument("--out", required=True, help="folder the reference step writes and the check step reads")
+    parser.add_argument("--only", action="append", choices=["imagereward", "hps", "ssim"], default=[],
+                        help="reference step: only this part (repeat for more); none = all three")
     args = parser.parse_args()
-    (reference if args.step == "reference" else check)(args.out)
+    if args.step == "reference":
+        reference(args.out, args.only or ["imagereward", "hps", "ssim"])
+    else:
+        check(args.out)
