@@ -28,8 +28,8 @@ import argparse, ctypes, gc, json, os, statistics, subprocess, sys, tempfile, ti
 import torch
 
 import rewards
-from sample import (Pipe, UserError, add_lora, ema_update, encode_prompts, encode_uncond, initial_latents,
-                    load_pipeline, lora_delta_sq, lora_params, matched_steps, one_line_errors, pick_device_dtype,
+from sample import (Pipe, UserError, add_lora, check_seed, ema_update, encode_prompts, encode_uncond, initial_latents,
+                    load_pipeline, lora_delta_sq, lora_params, matched_steps, one_line_errors, pick_device_dtype, seed_for,
                     run_cli, sample, set_adapters, step_losses, write_json)
 
 PHASES = ("sample", "diffusers", "naive", "adapters", "rid", "l2", "soup")
@@ -50,7 +50,6 @@ parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = dete
 # training step
 parser.add_argument("--grad_steps", type=int, default=1, help="K: the last K DDIM steps keep their graph (DRaFT-K)")
 parser.add_argument("--match_steps", type=int, default=0, help="M: extra teacher-matched steps from the no-grad part")
-parser.add_argument("--rid_project", action="store_true", help="RID's projected teacher pull (as train_rid.py)")
 parser.add_argument("--lora_rank", type=int, default=4, help="LoRA rank r of each of the two adapters")
 # memory levers (each one's effect: --sweep)
 parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype of the frozen "
@@ -283,10 +282,10 @@ def build_phases(args, pipe, reward, device, dtype, H, W):
         set_adapters(pipe.unet, ["task1"] if method in ("naive", "soup") else ["task0", "task1"], trainable="task1")
         rid = method == "rid"
         for lo in range(0, B, micro):  # micro-batches; their gradients add up to that of the batch mean
-            latents = initial_latents(pipe, micro, torch.Generator().manual_seed(args.seed + lo), H, W).to(device)
+            latents = initial_latents(pipe, micro, torch.Generator().manual_seed(seed_for("train", args.seed, lo)), H, W).to(device)
             r, loss_rid = step_losses(pipe, reward, prompts[lo:lo + micro], latents, S, args.guidance_scale, args.eta,
                                       K, ema if rid else None, matched_steps(draws, S, K, M), not args.no_checkpointing,
-                                      args.checkpoint_decode, args.checkpoint_reward, project=args.rid_project)
+                                      args.checkpoint_decode, args.checkpoint_reward)
             (-r.sum() / B + loss_rid * micro / B).backward()
         if method == "l2":
             lora_delta_sq(pipe.unet, "task1").backward()
@@ -356,8 +355,10 @@ def report(args, figures, times, cpu_times, peaks, images, cpu):
             print(f"| {text} | {figures['ratios'][key]:.3f} | {target} |"
                   + (f" {figures['cpu_ratios'][key]:.3f} |" if cpu else ""))
     if "sample" in images and "diffusers" in images:  # the same work gives the same images
-        figures["max_abs_diff_a_b"] = (images["sample"].float() - images["diffusers"].float()).abs().max().item()
-        print(f"max |image (a) - image (b)| = {figures['max_abs_diff_a_b']:.2e} (pixels in [0, 1])")
+        diff = (images["sample"].float() - images["diffusers"].float()).abs()
+        figures["max_abs_diff_a_b"], figures["mean_abs_diff_a_b"] = diff.max().item(), diff.mean().item()
+        print(f"|image (a) - image (b)|: max {figures['max_abs_diff_a_b']:.2e}, mean {figures['mean_abs_diff_a_b']:.2e} "
+              f"(pixels in [0, 1])")
 
 
 def main():
@@ -371,6 +372,7 @@ def main():
         raise UserError(f"--batch_size ({B}) must be a positive multiple of --grad_accum ({args.grad_accum})")
     if args.repeats < 1 or args.warmup < 0 or not set(phases) <= set(PHASES):
         raise UserError(f"need --repeats >= 1, --warmup >= 0 and --phases from {','.join(PHASES)}")
+    check_seed("--seed", args.seed)
     if args.sweep:
         figures = sweep(args, device, dtype)
         if args.json:

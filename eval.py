@@ -122,10 +122,11 @@ def gather(images, scores, rank, world):
 
 
 @torch.no_grad()
-def evaluate(pipe, rewards, prompts, seeds, ddim_steps=50, guidance_scale=7.5, eta=0.0, batch_size=8,
-             base_images=None, toy=False, clip_model=None, progress=True, rank=0, world=1):
+def evaluate(pipe, rewards, prompts, seeds, ddim_steps=50, guidance_scale=7.5, eta=0.0, batch_size=8, height=None,
+             width=None, base_images=None, toy=False, clip_model=None, progress=True, rank=0, world=1):
     """-> {"rewards": {name: {"mean", "se"}}, "structure": {...}, "images": (N, 3, H, W) cpu in [0, 1],
     "scores": {name: (N,) per-image rewards}}. rewards: {name: reward module}, called as reward(images, prompts).
+    height, width: the image size in pixels (a run's training size); none = the model's default.
     With world > 1 (torchrun) every process samples and scores every world-th image and the shares are gathered;
     call it on every process. Each image has its own generator for its latents and eta's noise, so the results do
     not depend on batch_size or on the number of processes."""
@@ -133,7 +134,7 @@ def evaluate(pipe, rewards, prompts, seeds, ddim_steps=50, guidance_scale=7.5, e
     mine = list(range(rank, len(prompts), world))
     prompts_mine = [prompts[k] for k in mine]
     generators = [torch.Generator().manual_seed(seeds[k]) for k in mine]  # latents first, then eta's noise
-    latents = torch.cat([initial_latents(pipe, 1, g) for g in generators])  # (n, 4, h, w)
+    latents = torch.cat([initial_latents(pipe, 1, g, height, width) for g in generators])  # (n, 4, h, w)
     images = generate(pipe, prompts_mine, latents, ddim_steps, guidance_scale, eta, batch_size, generators, progress)
     device = pipe.unet.device
     scores = {name: torch.cat([reward(images[b:b + batch_size].to(device), prompts_mine[b:b + batch_size]).float().cpu()
@@ -360,19 +361,23 @@ def main():
         except OSError as e:
             raise UserError(f"cannot load --clip_model '{args.clip_model}' ({type(e).__name__}); pass a local folder")
     prompts, seeds = eval_set(config["model"], config["eval_n"], config["eval_seed"])
+    height, width = old.get("image_size") or (config.get("height"), config.get("width"))  # the run's size
     settings = dict(ddim_steps=config["ddim_steps"], guidance_scale=config["guidance_scale"], eta=config["eta"],
-                    batch_size=config["eval_batch_size"], toy=is_toy(config["model"]), clip_model=clip_model)
+                    batch_size=config["eval_batch_size"], height=height, width=width, toy=is_toy(config["model"]),
+                    clip_model=clip_model)
     # The recomputed results: the training-time record with the measured keys replaced (ril_metrics re-added).
     new = {**old, "matrix": [], "matrix_se": [], "structure": [], "recomputed_from": os.path.abspath(args.run)}
     loaded, stage_images = {}, []  # adapter folder -> adapter name; (N, 3, H, W) per stage
+    for folder in dict.fromkeys(sum(adapters, [])):  # each folder once, under its own name, before any sampling
+        loaded[folder] = f"eval{len(loaded)}"
+        load_lora(pipe.unet, os.path.join(args.run, folder), loaded[folder])
     weights = old.get("adapter_weights") or [[1.0] * len(stage) for stage in adapters]  # soup: c per adapter
-    for k, stage in enumerate(adapters):  # stage 0 (base) runs before any adapter is loaded
-        for folder in stage:  # each folder loaded once, under its own name; stages share folders (adapter group)
-            if folder not in loaded:
-                loaded[folder] = f"eval{len(loaded)}"
-                load_lora(pipe.unet, os.path.join(args.run, folder), loaded[folder])
+    for k, stage in enumerate(adapters):
         if stage:
+            pipe.unet.enable_adapters()
             set_adapters(pipe.unet, [loaded[f] for f in stage], weights=weights[k])
+        elif loaded:
+            pipe.unet.disable_adapters()  # the base model
         out = evaluate(pipe, scorers, prompts, seeds, **settings, base_images=stage_images[0] if k else None)
         stage_images.append(out["images"])
         new["matrix"].append([out["rewards"][n]["mean"] for n in names])

@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 
-from sample import UserError, atomic_file, one_line_errors, write_json
+from sample import UserError, atomic_file, check_seed, one_line_errors, write_json
 from toy import TOY_REWARDS
 
 # The knob of each method's curve and its values on the toy world (our choice). Every other setting is the same
@@ -70,7 +70,10 @@ args, extra = parser.parse_known_args()
 if args.jobs < 1 or (args.jobs > 1 and not args.frontier):
     raise UserError(f"--jobs {args.jobs}: must be at least 1, and above 1 only with --frontier")
 extra = [a for a in extra if a != "--"]
-seeds = [int(s) for s in args.seeds.split(",")]
+try:
+    seeds = [check_seed("--seeds", int(s)) for s in args.seeds.split(",")]
+except ValueError:
+    raise UserError(f"--seeds '{args.seeds}' must be comma-separated integers from 0 to 2^64 - 1, such as 0,1,2")
 sequences = args.rewards or [TOY_REWARDS]
 methods = (args.methods or (FRONTIER_DEFAULT if args.frontier else "naive,adapters,rid")).split(",")
 curves = {m: FRONTIER.get(m, (None, [None])) for m in methods}  # curve name -> (knob, values)
@@ -260,7 +263,7 @@ def frontier_mode(rewards, out):
                          f"{cell(s['UNet calls'], 0).split(' ±')[0]} | {cell(s['train s'], 0)} |")
     verdicts = []
     if "naive" in points:
-        naive = sorted((s["new task"][0], s) for _, s in points["naive"])
+        naive = sorted(((s["new task"][0], s) for _, s in points["naive"]), key=lambda p: p[0])  # ties: keep order
         for method in [m for m in points if m != "naive"]:
             for value, s in points[method]:
                 x = s["new task"][0]

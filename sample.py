@@ -76,15 +76,29 @@ def run_cli(main):
         sys.exit(2)
 
 
+SEED_STREAMS = ("eval", "train", "eta", "lora")
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+
+
+def check_seed(flag, seed):
+    """A seed flag's value: any integer in [0, 2^64 - 1]; anything else gets one line."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{flag} must be an integer from 0 to 2^64 - 1 (got {seed})")
+    return seed
+
+
 def seed_for(stream, *ids):
-    """The seed of one random draw: ids (non-negative ints such as seed, task, step) packed in radix 1,000,003,
-    times 4, plus the stream's index. Two streams never share a seed, by construction: evaluation noise can never
-    repeat a training draw, whatever the seeds (our choice)."""
-    s = 0
-    for i in ids:
-        assert 0 <= i < 1_000_003, f"seed component {i} out of range"
-        s = s * 1_000_003 + i
-    return s * 4 + ("eval", "train", "eta", "lora").index(stream)
+    """The seed of one random draw, from its stream name and its ids (non-negative ints such as seed, task, step,
+    image): a hash, so any user seed works and the same (stream, ids) always gives the same draw.
+    torch's CPU generator (mt19937) uses only the low 32 bits of a seed (seeds s and s + 2^32 draw alike), so the
+    seed is a 32-bit number: 30 bits of a BLAKE2b hash of (stream, ids) above 2 bits that hold the stream's index.
+    Two streams therefore never share a seed, by construction: evaluation noise can never repeat a training draw,
+    whatever the seeds. Within one stream two id tuples share a seed with chance about n^2 / 2^31 over n draws, which
+    only repeats one batch's prompts and noise (our choice)."""
+    import hashlib
+    assert all(isinstance(i, int) and i >= 0 for i in ids), f"seed ids must be non-negative ints, got {ids}"
+    digest = hashlib.blake2b(repr((stream, *ids)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") >> 2 << 2 | SEED_STREAMS.index(stream)
 
 # -----------------------------------------------------------------------------
 # Loading: a Stable-Diffusion-format folder or hub id -> frozen UNet, VAE, text encoder(s), tokenizer(s)
@@ -109,9 +123,10 @@ class Pipe:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
-    def size(self):  # default (height, width) in pixels, as diffusers derives it
-        s = self.unet.config.sample_size * self.vae_scale
-        return (s, s) if isinstance(s, int) else tuple(s)
+    def size(self):  # default (height, width) in pixels, as diffusers derives it (sample_size: an int or [h, w])
+        s = self.unet.config.sample_size
+        h, w = (s, s) if isinstance(s, int) else s
+        return h * self.vae_scale, w * self.vae_scale
 
 
 def resolve_model(model):
@@ -134,13 +149,56 @@ def check_model(model):
                         f"pass a folder saved by StableDiffusionPipeline.save_pretrained or a hub id")
 
 
+def hub_unreachable():
+    """True when no hub can be asked: HF_HUB_OFFLINE is set, or (no proxy configured) the hub's host does not accept a
+    TCP connection within 3 s. In the second case HF_HUB_OFFLINE=1 is set for this process, so every loader reads the
+    local cache or fails at once, instead of retrying five times (about 28 s, a warning line per retry)."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False  # only the hub libraries know how to get through a proxy
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+        return False
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        if "huggingface_hub.constants" in sys.modules:  # read at import: set the imported value too
+            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+        return True
+
+
+def model_error(model, err, local, offline):
+    """The one line for a model that did not load: a damaged folder, an unreachable hub, a missing repository."""
+    reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    chain, e = [], err  # diffusers and transformers wrap the hub's own errors in OSError: look at the causes
+    while e is not None and len(chain) < 8:
+        chain.append(type(e).__name__)
+        e = e.__cause__ or e.__context__
+    if local:
+        return f"cannot load model folder '{model}' ({reason}); the folder is damaged: save or download it again"
+    if offline:
+        return (f"cannot load model '{model}': the hub cannot be reached from here (no network, or HF_HUB_OFFLINE=1) "
+                f"and the model is not in the local cache; on a machine with network run `hf download {model}`, or "
+                f"pass a local folder with --model DIR")
+    if "RepositoryNotFoundError" in chain or "GatedRepoError" in chain:
+        return (f"cannot load model '{model}': the hub has no repository '{model}' (removed, misspelt, or gated: "
+                f"then `hf auth login`); pass another hub id or a local folder with --model DIR")
+    return f"cannot load model '{model}' from the hub ({reason}); pass a local folder with --model DIR"
+
+
 def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     """Load the parts of an SD or SDXL pipeline with the real from_pretrained code; all weights frozen, in `dtype`.
     The family comes from model_index.json: SDXL's lists a second text encoder."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+    from safetensors import SafetensorError
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     check_model(model)
     path = resolve_model(model)
+    local = os.path.isdir(path)
+    offline = not local and hub_unreachable()
     try:
         index = DiffusionPipeline.load_config(path)  # model_index.json (a few hundred bytes from the hub)
         xl = "text_encoder_2" in index
@@ -155,12 +213,16 @@ def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
             text_encoder_2=part(CLIPTextModelWithProjection, "text_encoder_2", dtype=dtype) if xl else None,
             tokenizer_2=part(CLIPTokenizer, "tokenizer_2") if xl else None,
             zero_uncond=xl and index.get("force_zeros_for_empty_prompt", True))
-    except (OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model '{model}' ({reason}); offline or not a hub id? "
-                        f"download it once (huggingface-cli download {model}) or pass a local folder with --model DIR")
-    if pipe.scheduler.config.thresholding:
+    except (OSError, ValueError, SafetensorError) as e:  # a damaged weight file raises the last
+        raise UserError(model_error(model, e, local, offline)) from None
+    config = pipe.scheduler.config
+    if config.thresholding:
         raise UserError(f"model '{model}': dynamic thresholding in the scheduler config is not supported")
+    if config.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise UserError(f"model '{model}': unknown prediction_type '{config.prediction_type}' in its scheduler config")
+    if config.get("rescale_betas_zero_snr") and config.prediction_type == "epsilon":  # x_0 = (x_T - eps) / 0
+        raise UserError(f"model '{model}': zero terminal SNR (rescale_betas_zero_snr) needs v_prediction or sample "
+                        f"prediction; an epsilon model cannot predict x_0 at the first step")
     if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; its config asks for fp32, as diffusers does
     for net in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
@@ -244,22 +306,30 @@ def ddim_schedule(scheduler, ddim_steps):
     return ts, abar[ts], alpha_prev
 
 
-def ddim_step(x_t, eps, alpha_t, alpha_prev, eta=0.0, noise=None, clip=None):
-    """One DDIM update x_t -> x_{t-1}. Song et al. write alpha for what DDPM calls alpha-bar.
-    clip: clamp x0_pred to [-clip, clip] (scheduler configs with clip_sample=True; SD's have False)."""
-    x0_pred = (x_t - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()  # eq. 12, "predicted x_0"
-    if clip:
-        x0_pred = x0_pred.clamp(-clip, clip)
+def predict_x0_eps(out, x_t, alpha_t, prediction_type):
+    """The UNet's output at x_t -> (x0_pred, eps), for the three prediction types, as DDIMScheduler.step computes
+    them. Song et al. write alpha for what DDPM calls alpha-bar. v-prediction (Salimans and Ho 2022, SD 2.x 768 px)
+    needs no division, so a zero-terminal-SNR schedule (alpha_t = 0 at the first step) stays finite."""
+    a, b = alpha_t.sqrt(), (1 - alpha_t).sqrt()
+    if prediction_type == "epsilon":
+        return (x_t - b * out) / a, out  # eq. 12, "predicted x_0"
+    if prediction_type == "v_prediction":  # v = sqrt(alpha) eps - sqrt(1 - alpha) x_0
+        return a * x_t - b * out, a * out + b * x_t
+    return out, (x_t - a * out) / b  # "sample": the model predicts x_0 itself
+
+
+def ddim_step(x0_pred, eps, alpha_t, alpha_prev, eta=0.0, noise=None):
+    """One DDIM update x_t -> x_{t-1} from the predicted x_0 and eps at x_t (predict_x0_eps)."""
     sigma = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()  # eq. 16
     x_prev = alpha_prev.sqrt() * x0_pred + (1 - alpha_prev - sigma**2).sqrt() * eps  # eq. 12, "direction to x_t"
     if eta > 0:
         x_prev = x_prev + sigma * noise  # eq. 12, random noise; eta = 1 is DDPM's ancestral sampler
-    return x_prev, x0_pred
+    return x_prev
 
 
-def unet_eps(unet, x, t, context):
+def unet_out(unet, x, t, context):
     """One UNet call in the compute dtype (that of the text embeddings: diffusers' `unet.dtype` walks every
-    submodule, ~2 ms a call); the output comes back in fp32 for the DDIM arithmetic."""
+    submodule, ~2 ms a call); the raw output (eps, v or x_0) comes back in fp32 for the DDIM arithmetic."""
     dtype = context["encoder_hidden_states"].dtype
     return unet(x.to(dtype), t, **context, return_dict=False)[0].float()
 
@@ -273,7 +343,13 @@ def decode(pipe, latents, checkpointing=False):
         vae.enable_gradient_checkpointing()
     else:
         vae.disable_gradient_checkpointing()
-    x = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+    if mean is not None and std is not None:  # some SDXL-family VAEs standardise each latent channel
+        view = lambda v: torch.tensor(v, device=latents.device).view(1, -1, 1, 1)
+        latents = latents * view(std) / vae.config.scaling_factor + view(mean)  # as StableDiffusionXLPipeline
+    else:
+        latents = latents / vae.config.scaling_factor
+    x = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return (x.float() / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1], as diffusers' image processor does
 
 
@@ -286,15 +362,15 @@ def sample(pipe, cond, uncond, latents, ddim_steps=50, guidance_scale=7.5, eta=0
     checkpointing: recompute each grad-window UNet call in backward instead of storing its activations.
     generator:    the noise source for eta > 0: one generator, or one per image (see randn_like).
     capture:      step indices i at which to return (t, x_t, UNet output); used by RID's teacher matching.
-    Returns (images, captured) with captured = {i: (t, x_t detached, raw UNet output (2B or B, C, h, w))}.
+    Returns (images, captured) with captured = {i: (t, x_t, raw UNet output (2B or B, C, h, w))}; inside the grad
+    window both keep their graph.
     """
     assert 0 <= grad_steps <= ddim_steps, f"grad_steps {grad_steps} must be in [0, ddim_steps={ddim_steps}]"
     ts, alphas, alphas_prev = ddim_schedule(pipe.scheduler, ddim_steps)
     guided = guidance_scale > 1.0  # as diffusers: guidance 1 means no unconditional branch at all
     context = cat_context(uncond, cond) if guided else cond  # 2B rows: one batched UNet call per step
     config = pipe.scheduler.config
-    v_pred = config.prediction_type == "v_prediction"  # SD 2.x 768 px models
-    clip = config.clip_sample_range if config.clip_sample else None
+    clip = config.clip_sample_range if config.clip_sample else None  # SD's configs: False
     x, captured = latents.float(), {}
     for i, t in enumerate(tqdm(ts, desc="ddim", leave=False, disable=not progress)):
         # The grad window: steps before the last K run with no graph, so memory does not grow with the
@@ -305,17 +381,18 @@ def sample(pipe, cond, uncond, latents, ddim_steps=50, guidance_scale=7.5, eta=0
                 # Store only the UNet's inputs, re-run it during backward: memory per window step drops from
                 # the UNet's activations (GBs for SD at 512 px) to one latent. use_reentrant=False is needed
                 # because x_in of the first window step does not require grad.
-                out = checkpoint(unet_eps, pipe.unet, x_in, t, context, use_reentrant=False)
+                out = checkpoint(unet_out, pipe.unet, x_in, t, context, use_reentrant=False)
             else:
-                out = unet_eps(pipe.unet, x_in, t, context)
+                out = unet_out(pipe.unet, x_in, t, context)
             if i in capture:
-                captured[i] = (t, x.detach(), out)
-            if v_pred:  # turn a v-prediction into eps: eps = sqrt(abar) v + sqrt(1 - abar) x
-                out = alphas[i].sqrt() * out + (1 - alphas[i]).sqrt() * x_in
-            eps_uncond, eps_cond = out.chunk(2) if guided else (out, out)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # classifier-free guidance
+                captured[i] = (t, x, out)  # x keeps its graph inside the window (teacher_loss detaches it)
+            out_uncond, out_cond = out.chunk(2) if guided else (out, out)
+            out = out_uncond + guidance_scale * (out_cond - out_uncond)  # classifier-free guidance, on the raw output
+            x0_pred, eps = predict_x0_eps(out, x, alphas[i], config.prediction_type)
+            if clip:
+                x0_pred = x0_pred.clamp(-clip, clip)
             noise = randn_like(x, generator) if eta > 0 else None
-            x, _ = ddim_step(x, eps, alphas[i], alphas_prev[i], eta, noise, clip)
+            x = ddim_step(x0_pred, eps, alphas[i], alphas_prev[i], eta, noise)
     with torch.set_grad_enabled(grad_steps > 0):
         return decode(pipe, x, checkpoint_decode), captured
 
@@ -349,10 +426,9 @@ def matched_steps(generator, ddim_steps, grad_steps, match_steps):
 
 
 def step_losses(pipe, reward, prompts, latents, ddim_steps, guidance_scale=7.5, eta=0.0, grad_steps=1, teacher=None,
-                matched=(), checkpointing=True, checkpoint_decode=False, checkpoint_reward=False, generator=None,
-                **rid):
+                matched=(), checkpointing=True, checkpoint_decode=False, checkpoint_reward=False, generator=None):
     """Forward half of a training step on one micro-batch: guided DDIM with the K-step grad window, decode, the
-    reward, and (teacher given) RID's teacher-matching loss at the `matched` steps (rid: teacher_loss's options).
+    reward, and (teacher given) RID's teacher-matching loss at the `matched` steps.
     The caller weights, sums and backpropagates. -> (rewards (B,) fp32 with graph, teacher loss (scalar; 0 without
     a teacher))."""
     size = tuple(s * pipe.vae_scale for s in latents.shape[-2:])
@@ -368,80 +444,35 @@ def step_losses(pipe, reward, prompts, latents, ddim_steps, guidance_scale=7.5, 
     if teacher is None:
         return r, torch.zeros((), device=r.device)
     context = cat_context(uncond, cond) if guidance_scale > 1 else cond
-    return r, teacher_loss(pipe, captured, context, teacher, checkpointing, guidance_scale=guidance_scale, **rid)
+    return r, teacher_loss(pipe, captured, context, teacher, checkpointing)
 
 
-class ProjectedPull(torch.autograd.Function):
-    """The teacher-matching MSE of one grad-window step whose gradient is not added as it is: backward hands its pull
-    on the student's output to a hook on that output, which first removes from it, row by row, the component that
-    opposes the reward's gradient there (PCGrad, Yu et al. 2020, in the UNet's output space; our choice, not in the
-    paper). The reward is then learned at the pace it would be without a teacher, and only the changes it does not
-    ask for are pulled back. No extra UNet call: both gradients meet at the same tensor in the one backward pass."""
-
-    @staticmethod
-    def forward(ctx, out, target, holder):
-        ctx.save_for_backward(out - target)
-        ctx.holder = holder
-        return (out - target).pow(2).mean()
-
-    @staticmethod
-    def backward(ctx, grad):
-        diff, = ctx.saved_tensors
-        ctx.holder["pull"] = grad * 2 * diff / diff.numel()  # what this term alone would add to d loss / d out
-        return torch.zeros_like(diff), None, None
-
-
-def project_pull(holder, grad):
-    """The hook on a matched grad-window output: grad (from the reward) + the pull minus its conflicting part."""
-    pull = holder.pop("pull", None)
-    if pull is None:
-        return grad
-    g, p = grad.flatten(1), pull.flatten(1)  # one row per image and guidance branch
-    dot = (p * g).sum(1, keepdim=True)
-    p = p - torch.where(dot < 0, dot / g.pow(2).sum(1, keepdim=True).clamp(min=1e-30), 0.0) * g
-    return grad + p.view_as(grad)
-
-
-def teacher_loss(pipe, captured, context, teacher, checkpointing=True, weighting="eps", branches="both",
-                 project=False, guidance_scale=7.5):
+def teacher_loss(pipe, captured, context, teacher, checkpointing=True):
     """RID's momentum-distillation term (docs/method.md): the mean over matched steps of
-    w_t || eps_student(x_t, t, c) - stopgrad(eps_teacher(x_t, t, c)) ||^2. Our reconstruction; the paper names the
-    teacher, not the loss. The options (ours; docs/experiments.md has the ones measured):
-      weighting  "eps": w_t = 1 (matching the noise prediction); "x0": w_t = (1 - abar_t) / abar_t, the same error
-                 measured on the predicted clean latent x0 (it weighs high-noise steps, where structure is decided,
-                 by up to ~150 and the last step by ~0.002); "hybrid": max(1, (1 - abar_t) / abar_t)
-      branches   "both": the raw output of both guidance branches; "guided": only the guided eps that DDIM uses
-      project    remove from the teacher's pull what opposes the reward (ProjectedPull), at grad-window steps
-    captured: {i: (t, x_t, out)} from sample(capture=...). Inside the grad window `out` already holds the
-      student's graph; outside it (x_t saved by the no-grad pass) the student runs once more, with grad.
-    context:  the (2B or B rows) context the sampler used.
+    || eps_student(x_t, t, c) - stopgrad(eps_teacher(x_t, t, c)) ||^2, over both guidance branches. Our
+    reconstruction; the paper names the teacher, not the loss.
+    The error is measured on eps whatever the model predicts (our choice): both raw outputs are converted first, so a
+    v-prediction model (SD 2.x) is matched on sqrt(abar_t) (v_student - v_teacher), not on v itself.
+    x_t is data here, as the teacher sees it: the student's output is reused where x_t carries no graph (the first
+    grad-window step), and recomputed on the detached x_t elsewhere (earlier steps, whose x_t the no-grad pass saved,
+    and later window steps, whose x_t would otherwise pass the matching gradient back into the steps before them).
+    captured: {i: (t, x_t, out)} from sample(capture=...); context: the (2B or B rows) context the sampler used.
     teacher:  {parameter name: tensor} that replace the current adapter's weights (its EMA) for the teacher,
       through torch.func.functional_call: no adapter switch, so checkpointed recomputes stay correct."""
     from torch.func import functional_call
-    assert not (project and branches == "guided"), "the projection works on the raw outputs of both branches"
-    losses, abar = [], pipe.scheduler.alphas_cumprod
+    losses, abar, kind = [], pipe.scheduler.alphas_cumprod, pipe.scheduler.config.prediction_type
     guided = context["encoder_hidden_states"].shape[0] == 2 * next(iter(captured.values()))[1].shape[0]
     for t, x, out in captured.values():
-        x_in = torch.cat([x, x]) if guided else x
-        in_window = out.requires_grad
-        if not in_window:  # a step before the grad window: one extra student forward with grad
-            out = (checkpoint(unet_eps, pipe.unet, x_in, t, context, use_reentrant=False) if checkpointing
-                   else unet_eps(pipe.unet, x_in, t, context))
+        x_in = torch.cat([x, x]).detach() if guided else x.detach()
+        if x.requires_grad or not out.requires_grad:  # one more student forward, with grad, at the detached x_t
+            out = (checkpoint(unet_out, pipe.unet, x_in, t, context, use_reentrant=False) if checkpointing
+                   else unet_out(pipe.unet, x_in, t, context))
         with torch.no_grad():  # the teacher costs one no-grad UNet forward per matched step, nothing more
             target = functional_call(pipe.unet, teacher, (x_in.to(context["encoder_hidden_states"].dtype), t),
                                      {**context, "return_dict": False})[0].float()
-        snr_inv = float((1 - abar[t]) / abar[t])  # (1 - abar) / abar: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
-        w = {"eps": 1.0, "x0": snr_inv, "hybrid": max(1.0, snr_inv)}[weighting]
-        student = out
-        if branches == "guided" and guided:  # eps_u + s (eps_c - eps_u), for student and teacher alike
-            (su, sc), (tu, tc) = out.chunk(2), target.chunk(2)
-            student, target = su + guidance_scale * (sc - su), tu + guidance_scale * (tc - tu)
-        if project and in_window:
-            holder = {}
-            out.register_hook(lambda grad, holder=holder: project_pull(holder, grad))
-            losses.append(w * ProjectedPull.apply(student, target, holder))
-        else:
-            losses.append(w * (student - target).pow(2).mean())
+        eps_student = predict_x0_eps(out, x_in, abar[t], kind)[1]
+        eps_teacher = predict_x0_eps(target, x_in, abar[t], kind)[1]
+        losses.append((eps_student - eps_teacher).pow(2).mean())
     return torch.stack(losses).mean()
 
 
@@ -515,10 +546,20 @@ def check_lora(path):
 
 
 def load_lora(unet, path, name):
-    """Load an adapter saved by save_lora (or any diffusers SD LoRA folder) under the name `name`, frozen."""
+    """Load an adapter saved by save_lora (or any diffusers SD LoRA folder) under the name `name`, frozen. A file
+    that is damaged, or holds no LoRA for this UNet, gets one line (UserError)."""
+    from safetensors import SafetensorError
     check_lora(path)
-    unet.load_lora_adapter(path, prefix="unet", adapter_name=name, weight_name=LORA_WEIGHTS)
-    for p in lora_params(unet, name).values():
+    file = os.path.join(path, LORA_WEIGHTS)
+    try:
+        unet.load_lora_adapter(path, prefix="unet", adapter_name=name, weight_name=LORA_WEIGHTS)
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"'{file}' cannot be loaded as a LoRA of this model ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]}); pass an adapter folder written for this model") from None
+    params = lora_params(unet, name)
+    if not params:  # diffusers only warns when no key matches the UNet
+        raise UserError(f"'{file}' holds no LoRA weights for this model's UNet; pass an adapter written for it")
+    for p in params.values():
         p.data = p.data.float()
         p.requires_grad_(False)
 
@@ -597,7 +638,8 @@ def main():
     parser = one_line_errors(argparse.ArgumentParser(description="Sample images with rid's DDIM sampler."))
     parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, SD/SDXL folder, or 'toy' (shipped model)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for more images")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial latents of the whole batch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial latents of the whole batch, as "
+                        "diffusers' generator takes it (0 to 2^64 - 1; torch's CPU generator reads its low 32 bits)")
     parser.add_argument("--ddim_steps", type=int, default=50, help="number of DDIM denoising steps")
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance; 1 = none")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
@@ -618,6 +660,9 @@ def main():
         raise UserError("--ddim_steps and --batch_size must be at least 1")
     if not 0 <= args.eta <= 1 or args.guidance_scale < 0:
         raise UserError("--eta must be in [0, 1] and --guidance_scale at least 0")
+    if any(v is not None and v < 1 for v in (args.height, args.width)):
+        raise UserError("--height and --width must be positive numbers of pixels")
+    check_seed("--seed", args.seed)
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         raise UserError(f"output folder '{args.out}' is not empty; choose another --out or pass --overwrite")
     for path in args.lora:

@@ -385,6 +385,9 @@ def main(args):
         raise UserError(f"--eval_only needs a model folder, and '{args.out}' does not exist; pass --out DIR")
     if not args.eval_only and os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         raise UserError(f"'{args.out}' exists and is not empty; choose another --out or pass --overwrite")
+    for flag in ("seed", "eval_seed"):  # the recipe packs seed, stage and step into one 64-bit generator seed
+        if not 0 <= getattr(args, flag) < 2**32:
+            raise UserError(f"--{flag} must be an integer from 0 to 2^32 - 1 (got {getattr(args, flag)})")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}")

@@ -25,8 +25,9 @@ Run it:
 
 What we simplified or chose ourselves (the paper's code is not public):
   - the teacher is the student with its current adapter replaced by that adapter's EMA (over the factors A and B);
-    the matching loss is on the raw UNet output of both guidance branches at the K grad-window steps, plus
-    --match_steps extra steps drawn from the no-grad part of the trajectory;
+    the matching loss is on eps (the UNet's output turned into eps for v- and x_0-prediction models), both guidance
+    branches, at the K grad-window steps plus --match_steps extra steps drawn from the no-grad part of the
+    trajectory, each at its x_t taken as data (detached);
   - each reward is divided by its standard deviation over the base model's evaluation images (s_t), so that one
     lr, lambda and l2 weight mean the same trade-off for rewards of any scale (--no_reward_norm turns it off);
   - a fresh AdamW per task with a constant learning rate; the per-step randomness (prompts, noise, matched
@@ -50,8 +51,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from eval import clip_at_hand, draw_grid, eval_set, evaluate, is_toy, ril_metrics, side_by_side, write_report
-from rewards import check_reward_name, load_reward
-from sample import (DEFAULT_MODEL, UserError, add_lora, atomic_dir, atomic_file, check_model, ema_update,
+from rewards import TOY as WEIGHT_FREE, check_reward_name, load_reward
+from sample import (DEFAULT_MODEL, UserError, add_lora, atomic_dir, atomic_file, check_model, check_seed, ema_update, hub_unreachable,
                     initial_latents, load_pipeline, lora_delta_sq, lora_params, matched_steps, one_line_errors,
                     pick_device_dtype, save_lora, seed_for, set_adapters, step_losses, to_pil, write_json)
 from toy import TOY_REWARDS, all_captions
@@ -93,12 +94,6 @@ parser.add_argument("--rid_lambda", type=float, default=3.0, help="lambda: weigh
                     "(3: our choice from docs/experiments.md)")
 parser.add_argument("--ema_momentum", type=float, default=0.99, help="m of the EMA teacher; 1 = frozen previous model")
 parser.add_argument("--match_steps", type=int, default=0, help="M: extra matched steps from the no-grad part")
-parser.add_argument("--rid_weighting", default="eps", choices=["eps", "x0", "hybrid"], help="RID: per-step weight of "
-                    "the matching loss (eps: 1; x0: (1 - abar_t) / abar_t; hybrid: the larger of the two)")
-parser.add_argument("--rid_branches", default="both", choices=["both", "guided"], help="RID: match both guidance "
-                    "branches' raw outputs, or only the guided eps")
-parser.add_argument("--rid_project", action="store_true", help="RID: drop the part of the teacher's pull that "
-                    "opposes the reward's gradient (PCGrad in the UNet's output space)")
 parser.add_argument("--l2_weight", type=float, default=1.0, help="l2: weight w of ||dW_t||^2 (summed over layers)")
 parser.add_argument("--soup_weight", type=float, default=1.0, help="soup: weight c of every adapter; 1 = their sum")
 # memory and precision
@@ -162,6 +157,11 @@ for flag in ("iters", "batch_size", "grad_accum", "ddim_steps", "eval_n", "eval_
              "lora_rank", "max_nonfinite"):
     if getattr(args, flag) < 1:
         fail(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+for flag in ("height", "width"):
+    if getattr(args, flag) is not None and getattr(args, flag) < 1:
+        fail(f"--{flag} must be a positive number of pixels (got {getattr(args, flag)})")
+check_seed("--seed", args.seed)
+check_seed("--eval_seed", args.eval_seed)
 if not 0 <= args.grad_steps <= args.ddim_steps:
     fail(f"--grad_steps (K={args.grad_steps}) must be between 0 and --ddim_steps ({args.ddim_steps})")
 if args.grad_steps == 0:
@@ -172,8 +172,6 @@ if args.guidance_scale < 0 or not 0 <= args.eta <= 1:
     fail("--guidance_scale must be at least 0 and --eta in [0, 1]")
 if not 0 <= args.ema_momentum <= 1 or args.rid_lambda < 0 or args.lr <= 0:
     fail("--ema_momentum must be in [0, 1], --rid_lambda at least 0, --lr positive")
-if args.rid_project and args.rid_branches == "guided":
-    fail("--rid_project works on the raw outputs of both branches; drop --rid_branches guided or --rid_project")
 if args.l2_weight < 0 or args.soup_weight <= 0:
     fail("--l2_weight must be at least 0 and --soup_weight positive")
 if args.log != "none":
@@ -218,16 +216,26 @@ if args.resume:
         fail(f"nothing to resume: no checkpoint.pt in '{args.out}'; drop --resume to start a new run")
     if os.path.isfile(os.path.join(args.out, "results.json")):
         fail(f"nothing to resume: '{args.out}' holds a finished run (results.json); choose another --out")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # tensors and plain data only
-    saved = ckpt["config"]
+    try:  # tensors and plain data only; a damaged file gets one line and stays as it is
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = ckpt["config"]
+        assert isinstance(saved, dict) and {"task", "step", "stages", "adapters"} <= set(ckpt)
+    except Exception as e:
+        fail(f"cannot resume: '{ckpt_path}' is damaged ({type(e).__name__}); restore it, or start again with "
+             f"--overwrite (which deletes the run)")
     differ = sorted(k for k in config if k not in IGNORED_ON_RESUME and saved.get(k) != config[k])
     if differ:
         was = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
         fail(f"--resume with settings that differ from the checkpoint's ({was}); pass the same flags")
-    lost = [f"samples/stage{k}.pt" for k in range(len(ckpt["stages"]))
-            if not os.path.isfile(os.path.join(args.out, "samples", f"stage{k}.pt"))]
-    if lost:  # the evaluated images the structure metrics compare against
-        fail(f"cannot resume '{args.out}': {', '.join(lost)} is gone; start again with --overwrite")
+    for k in range(len(ckpt["stages"])):  # the evaluated images the structure metrics compare against
+        path = os.path.join(args.out, "samples", f"stage{k}.pt")
+        if not os.path.isfile(path):
+            fail(f"cannot resume '{args.out}': samples/stage{k}.pt is gone; start again with --overwrite")
+        try:
+            images = torch.load(path, weights_only=True)
+            assert images.dtype == torch.uint8 and images.dim() == 4 and len(images) == args.eval_n
+        except Exception as e:
+            fail(f"cannot resume: '{path}' is damaged ({type(e).__name__}); restore it, or start again with --overwrite")
 elif os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
     what = ("a finished run" if os.path.isfile(os.path.join(args.out, "results.json")) else
             "an unfinished run (pass --resume to continue it)" if os.path.isfile(ckpt_path) else "files")
@@ -257,6 +265,8 @@ pipe = load_pipeline(args.model, device, dtype)
 height, width = args.height or pipe.size[0], args.width or pipe.size[1]
 if height % pipe.vae_scale or width % pipe.vae_scale:
     fail(f"--height and --width must be multiples of {pipe.vae_scale} for this model")
+if any(name not in WEIGHT_FREE for name in tasks):
+    hub_unreachable()  # no network: fail at once (or read the cache) instead of retrying for half a minute
 rewards = {}
 for name in dict.fromkeys(tasks):
     try:
@@ -266,7 +276,6 @@ for name in dict.fromkeys(tasks):
 eval_prompts, eval_seeds = eval_set(args.model, args.eval_n, args.eval_seed)
 S, K, M, T = args.ddim_steps, args.grad_steps, args.match_steps, len(tasks)
 rid, soup = args.method == "rid", args.method == "soup"
-rid_options = dict(weighting=args.rid_weighting, branches=args.rid_branches, project=args.rid_project)
 # fp16 (GPUs without bf16): a gradient scaler keeps the small reward gradients (x ~0.01 per DDIM step at K = 1) from
 # underflowing in the fp16 backward; it skips a step whose scaled gradients overflow and lowers its scale.
 # Its first scale is 2^10 (torch's default 2^16 overflows at once on a unit-sized reward loss); our choice.
@@ -278,11 +287,12 @@ if master:
           f"{' with a loss scaler' if scaler.is_enabled() else ''}{' | SDXL' if pipe.xl else ''}")
 assert micro >= 1 and micro * world * args.grad_accum == args.batch_size
 recompute = 0 if args.no_checkpointing else 1  # checkpointed calls run their forward twice
-unet_calls = {"forward": S + K * recompute + (K + M + M * (1 + recompute) if rid else 0),  # per image and step
-              "backward": K + (M if rid else 0)}
+extra = M + K - 1  # RID's student forwards at detached x_t: the M earlier steps and the window steps after the first
+unet_calls = {"forward": S + K * recompute + (K + M + extra * (1 + recompute) if rid else 0),  # per image and step
+              "backward": K + (extra if rid else 0)}
 if master:
     print(f"UNet calls per image and step: {S - K} no-grad + {K} with grad (re-run in backward: "
-          f"{'no' if args.no_checkpointing else 'yes'})" + (f" + RID: {K + M} teacher, {M} student" if rid else "")
+          f"{'no' if args.no_checkpointing else 'yes'})" + (f" + RID: {K + M} teacher, {extra} student" if rid else "")
           + f" = {unet_calls['forward']} forward and {unet_calls['backward']} backward passes")
 
 # Everything loaded: only now may files appear.
@@ -326,6 +336,7 @@ def run_eval(stage):
     """Evaluate the current model (every process samples its share of the set) and save its images (rank 0)."""
     base = stage_images(0) if stage > 0 and master else None  # the saved pixels, so a resumed run compares the same
     out = evaluate(pipe, rewards, eval_prompts, eval_seeds, S, args.guidance_scale, args.eta, args.eval_batch_size,
+                   height=height, width=width,
                    base_images=base, toy=is_toy(args.model), clip_model=clip_at_hand(rewards), rank=rank, world=world,
                    progress=master)
     images = out.pop("images")
@@ -348,7 +359,7 @@ def save_checkpoint(t, step):
                           for n in adapters_made},
              "ema": None if ema is None else {k: v.cpu() for k, v in ema.items()},
              "optimizer": None if optimizer is None else optimizer.state_dict(),
-             "scaler": scaler.state_dict(), "rng": torch.get_rng_state()}
+             "scaler": scaler.state_dict()}
     assert all(torch.isfinite(v).all() for a in state["adapters"].values() for v in a.values())
     with atomic_file(ckpt_path) as tmp:
         torch.save(state, tmp)
@@ -413,7 +424,6 @@ if ckpt is not None:
     stages, train_log, start_task, start_step = ckpt["stages"], ckpt["train"], ckpt["task"], ckpt["step"]
     reward_scales, nonfinite_run = ckpt["reward_scales"], ckpt["nonfinite_run"]
     scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"])
     for name, state in ckpt["adapters"].items():
         add_lora(pipe.unet, name, args.lora_rank, args.lora_alpha)
         with torch.no_grad():
@@ -439,13 +449,15 @@ if not stages:
         dist.barrier()
 
 # Ctrl-C or SIGTERM (a preempted job): finish the current step, save a checkpoint, exit. A second Ctrl-C kills.
-stop_requested = False
+stop_requested, baseline_run = False, None
 
 
 def request_stop(signum, frame):
     global stop_requested
     stop_requested = True
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if baseline_run is not None and baseline_run.poll() is None:
+        baseline_run.send_signal(signum)  # the baseline's process has its own session: it hears what we pass on
 
 
 signal.signal(signal.SIGINT, request_stop)
@@ -498,10 +510,11 @@ for t in range(start_task, T):
         for j in range(args.grad_accum):
             lo = (rank * args.grad_accum + j) * micro
             p, z = prompts[lo:lo + micro], latents[lo:lo + micro].to(device)
-            eta_noise = [torch.Generator().manual_seed(seed_for("eta", args.seed, t, step, lo + i)) for i in range(micro)]
+            eta_noise = ([torch.Generator().manual_seed(seed_for("eta", args.seed, t, step, lo + i)) for i in range(micro)]
+                         if args.eta > 0 else None)  # one generator per image of the global batch
             r, loss_rid = step_losses(pipe, reward_fn, p, z, S, args.guidance_scale, args.eta, k, ema, matched,
                                       not args.no_checkpointing, args.checkpoint_decode, args.checkpoint_reward,
-                                      eta_noise, **rid_options)  # r: (micro,) rewards with graph
+                                      eta_noise)  # r: (micro,) rewards with graph
             if global_step in fault_steps:
                 r = r * float("nan")
             # The losses, side by side. Each micro-batch adds its share of the global-batch mean, so the summed
@@ -592,7 +605,7 @@ if master:
     peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # bytes (ru_maxrss is in KiB on Linux)
     results = {
-        "model": args.model, "method": args.method, "rewards": tasks, "config": config,
+        "model": args.model, "method": args.method, "rewards": tasks, "config": config, "image_size": [height, width],
         "matrix": [[s["rewards"][r]["mean"] for r in tasks] for s in stages],
         "matrix_se": [[s["rewards"][r]["se"] for r in tasks] for s in stages],
         "structure": [s["structure"] for s in stages],
@@ -618,7 +631,12 @@ if master and args.baseline not in ("none", args.method) and world == 1:
         flags += ["--method", args.baseline, "--out", base_out, "--baseline", "none"]
         flags += ["--resume"] if os.path.isfile(os.path.join(base_out, "checkpoint.pt")) else []
         print(f"\nbaseline: {args.baseline} with the same settings, into {base_out}", flush=True)
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), *flags]).returncode == 0
+        baseline_run = subprocess.Popen([sys.executable, os.path.abspath(__file__), *flags], start_new_session=True)
+        code = baseline_run.wait()
+        if code == 130 or stop_requested:  # stopped by Ctrl-C or SIGTERM: it saved its checkpoint
+            tracker.close()
+            sys.exit(130)
+        done = code == 0
     if done:
         side_by_side([os.path.join(base_out, "grid.png"), os.path.join(args.out, "grid.png")],
                      [f"{args.baseline} (baseline)", f"{args.method} (this run)"], os.path.join(args.out, "compare.png"))

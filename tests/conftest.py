@@ -157,9 +157,10 @@ RUN = ["--rewards", "brightness,saturation", "--iters", "3", "--ddim_steps", "4"
 
 
 def train(model, out, *extra, method="rid", wait=True, launcher=None, env=None):
-    """train_rid.py as a user runs it (later flags win, as in argparse)."""
+    """train_rid.py as a user runs it (later flags win, as in argparse); method None: train_rid.py's default, or
+    the --method in extra."""
     cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "train_rid.py"), "--model", model, "--out", str(out),
-                                            "--method", method, *RUN, *extra]
+                                            *(["--method", method] if method else []), *RUN, *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)

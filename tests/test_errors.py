@@ -27,7 +27,6 @@ CASES = {  # name: (arguments, a word the message must contain)
     "unknown reward": (["--rewards", "brightness,beauty"], "beauty"),
     "empty rewards": (["--rewards", ","], "--rewards"),
     "unknown method": (["--method", "ewc"], "method"),
-    "project with guided": (["--method", "rid", "--rid_project", "--rid_branches", "guided"], "--rid_project"),
     "negative l2 weight": (["--l2_weight", "-1"], "--l2_weight"),
     "missing prompt file": (["--prompts", "nope.txt"], "nope.txt"),
     "empty prompt file": (["--prompts", "empty.txt"], "empty.txt"),
@@ -43,6 +42,13 @@ CASES = {  # name: (arguments, a word the message must contain)
     "not an SD folder": (["--model", "plain_dir"], "plain_dir"),
     "hub id offline": (["--model", "someone/not-downloaded"], "someone/not-downloaded"),
     "resume without checkpoint": (["--resume"], "--resume"),
+    "damaged checkpoint": (["--out", "unfinished", "--resume"], "damaged"),
+    "negative seed": (["--seed", "-1"], "--seed"),
+    "seed not an integer": (["--seed", "4.5"], "--seed"),
+    "seed above 2^64 - 1": (["--seed", str(2**64)], "--seed"),
+    "negative eval seed": (["--eval_seed", "-3"], "--eval_seed"),
+    "negative height": (["--height", "-16"], "--height"),
+    "reward weights offline": (["--rewards", "aesthetic"], "reward 'aesthetic'"),
     "finished run": (["--out", "finished"], "finished run"),
     "unfinished run": (["--out", "unfinished"], "--resume"),
 }
@@ -92,12 +98,40 @@ def test_train_bad_input_is_one_line_exit_2_and_writes_nothing(case, workdir, ti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["unknown reward", "hub id offline"])
+@pytest.mark.parametrize("case", ["unknown reward", "hub id offline", "hub id offline, no HF_HUB_OFFLINE",
+                                  "removed hub repository"])
 def test_train_bad_input_in_a_real_process(case, workdir, tiny_sd):
-    """Two of the cases as a user meets them: one line on stderr, exit code 2, no traceback, nothing written."""
-    args, word = CASES[case]
+    """Cases as a user meets them: one line on stderr, exit code 2, no traceback, nothing written. Without
+    HF_HUB_OFFLINE (a cluster's compute node) the hub libraries would retry five times, a warning line each, before
+    failing; a hub that answers "repository not found" (a removed model) is named as such, not as being offline."""
+    import http.server
+    import threading
+    env = {"HF_HUB_OFFLINE": "1"}
+    if case == "hub id offline, no HF_HUB_OFFLINE":
+        env = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"}  # the discard port: nothing listens
+        args, word = ["--model", "someone/not-downloaded"], "cannot be reached"
+    elif case == "removed hub repository":  # a local stand-in for the hub, answering as the hub does for SD 2.1 now
+
+        class Hub(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(404)
+                self.send_header("X-Error-Code", "RepoNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            do_HEAD = do_GET
+
+            def log_message(self, *a):
+                pass
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        env = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}"}
+        args, word = ["--model", "stabilityai/stable-diffusion-2-1"], "has no repository"
+    else:
+        args, word = CASES[case]
     before = listing(workdir)
-    r = train_cli("--model", tiny_sd, "--out", "run", *OK, *args, cwd=workdir)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train_rid.py"), "--model", tiny_sd, "--out", "run", *OK,
+                        *args], capture_output=True, text=True, cwd=workdir,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **env})
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and word in lines[0] and "Traceback" not in r.stderr, r.stderr
     assert listing(workdir) == before
@@ -122,6 +156,11 @@ def test_an_earlier_run_is_never_clobbered_and_resume_checks_settings(workdir, t
     code, stderr = train_in_process([*flags, "--resume", "--lr", "0.5", "--grad_steps", "1"], workdir, monkeypatch, capsys)
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert "lr=" in stderr and "grad_steps=" in stderr
+    assert listing(workdir) == before
+    (workdir / "run" / "samples" / "stage1.pt").write_bytes(b"not a tensor file")
+    before = listing(workdir)
+    code, stderr = train_in_process([*flags, "--resume"], workdir, monkeypatch, capsys)
+    assert code == 2 and "stage1.pt' is damaged" in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert listing(workdir) == before
     os.remove(workdir / "run" / "samples" / "stage0.pt")
     before = listing(workdir)

@@ -229,6 +229,9 @@ def run_eval_cli(*args):
                           cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+SEED = 0  # seeds the adapters: their own gains (-0.03, +0.02) are far above float noise
+
+
 @pytest.fixture(scope="module")
 def fake_run(tiny_sd, tmp_path_factory):
     """A finished 2-task 'adapters' run: two LoRA adapters with random non-zero B, results from evaluate."""
@@ -243,6 +246,7 @@ def fake_run(tiny_sd, tmp_path_factory):
     stages = [evaluate(pipe, rewards, prompts, seeds, **kw)]
     adapters = [[]]
     for k, name in enumerate(names):
+        torch.manual_seed(SEED + k)  # A's init and B below: the same run in every process, whatever ran before
         lora = sample.add_lora(pipe.unet, f"task{k + 1}", rank=4, alpha=8.0)
         with torch.no_grad():
             for key, p in sample.lora_params(pipe.unet, f"task{k + 1}").items():
@@ -278,18 +282,27 @@ def test_cli_recomputes_a_run(fake_run):
     assert "| 2: saturation |" in r.stdout and "largest absolute difference" in r.stdout
 
 
-@pytest.mark.parametrize("case", ["no_run", "no_results", "not_results", "missing_adapter", "out_is_run"])
+@pytest.mark.parametrize("case", ["no_run", "no_results", "not_results", "missing_adapter", "out_is_run",
+                                  "damaged_results", "damaged_adapter"])
 def test_cli_bad_input_is_one_line(case, fake_run, tmp_path, monkeypatch, capsys):
+    run = str(tmp_path / "run")
     args = {"no_run": ["--run", str(tmp_path / "nope")], "no_results": ["--run", str(tmp_path)],
-            "not_results": ["--run", str(tmp_path / "run")], "missing_adapter": ["--run", str(tmp_path / "run")],
+            "not_results": ["--run", run], "missing_adapter": ["--run", run], "damaged_results": ["--run", run],
+            "damaged_adapter": ["--run", run, "--out", str(tmp_path / "eval")],
             "out_is_run": ["--run", fake_run, "--out", fake_run]}[case]
     if case in ("not_results", "missing_adapter"):  # a copy of the run without its adapters, or a foreign json
-        os.makedirs(tmp_path / "run")
+        os.makedirs(run)
         results = json.load(open(os.path.join(fake_run, "results.json")))
-        with open(tmp_path / "run" / "results.json", "w") as f:
+        with open(os.path.join(run, "results.json"), "w") as f:
             json.dump(results if case == "missing_adapter" else {"matrix": []}, f)
+    if case in ("damaged_results", "damaged_adapter"):  # a copy with a truncated results.json or adapter file
+        import shutil
+        shutil.copytree(fake_run, run)
+        name = "results.json" if case == "damaged_results" else "adapters/task2_saturation/" + sample.LORA_WEIGHTS
+        with open(os.path.join(run, name), "r+b") as f:
+            f.truncate(200)
     before = sorted(os.walk(tmp_path)), sorted(os.walk(fake_run))
-    if case == "missing_adapter":  # one case as a user meets it: a subprocess, checked for a one-line stderr
+    if case in ("missing_adapter", "damaged_adapter"):  # as a user meets them: a subprocess, with a one-line stderr
         r = run_eval_cli(*args)
         code, stderr = r.returncode, r.stderr
     else:  # the others in-process: each subprocess costs ~3 s of library imports

@@ -1,7 +1,7 @@
 """RID's teacher, tested where it lives: the teacher-matching loss against a direct forward with the EMA weights
-swapped into the adapter, the EMA update against its formula, no gradient ever reaching the EMA tensors, the
-projected pull (PCGrad) against its formula, the x0 weighting, and the L2 baseline's penalty against the dense
-weight change. In a real train_rid.py run: the teacher loss is exactly 0 at the first step of every task and above 0
+swapped into the adapter, the loss in eps space on a v-prediction model and at detached x_t inside a K = 2 window
+(both against the formula by hand), the EMA update against its formula, no gradient ever reaching the EMA tensors,
+and the L2 baseline's penalty against the dense weight change. In a real train_rid.py run: the teacher loss is exactly 0 at the first step of every task and above 0
 after, and the EMA after one step is m * A_0 + (1 - m) * A_1 (m = 1: the adapter's initial weights, B = 0)."""
 import json
 
@@ -16,16 +16,7 @@ PROMPTS = ["a red circle", "a green square"]
 @pytest.fixture(scope="module")
 def pipe(tiny_sd):
     """The tiny SD pipe with a frozen first adapter (B random) and a second, trainable one (B random as well)."""
-    p = sample.load_pipeline(tiny_sd)
-    torch.manual_seed(0)
-    for name in ("task1", "task2"):
-        sample.add_lora(p.unet, name, 4, 8.0)
-        with torch.no_grad():
-            for k, w in sample.lora_params(p.unet, name).items():
-                if "lora_B" in k:
-                    w.normal_(0, 0.3)
-    sample.set_adapters(p.unet, ["task1", "task2"], trainable="task2")
-    return p
+    return lora_pipe(tiny_sd)
 
 
 def sampled(pipe, capture, grad_steps=1, steps=5):
@@ -49,10 +40,10 @@ def test_teacher_loss_equals_a_forward_with_the_ema_swapped_in(pipe):
     params = sample.lora_params(pipe.unet, "task2")
     saved = {k: p.detach().clone() for k, p in params.items()}
     with torch.no_grad():
-        students = [sample.unet_eps(pipe.unet, torch.cat([x, x]), t, context) for t, x, _ in captured.values()]
+        students = [sample.unet_out(pipe.unet, torch.cat([x, x]), t, context) for t, x, _ in captured.values()]
         for k, p in params.items():
             p.copy_(ema[k])
-        targets = [sample.unet_eps(pipe.unet, torch.cat([x, x]), t, context) for t, x, _ in captured.values()]
+        targets = [sample.unet_out(pipe.unet, torch.cat([x, x]), t, context) for t, x, _ in captured.values()]
         for k, p in params.items():
             p.copy_(saved[k])
     direct = torch.stack([(s - t).pow(2).mean() for s, t in zip(students, targets)]).mean()
@@ -62,16 +53,67 @@ def test_teacher_loss_equals_a_forward_with_the_ema_swapped_in(pipe):
     assert sample.teacher_loss(pipe, captured, context, {k: p.detach() for k, p in params.items()}).item() == 0
 
 
-def test_x0_weighting_scales_each_step_by_its_noise_level(pipe):
-    ema = perturbed_ema(pipe)
-    _, captured, context = sampled(pipe, capture={1})
-    eps = sample.teacher_loss(pipe, captured, context, ema, weighting="eps")
-    x0 = sample.teacher_loss(pipe, captured, context, ema, weighting="x0")
-    hybrid = sample.teacher_loss(pipe, captured, context, ema, weighting="hybrid")
-    t = next(iter(captured.values()))[0]
-    abar = pipe.scheduler.alphas_cumprod[t]
-    torch.testing.assert_close(x0, eps * (1 - abar) / abar, rtol=1e-5, atol=0)
-    torch.testing.assert_close(hybrid, eps * max(1.0, float((1 - abar) / abar)), rtol=1e-5, atol=0)
+def lora_pipe(folder, seed=0):
+    """A tiny pipe with a frozen first adapter (B random) and a second, trainable one (B random as well)."""
+    p = sample.load_pipeline(folder)
+    torch.manual_seed(seed)
+    for name in ("task1", "task2"):
+        sample.add_lora(p.unet, name, 4, 8.0)
+        with torch.no_grad():
+            for k, w in sample.lora_params(p.unet, name).items():
+                if "lora_B" in k:
+                    w.normal_(0, 0.3)
+    sample.set_adapters(p.unet, ["task1", "task2"], trainable="task2")
+    return p
+
+
+def by_hand(pipe, captured, context, ema, kind):
+    """RID's loss written out: at each matched step, the student and the teacher (EMA copied into the adapter) at
+    the detached x_t, both outputs turned into eps by hand, the squared error averaged over elements and steps."""
+    params = sample.lora_params(pipe.unet, "task2")
+    saved = {k: p.detach().clone() for k, p in params.items()}
+    steps = [(t, torch.cat([x, x]).detach()) for t, x, _ in captured.values()]
+    with torch.no_grad():  # teachers first: copying weights in place must not touch a graph that is still needed
+        for k, p in params.items():
+            p.copy_(ema[k])
+        teachers = [sample.unet_out(pipe.unet, x_in, t, context) for t, x_in in steps]
+        for k, p in params.items():
+            p.copy_(saved[k])
+    losses = []
+    for (t, x_in), teacher in zip(steps, teachers):
+        student = sample.unet_out(pipe.unet, x_in, t, context)
+        a = pipe.scheduler.alphas_cumprod[t]
+        eps = {"epsilon": lambda out: out, "v_prediction": lambda v: a.sqrt() * v + (1 - a).sqrt() * x_in}[kind]
+        losses.append((eps(student) - eps(teacher)).pow(2).mean())
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_teacher_loss_is_on_eps_for_every_prediction_type(kind, tiny_sd, tmp_path):
+    """On a v-prediction model the loss is || eps_s - eps_t ||^2 = abar_t || v_s - v_t ||^2, not the raw v error;
+    and with K = 2 the window's second step matches at the detached x_t: its matching gradient does not flow back
+    into the first window step through x_t. Loss and LoRA gradient against the formula computed by hand."""
+    from test_sample import variant
+    folder = variant(tiny_sd, tmp_path, scheduler={"prediction_type": kind})
+    p = lora_pipe(folder)
+    ema = perturbed_ema(p)
+    params = sample.lora_params(p.unet, "task2")
+    _, captured, context = sampled(p, capture={1, 3, 4}, grad_steps=2)  # one step before the window, both in it
+    assert captured[4][1].requires_grad  # the second window step's x_t carries the first one's graph
+    loss = sample.teacher_loss(p, captured, context, ema)
+    loss.backward()
+    ours = {k: w.grad.clone() for k, w in params.items()}
+    for w in params.values():
+        w.grad = None
+    hand = by_hand(p, captured, context, ema, kind)
+    hand.backward()
+    torch.testing.assert_close(loss.detach(), hand.detach(), rtol=1e-5, atol=0)
+    for k, w in params.items():
+        torch.testing.assert_close(ours[k], w.grad, rtol=1e-4, atol=1e-9)
+    if kind == "v_prediction":  # the raw-output loss is a different number
+        raw = torch.stack([(sample.unet_out(p.unet, torch.cat([x, x]), t, context).detach() - 0).pow(2).mean()
+                           for t, x, _ in captured.values()])
+        assert not torch.allclose(hand.detach(), raw.mean())
 
 
 def test_ema_update_formula_and_no_gradient_reaches_the_ema(pipe):
@@ -85,55 +127,17 @@ def test_ema_update_formula_and_no_gradient_reaches_the_ema(pipe):
     (-r.mean() + loss_rid).backward()
     assert loss_rid > 0 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
     assert all(not v.requires_grad and v.grad is None for v in ema.values())
-    m = 0.9
-    sample.ema_update(ema, params, m)
-    for k in ema:
-        torch.testing.assert_close(ema[k], m * before[k] + (1 - m) * params[k].detach(), rtol=1e-6, atol=1e-7)
+    # After n updates towards fixed weights A, an EMA that started at E_0 is A + m^n (E_0 - A): the gap shrinks
+    # geometrically, m = 0 jumps to A, m = 1 never moves.
+    for m, n in ((0.9, 5), (0.0, 1), (1.0, 3)):
+        ema = {k: v.clone() for k, v in before.items()}
+        for _ in range(n):
+            sample.ema_update(ema, params, m)
+        for k in ema:
+            a = params[k].detach()
+            torch.testing.assert_close(ema[k], a + m ** n * (before[k] - a), rtol=1e-5, atol=1e-7)
     for p in params.values():
         p.grad = None
-
-
-def test_projected_pull_removes_only_what_opposes_the_reward():
-    """The hook's result against PCGrad's formula, row by row: a conflicting row loses its component along the
-    reward's gradient; an agreeing row keeps the whole pull."""
-    g = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])   # d(reward loss)/d out, per row
-    pull = torch.tensor([[-1.0, 1.0, 0.0], [0.0, 1.0, 3.0]])  # row 0 conflicts (dot < 0), row 1 agrees
-    out = sample.project_pull({"pull": pull.clone()}, g.clone())
-    want = g + torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 3.0]])
-    torch.testing.assert_close(out, want)
-    # End to end through autograd: a leaf `out`, a reward loss on it and the projected teacher term.
-    leaf = torch.tensor([[0.5, -0.2, 0.1], [0.3, 0.3, -0.4]], requires_grad=True)
-    target = torch.zeros(2, 3)
-    holder = {}
-    y = leaf * 1.0  # the sampler's output tensor that the hook sits on
-    y.register_hook(lambda grad: sample.project_pull(holder, grad))
-    lam = 2.0
-    ((y * torch.tensor([[1.0, 0, 0], [0, 2.0, 0]])).sum() + lam * sample.ProjectedPull.apply(y, target, holder)).backward()
-    raw = lam * 2 * (leaf.detach() - target) / 6
-    expect = sample.project_pull({"pull": raw}, torch.tensor([[1.0, 0, 0], [0, 2.0, 0]]))
-    torch.testing.assert_close(leaf.grad, expect)
-
-
-def test_rid_project_changes_the_gradient_as_its_formula_says(pipe):
-    """--rid_project in a real sampler step: the LoRA gradient equals the reward's plus the projected pull, which
-    differs from both the plain teacher term's and the reward's alone."""
-    ema = perturbed_ema(pipe, seed=5)
-    params = sample.lora_params(pipe.unet, "task2")
-    reward = lambda im, p: (im * torch.linspace(0, 1, 32)).mean((1, 2, 3))
-
-    def grads(project, lam):
-        for p in params.values():
-            p.grad = None
-        r, loss_rid = sample.step_losses(pipe, reward, PROMPTS, sample.initial_latents(
-            pipe, 2, torch.Generator().manual_seed(6)), 4, teacher=ema, matched={3}, project=project)
-        (-r.mean() + lam * loss_rid).backward()
-        return torch.cat([p.grad.flatten() for p in params.values()])
-    reward_only, plain, projected = grads(False, 0.0), grads(False, 50.0), grads(True, 50.0)
-    assert not torch.allclose(projected, plain) and not torch.allclose(projected, reward_only)
-    # The projection keeps the pull's non-conflicting part: the projected gradient lies between the two, closer to
-    # the reward's alone than the plain one along the reward's direction.
-    along = lambda v: (v @ reward_only) / reward_only.norm()
-    assert along(plain) < along(projected)
 
 
 def test_l2_penalty_is_the_squared_norm_of_the_dense_weight_change(pipe):
@@ -155,7 +159,8 @@ def test_teacher_loss_in_a_real_run_and_the_ema_after_one_step(trained, tiny_sd,
     A_0 the adapter as created (rebuilt here from its seed) and A_1 the adapter after the step; with m = 1 it is A_0
     itself, whose B is 0: the previous model."""
     from conftest import train
-    full, _ = trained("rid", "--match_steps", "1")  # 3 steps per task
+    from test_train import METHOD_FLAGS
+    full, _ = trained("rid", *METHOD_FLAGS["rid"])  # 3 steps per task, one matched step before the window
     log = [json.loads(line) for line in open(full / "log.jsonl")]
     assert [row["loss_rid"] == 0 for row in log] == [True, False, False] * 2
     for m in ("0.9", "1"):

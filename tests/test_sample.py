@@ -19,7 +19,7 @@ PROMPTS = ["a red circle on a blue background", "a green square", "a photo of a 
 def reference_pipeline(folder):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     ref = StableDiffusionPipeline.from_pretrained(folder)
-    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    ref.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")  # every key of the file, as ours
     ref.set_progress_bar_config(disable=True)
     return ref
 
@@ -49,29 +49,80 @@ def test_cli_matches_diffusers_pipeline(tiny_sd, tmp_path):
     assert os.path.isfile(out / "grid.png")
 
 
+SCHEDULERS = {  # the scheduler configurations the sampler must follow as DDIMScheduler does
+    "epsilon": {},
+    "v_prediction": {"prediction_type": "v_prediction"},  # SD 2.x 768 px
+    "v_zero_snr": {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+    "sample": {"prediction_type": "sample"},
+    "clip_sample": {"clip_sample": True, "clip_sample_range": 1.5},
+}
+
+
+@pytest.mark.parametrize("kind", list(SCHEDULERS))
 @pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_ddim_step_matches_scheduler(eta):
+def test_ddim_step_matches_scheduler(kind, eta):
+    """One step from the raw model output, for every prediction type (zero terminal SNR: alpha = 0 at the first
+    step, where an eps -> x_0 route would divide by zero), against DDIMScheduler.step with the same noise."""
     from diffusers import DDIMScheduler
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    config = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "set_alpha_to_one": False,
+              "steps_offset": 1, "clip_sample": False, **SCHEDULERS[kind]}
+    scheduler = DDIMScheduler(**config)
     ts, alphas, alphas_prev = sample.ddim_schedule(scheduler, 20)
     torch.manual_seed(0)
     for i, t in enumerate(ts):
-        x, eps, noise = torch.randn(3, 2, 4, 4, 4).unbind(0)
-        ref = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
-        ours, _ = sample.ddim_step(x, eps, alphas[i], alphas_prev[i], eta, noise)
+        x, out, noise = torch.randn(3, 2, 4, 4, 4).unbind(0)
+        ref = scheduler.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
+        x0, eps = sample.predict_x0_eps(out, x, alphas[i], config.get("prediction_type", "epsilon"))
+        if config["clip_sample"]:
+            x0 = x0.clamp(-1.5, 1.5)
+        ours = sample.ddim_step(x0, eps, alphas[i], alphas_prev[i], eta, noise)
+        assert torch.isfinite(ours).all()
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    if kind == "v_zero_snr":
+        assert alphas[0] == 0  # the case that needs x_0 straight from v
 
 
-def test_sampler_matches_pipeline_with_eta(tiny_sd):
-    """eta > 0 end to end: the same generator draws the latents, then each step's noise, in diffusers' order."""
-    pipe = sample.load_pipeline(tiny_sd)
+def variant(folder, tmp_path, scheduler=None, unet=None, vae=None):
+    """A copy of a tiny model folder with some config keys changed (the weights stay the same)."""
+    import json
+    import shutil
+    copy = shutil.copytree(folder, tmp_path / "variant")
+    for part, changes in (("scheduler", scheduler), ("unet", unet), ("vae", vae)):
+        path = copy / part / ("scheduler_config.json" if part == "scheduler" else "config.json")
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps({**config, **(changes or {})}))
+    return str(copy)
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "v_zero_snr", "sample", "clip_sample"])
+def test_sampler_matches_pipeline_for_every_prediction_type(kind, tiny_sd, tmp_path):
+    """The whole sampler against StableDiffusionPipeline + DDIMScheduler built from the same scheduler config."""
+    folder = variant(tiny_sd, tmp_path, scheduler=SCHEDULERS[kind])
+    pipe = sample.load_pipeline(folder)
     g = torch.Generator().manual_seed(1)
-    ours = sample.generate(pipe, PROMPTS[:2], sample.initial_latents(pipe, 2, g), 8, 5.0, 0.6, generator=g,
-                           progress=False)
-    ref = reference_pipeline(tiny_sd)(PROMPTS[:2], num_inference_steps=8, guidance_scale=5.0, eta=0.6,
-                                      generator=torch.Generator().manual_seed(1), output_type="pt").images
+    ours = sample.generate(pipe, PROMPTS[:2], sample.initial_latents(pipe, 2, g), 8, 5.0, progress=False)
+    ref = reference_pipeline(folder)(PROMPTS[:2], num_inference_steps=8, guidance_scale=5.0,
+                                     generator=torch.Generator().manual_seed(1), output_type="pt").images
+    assert torch.isfinite(ours).all() and ours.std() > 0.05
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_load_refuses_what_the_sampler_cannot_follow(tiny_sd, tmp_path):
+    """Zero terminal SNR with epsilon prediction has no x_0 at the first step; an unknown prediction type and
+    dynamic thresholding are not handled: each is one line (UserError), before any sampling."""
+    for i, config in enumerate([{"rescale_betas_zero_snr": True}, {"prediction_type": "flow"}, {"thresholding": True}]):
+        with pytest.raises(sample.UserError) as e:
+            sample.load_pipeline(variant(tiny_sd, tmp_path / str(i), scheduler=config))
+        assert "\n" not in str(e.value)
+
+
+def test_a_sample_size_given_as_height_and_width(tiny_sd, tmp_path):
+    """unet.config.sample_size as [h, w] (non-square models): the default size is (8h... ) per side, not a list."""
+    pipe = sample.load_pipeline(variant(tiny_sd, tmp_path, unet={"sample_size": [16, 24]}))
+    assert pipe.size == (32, 48)
+    latents = sample.initial_latents(pipe, 1, torch.Generator().manual_seed(0))
+    assert latents.shape == (1, 4, 16, 24)
+    assert sample.generate(pipe, PROMPTS[:1], latents, 2, progress=False).shape == (1, 3, 32, 48)
 
 
 def lora_pipe(tiny_sd, rank=4, alpha=8.0, seed=0):
@@ -193,16 +244,22 @@ def test_two_adapters_compose_and_reload(tiny_sd, tmp_path):
     sample.set_adapters(fresh.unet, ["task0", "task1"])
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor(500), {"encoder_hidden_states": torch.randn(2, 16, 32)}
     with torch.no_grad():
-        torch.testing.assert_close(sample.unet_eps(fresh.unet, x, t, ctx), sample.unet_eps(pipe.unet, x, t, ctx))
+        torch.testing.assert_close(sample.unet_out(fresh.unet, x, t, ctx), sample.unet_out(pipe.unet, x, t, ctx))
         sample.set_adapters(fresh.unet, ["task0"])
-        assert not torch.allclose(sample.unet_eps(fresh.unet, x, t, ctx), sample.unet_eps(pipe.unet, x, t, ctx))
+        assert not torch.allclose(sample.unet_out(fresh.unet, x, t, ctx), sample.unet_out(pipe.unet, x, t, ctx))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["missing", "not_sd", "hub_offline", "no_prompt", "bad_lora", "not_empty"])
+@pytest.mark.parametrize("case", ["missing", "not_sd", "hub_offline", "no_prompt", "bad_lora", "not_empty",
+                                  "damaged_lora", "negative_seed", "huge_seed"])
 def test_cli_bad_input_is_one_line(case, tiny_sd, tmp_path):
     out = tmp_path / "out"
-    args = {"missing": ["--model", str(tmp_path / "nope"), "--prompt", "x"],
+    damaged = tmp_path / "lora"
+    damaged.mkdir()
+    (damaged / sample.LORA_WEIGHTS).write_bytes(b"\x10\x00\x00\x00not a safetensors file")
+    args = {"damaged_lora": ["--model", tiny_sd, "--prompt", "x", "--lora", str(damaged)],
+            "negative_seed": ["--model", tiny_sd, "--prompt", "x", "--seed", "-1"],
+            "huge_seed": ["--model", tiny_sd, "--prompt", "x", "--seed", str(2**64)],"missing": ["--model", str(tmp_path / "nope"), "--prompt", "x"],
             "not_sd": ["--model", str(tmp_path), "--prompt", "x"],
             "hub_offline": ["--model", "someone/not-downloaded-model", "--prompt", "x"],
             "no_prompt": ["--model", tiny_sd],
@@ -219,6 +276,7 @@ def test_cli_bad_input_is_one_line(case, tiny_sd, tmp_path):
     assert sorted(os.listdir(tmp_path)) == before  # nothing written
     if case == "not_empty":
         assert (out / "keep.png").read_bytes() == b"earlier run"
+    assert (damaged / sample.LORA_WEIGHTS).read_bytes() == b"\x10\x00\x00\x00not a safetensors file"
 
 
 def test_a_kill_during_a_write_leaves_the_old_file(tmp_path):
@@ -249,11 +307,16 @@ with sample.atomic_file({str(target)!r}) as tmp:
 # SDXL: the same sampler with two text encoders, the pooled embedding and the time ids
 
 
-def test_sdxl_sampler_matches_diffusers_xl_pipeline(tiny_sdxl, tmp_path):
+@pytest.mark.parametrize("latents_stats", [False, True])
+def test_sdxl_sampler_matches_diffusers_xl_pipeline(latents_stats, tiny_sdxl, tmp_path):
     """sample.py's CLI on a tiny SDXL folder equals StableDiffusionXLPipeline + DDIMScheduler to 1/255: the family is
     read from model_index.json, "" becomes zeros (force_zeros_for_empty_prompt), and a "!" in a prompt is tokenised
-    by tokenizer_2 (pad token "!") exactly as diffusers does."""
+    by tokenizer_2 (pad token "!") exactly as diffusers does. With latents_mean / latents_std in the VAE config (some
+    SDXL-family VAEs), the decode un-standardises the latents as the pipeline does."""
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    if latents_stats:
+        tiny_sdxl = variant(tiny_sdxl, tmp_path, vae={"latents_mean": [0.3, -0.2, 0.1, 0.5],
+                                                       "latents_std": [2.0, 0.5, 1.5, 0.8]})
     prompts = ["a red circle on a blue background", "wow!!! a green square"]
     out = tmp_path / "xl"
     r = run_sample_cli("--model", tiny_sdxl, *sum([["--prompt", p] for p in prompts], []), "--seed", "2",
@@ -266,6 +329,8 @@ def test_sdxl_sampler_matches_diffusers_xl_pipeline(tiny_sdxl, tmp_path):
         prompts, num_inference_steps=6, guidance_scale=7.5, generator=torch.Generator().manual_seed(2)).images])
     ours = read_pngs(out, 2)
     assert ours.std() > 20 and np.abs(ours - ref).max() <= 1
+    if latents_stats:
+        return
     pipe = sample.load_pipeline(tiny_sdxl)
     assert pipe.xl and pipe.zero_uncond
     uncond = sample.encode_uncond(pipe, 1)

@@ -22,8 +22,10 @@ pytestmark = pytest.mark.slow  # every test here runs train_rid.py in a subproce
 
 # One adapters run serves two tests: no reward normalisation, and two steps made non-finite by the testing aid.
 ADAPTERS_NAN = ("adapters", "--no_reward_norm", "--fault_nan_steps", "1,4")
-METHOD_FLAGS = {"rid": ("--match_steps", "1"), "l2": ("--l2_weight", "0.0001"), "soup": ("--soup_weight", "0.5"),
-                "naive": (), "adapters": ()}
+# The shared rid run uses the largest seed torch takes as a signed 64-bit integer; test_resume_after_sigkill resumes
+# it twice (the flag walk's "large seed with resume", tests/test_flags.py).
+METHOD_FLAGS = {"rid": ("--match_steps", "1", "--seed", str(2**63 - 1)), "l2": ("--l2_weight", "0.0001"),
+                "soup": ("--soup_weight", "0.5"), "naive": (), "adapters": ()}
 
 
 def adapters_of(run):
@@ -56,8 +58,9 @@ def test_run_folder_holds_results_adapters_and_pictures(trained):
     assert res["matrix"][1][0] > res["matrix"][0][0]  # the task's reward went up on its own task
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert len(log) == 6 and all(row["finite"] for row in log)
-    # UNet calls per image and step: S + K recomputed + RID's K + M teacher and M student (+ M recomputed) forwards
-    assert res["train"]["unet_calls_per_image_step"] == {"forward": 4 + 2 + 3 + 2, "backward": 3}
+    # UNet calls per image and step: S + K recomputed + RID's K + M teacher forwards, and its student forwards at the
+    # detached x_t of the M earlier steps and the K - 1 later window steps (each recomputed once in backward)
+    assert res["train"]["unet_calls_per_image_step"] == {"forward": 4 + 2 + 3 + 2 * 2, "backward": 2 + 2}
 
 
 def test_reward_scales_are_the_base_images_spread(trained, tiny_sd):
@@ -196,38 +199,6 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path):
     assert "--resume" in stdout and "Traceback" not in stderr
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["task"] == 0 and ckpt["step"] >= 2
-
-
-def test_torchrun_two_processes_equal_one(trained, tiny_sd, tmp_path):
-    """Two CPU processes (gloo), each with half of the global batch and half of the evaluation set, give one
-    process's adapters, reward matrix, structure measures and evaluation images."""
-    ref_out, _ = trained("rid", *METHOD_FLAGS["rid"])
-    out = tmp_path / "ddp"
-    r = train(tiny_sd, out, *METHOD_FLAGS["rid"], launcher=[
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(29500 + os.getpid() % 1000)])
-    assert r.returncode == 0, r.stderr[-3000:]
-    # Step by step, the all-reduced statistics equal one process's: an unsynced gradient (each process stepping on
-    # its own half batch) would change the logged gradient norm, reward and teacher loss at once.
-    one, two = ([json.loads(line) for line in open(run / "log.jsonl")] for run in (ref_out, out))
-    assert len(one) == len(two) == 6
-    for x, y in zip(one, two):
-        for key in ("reward", "loss_reward", "loss_rid", "grad_norm"):
-            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-7), (x["task"], x["step"], key)
-    a, b = adapters_of(ref_out), adapters_of(out)
-    for d in a:
-        for k in a[d]:
-            # Per-process batches of 1 instead of 2 change float summation orders (~1e-7 relative); Adam divides
-            # each element by its own running scale, so a near-zero gradient can turn that into a visible change of
-            # a few elements (3.5e-3 seen on one of 128; 2.4e-3 the largest relative norm of a tensor's change).
-            # Unsynced gradients move most elements by a different step of lr = 0.02, against weights of ~0.04-0.2.
-            assert (b[d][k] - a[d][k]).norm() <= 1e-2 * a[d][k].norm(), (d, k)
-    ref, got = json.load(open(ref_out / "results.json")), json.load(open(out / "results.json"))
-    np.testing.assert_allclose(got["matrix"], ref["matrix"], rtol=1e-4)
-    for s, t in zip(got["structure"][1:], ref["structure"][1:]):
-        assert s["ssim"]["mean"] == pytest.approx(t["ssim"]["mean"], abs=1e-3)
-    for k in range(4):  # every evaluation image, each sampled by one of the two processes, in its place
-        x, y = (np.asarray(Image.open(run / "samples" / "stage0" / f"{k:03d}.png")).astype(int) for run in (ref_out, out))
-        assert np.abs(x - y).max() <= 1
 
 
 def test_nonfinite_steps_are_skipped_counted_and_the_count_survives_a_resume(trained, tiny_sd, tmp_path):
