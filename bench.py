@@ -7,7 +7,7 @@ times, in one process, round by round (so a slow spell of a shared machine hits 
                  trained (K-step grad window, VAE decode and reward with grad, backward, clipping, AdamW)
   (d) rid        the same step with RID's EMA-teacher matching and the EMA update
   and the other methods' steps: naive and soup (one adapter active), l2 (adapters + the L2 pull).
-Every training phase calls train_rid.py's own step helpers (sample.step_losses, ema_update, lora_delta_sq,
+Every training phase calls train_rid.py's own step helpers (losses.step_losses, ema_update, l2_pull,
 matched_steps), so it times the step that training runs. It prints a markdown table (median seconds, images/s, peak
 memory per phase) and the ratios (a)/(b), (c)/(a), (d)/(c) and each method's step over adapters'; warm-up rounds
 count neither in time nor in memory. On a CPU it adds the same from the process's CPU time, which load from other
@@ -28,17 +28,19 @@ import argparse, ctypes, gc, json, os, statistics, subprocess, sys, tempfile, ti
 import torch
 
 import rewards
-from sample import (Pipe, UserError, add_lora, check_seed, ema_update, encode_prompts, encode_uncond, initial_latents,
-                    load_pipeline, lora_delta_sq, lora_params, matched_steps, one_line_errors, pick_device_dtype, seed_for,
-                    run_cli, sample, set_adapters, step_losses, write_json)
+from common import UserError, check_seed, one_line_errors, pick_device_dtype, seed_for, write_json
+from losses import ema_update, l2_pull, matched_steps, step_losses
+from sample import (Pipe, add_lora, encode_prompts, encode_uncond, image_size, initial_latents, load_pipeline, lora_params,
+                    sample, set_adapters)
 
-PHASES = ("sample", "diffusers", "naive", "adapters", "rid", "l2", "soup")
+PHASES = ("sample", "diffusers", "naive", "adapters", "rid", "l2", "soup", "reward")
 parser = one_line_errors(argparse.ArgumentParser(description="rid: time and memory of sampling and training steps"))
 # model and batch
 parser.add_argument("--model", default="toy", help="'toy' (shipped), 'sd15-arch' / 'sdxl-arch' (their shapes, random "
                     "weights), or an SD/SDXL folder or hub id")
 parser.add_argument("--reward", default=None, help="a rewards.py name, or 'aesthetic-arch' (ViT-L/14 + MLP, random "
                     "weights); none = aesthetic-arch for the -arch models, brightness otherwise")
+parser.add_argument("--reward_path", default=None, help="NAME=PATH: local weights of --reward (as train_rid.py's)")
 parser.add_argument("--batch_size", type=int, default=4, help="images per sampling pass and per optimiser step")
 parser.add_argument("--height", type=int, default=None, help="image height in px; none = the model's")
 parser.add_argument("--width", type=int, default=None, help="image width in px; none = the model's default")
@@ -156,14 +158,14 @@ def arch_pipe(model, device, dtype):
                 tokenizer_2=char_tokenizer() if xl else None, zero_uncond=xl)
 
 
-def load_bench_reward(name, device, dtype):
+def load_bench_reward(name, path, device, dtype):
     if name != "aesthetic-arch":
-        return rewards.load_reward(name, device=device, dtype=dtype)
+        return rewards.load_reward(name, path, device=device, dtype=dtype)
     from transformers import CLIPConfig, CLIPModel  # the whole CLIPModel, text tower too, as load_reward holds it
     clip = random_weights(lambda: CLIPModel(CLIPConfig(text_config=CLIP_L14_TEXT, vision_config=CLIP_L14_VISION,
                                                        projection_dim=768)), device, dtype)
     head = random_weights(rewards.aesthetic_mlp, device, dtype)  # the real 768-1024-128-64-16-1 head
-    return rewards.CLIPReward(clip, head=head).eval().requires_grad_(False)
+    return rewards.CLIPReward(clip, head=head, dtype=dtype).eval().requires_grad_(False)
 
 # -----------------------------------------------------------------------------
 # Peak memory of one phase: on CUDA the allocator's peak; on CPU the process's peak resident set (weights +
@@ -288,14 +290,20 @@ def build_phases(args, pipe, reward, device, dtype, H, W):
                                       args.checkpoint_decode, args.checkpoint_reward)
             (-r.sum() / B + loss_rid * micro / B).backward()
         if method == "l2":
-            lora_delta_sq(pipe.unet, "task1").backward()
+            l2_pull(pipe.unet, "task1").backward()
         torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
         optimizer.step()
         if rid:
             ema_update(ema, params, 0.99)
         optimizer.zero_grad(set_to_none=True)
 
-    return {"sample": run_ours, "diffusers": run_diffusers,
+    pixels = torch.rand(B, 3, H, W, generator=torch.Generator().manual_seed(args.seed)).to(device)
+
+    def reward_step():  # the reward alone: one forward and backward to the images (B, 3, H, W)
+        images = pixels.clone().requires_grad_(True)
+        reward(images.to(dtype), prompts).sum().backward()
+
+    return {"sample": run_ours, "diffusers": run_diffusers, "reward": reward_step,
             **{m: (lambda m=m: train_step(m)) for m in ("naive", "adapters", "rid", "l2", "soup")}}
 
 
@@ -321,7 +329,8 @@ def time_phases(args, run, phases, device):
 # Report: a markdown table, the ratios, and every figure in JSON
 
 LABELS = {"sample": "(a) rid sampler, no grad", "diffusers": "(b) diffusers pipeline", "adapters": "(c) train step, adapters",
-          "rid": "(d) train step, rid", "naive": "train step, naive", "l2": "train step, l2", "soup": "train step, soup"}
+          "rid": "(d) train step, rid", "naive": "train step, naive", "l2": "train step, l2", "soup": "train step, soup",
+          "reward": "the reward alone, forward + backward"}
 RATIOS = [("a_over_b", "(a)/(b) ours vs diffusers", "sample", "diffusers", "1.0 | -"),
           ("c_over_a", "(c)/(a) train step vs sampling", "adapters", "sample", "1.3 | 1.3"),
           ("d_over_c", "(d)/(c) rid vs adapters", "rid", "adapters", "1.10 | 1.05"),
@@ -383,13 +392,14 @@ def main():
     arch = args.model in ("sd15-arch", "sdxl-arch")
     pipe = arch_pipe(args.model, device, dtype) if arch else load_pipeline(args.model, device, dtype)
     reward_name = args.reward or ("aesthetic-arch" if arch else "brightness")
+    name, _, path = (args.reward_path or "").partition("=")
+    if args.reward_path and name != reward_name:
+        raise UserError(f"--reward_path '{args.reward_path}' must be {reward_name}=PATH (the --reward it is for)")
     try:
-        reward = load_bench_reward(reward_name, device, dtype)
+        reward = load_bench_reward(reward_name, path or None, device, dtype)
     except ValueError as e:
         raise UserError(str(e))
-    H, W = args.height or pipe.size[0], args.width or pipe.size[1]
-    if H % pipe.vae_scale or W % pipe.vae_scale:
-        raise UserError(f"--height and --width must be multiples of {pipe.vae_scale} for this model")
+    H, W = image_size(pipe, args.height, args.width)
     run = build_phases(args, pipe, reward, device, dtype, H, W)
     guided, micro = args.guidance_scale > 1, B // args.grad_accum
     print(f"model {args.model} ({sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.0f}M UNet parameters), reward "
@@ -413,4 +423,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

@@ -22,9 +22,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from sample import (TOY_MODEL, UserError, atomic_file, check_lora, generate, image_grid, initial_latents,
-                    load_lora, load_pipeline, one_line_errors, pick_device_dtype, resolve_model, run_cli, seed_for,
-                    set_adapters)
+from common import (UserError, image_grid, one_line_errors, pick_device_dtype, save_png, seed_for, to_uint8, write_json,
+                    write_text)
+from sample import TOY_MODEL, check_lora, generate, initial_latents, load_lora, load_pipeline, resolve_model, set_adapters
 
 # Default evaluation prompts for real models (our choice): short, varied, none from a training list.
 EVAL_PROMPTS = [
@@ -45,9 +45,9 @@ def is_toy(model):
 
 
 def eval_set(model, n, seed=0):
-    """n fixed prompts and n per-image seeds. Toy world: captions whose (colour, shape, background) triple was
-    held out of pretraining; otherwise EVAL_PROMPTS cycled. Seed of image k: seed_for("eval", seed, k), a stream
-    that no training draw shares (our choice)."""
+    """n fixed prompts and n per-image seeds (the same for every run: train_rid.py uses seed 0). Toy world: captions
+    whose (colour, shape, background) triple was held out of pretraining; otherwise EVAL_PROMPTS cycled. Seed of
+    image k: seed_for("eval", seed, k), a stream that no training draw shares (our choice)."""
     if is_toy(model):
         import toy  # lazily: only the toy world needs it
         prompts = toy.toy_captions(n, seed, split="heldout")
@@ -112,7 +112,7 @@ def gather(images, scores, rank, world):
     """Every process's share (images k = rank, rank + world, ...) -> the whole set, in order, on every process."""
     import torch.distributed as dist
     shares = [None] * world
-    dist.all_gather_object(shares, ((images * 255).round().to(torch.uint8), scores))  # uint8: what the PNGs hold
+    dist.all_gather_object(shares, (to_uint8(images), scores))  # uint8: what the PNGs hold
     n = sum(len(im) for im, _ in shares)
     order = [k for r in range(world) for k in range(r, n, world)]  # position of each gathered image in the set
     inverse = torch.empty(n, dtype=torch.long)
@@ -150,7 +150,7 @@ def structure_of(images, prompts, base_images=None, toy=False, clip_model=None, 
     prompt and seed, and in the toy world the caption checker's rates. -> {name: {"mean", "se"}, ...}"""
     # Structure is measured on 8-bit images, what a saved PNG holds (our choice): a run's saved base images
     # then give the same numbers as freshly sampled ones, and float noise below 1/255 cannot count as drift.
-    q = lambda x: (x.float().cpu() * 255).round() / 255
+    q = lambda x: to_uint8(x).float().cpu() / 255
     structure = {}
     if base_images is not None:
         assert base_images.shape == images.shape, (base_images.shape, images.shape)
@@ -268,8 +268,7 @@ def side_by_side(paths, titles, out, gap=24, head_h=34):
         canvas.paste(im, (x, head_h))
         draw.text((x + 8, 6), title, fill="black", font=font(18))
         x += im.width + gap
-    with atomic_file(out) as tmp:
-        canvas.save(tmp, format="PNG")
+    save_png(canvas, out)
 
 
 def draw_heatmap(results, cell=(96, 44), label_w=130, head_h=52):
@@ -299,12 +298,10 @@ def write_report(run_dir, results, stage_images):
     results.update(ril_metrics(results["matrix"]))
     os.makedirs(run_dir, exist_ok=True)
     table = markdown_table(results)
-    for name, text in [("results.json", json.dumps(results, indent=1) + "\n"), ("results.md", table)]:
-        with atomic_file(os.path.join(run_dir, name)) as tmp, open(tmp, "w") as f:  # closed, then renamed
-            f.write(text)
-    for name, image in [("grid.png", draw_grid(results, stage_images)), ("heatmap.png", draw_heatmap(results))]:
-        with atomic_file(os.path.join(run_dir, name)) as tmp:
-            image.save(tmp, format="PNG")
+    write_json(os.path.join(run_dir, "results.json"), results)
+    write_text(os.path.join(run_dir, "results.md"), table)
+    save_png(draw_grid(results, stage_images), os.path.join(run_dir, "grid.png"))
+    save_png(draw_heatmap(results), os.path.join(run_dir, "heatmap.png"))
     return table
 
 # -----------------------------------------------------------------------------
@@ -318,8 +315,8 @@ def read_run(run):
     try:
         with open(path) as f:
             old = json.load(f)
-        config, adapters, names = old["config"], old["adapters"], old["rewards"]
-        missing = [k for k in ("model", "eval_n", "eval_seed", "eval_batch_size", "ddim_steps", "guidance_scale",
+        config, adapters, names, _ = old["config"], old["adapters"], old["rewards"], old["adapter_weights"]
+        missing = [k for k in ("model", "eval_n", "eval_batch_size", "ddim_steps", "guidance_scale",
                                "eta") if k not in config]
         assert not missing, f"config lacks {', '.join(missing)}"
         assert len(adapters) == len(names) + 1 and not adapters[0], "adapters must list base + one stage per task"
@@ -360,7 +357,7 @@ def main():
             clip_model = CLIPModel.from_pretrained(args.clip_model, dtype=dtype).to(device).eval()
         except OSError as e:
             raise UserError(f"cannot load --clip_model '{args.clip_model}' ({type(e).__name__}); pass a local folder")
-    prompts, seeds = eval_set(config["model"], config["eval_n"], config["eval_seed"])
+    prompts, seeds = eval_set(config["model"], config["eval_n"])
     height, width = old.get("image_size") or (config.get("height"), config.get("width"))  # the run's size
     settings = dict(ddim_steps=config["ddim_steps"], guidance_scale=config["guidance_scale"], eta=config["eta"],
                     batch_size=config["eval_batch_size"], height=height, width=width, toy=is_toy(config["model"]),
@@ -371,7 +368,7 @@ def main():
     for folder in dict.fromkeys(sum(adapters, [])):  # each folder once, under its own name, before any sampling
         loaded[folder] = f"eval{len(loaded)}"
         load_lora(pipe.unet, os.path.join(args.run, folder), loaded[folder])
-    weights = old.get("adapter_weights") or [[1.0] * len(stage) for stage in adapters]  # soup: c per adapter
+    weights = old["adapter_weights"]  # soup: c per adapter; 1 for the others
     for k, stage in enumerate(adapters):
         if stage:
             pipe.unet.enable_adapters()
@@ -390,4 +387,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

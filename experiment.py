@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 
-from sample import UserError, atomic_file, check_seed, one_line_errors, write_json
+from common import UserError, check_seed, one_line_errors, save_png, write_json, write_text
 from toy import TOY_REWARDS
 
 # The knob of each method's curve and its values on the toy world (our choice). Every other setting is the same
@@ -59,7 +59,7 @@ parser.add_argument("--frontier", action="store_true", help="curves over each me
 parser.add_argument("--knob", action="append", default=[], help="with --frontier: NAME=KEY:v1,v2,... replaces that "
                     "curve's knob; NAME is a method, or METHOD/VARIANT for a second curve of it; repeat")
 parser.add_argument("--flags", action="append", default=[], help="with --frontier: NAME=\"--flag value ...\", fixed "
-                    "train_rid.py flags of one curve (a variant such as rid/project=\"--rid_project\"); repeat")
+                    "train_rid.py flags of one curve (a variant such as rid/frozen=\"--ema_momentum 1\"); repeat")
 parser.add_argument("--reference", default=None, help="folder of the single-task reference runs; none = OUT/reference")
 parser.add_argument("--jobs", type=int, default=1, help="with --frontier: runs at a time; each gets cores/jobs "
                     "threads and writes its output to FOLDER.log beside its folder (1 = one after another, output here)")
@@ -215,8 +215,7 @@ def table_mode(rewards, out):
         lines.append(f"| {name} | {cell(row['F own'])} | {cell(row['A own'])} | {cell(row['new task'], 4)} | {ratio} | "
                      f"{cell(row['SSIM'])} | {cell(row['caption'])} | {cell(row['s/step'], 2)} |")
     table = "\n".join(lines) + "\n"
-    with atomic_file(os.path.join(out, "table.md")) as tmp, open(tmp, "w") as f:
-        f.write(table)
+    write_text(os.path.join(out, "table.md"), table)
     write_json(os.path.join(out, "summary.json"), {"summary": summary, "runs": runs, "extra": extra})
     for name, folders in runs.items():
         shutil.copyfile(os.path.join(folders[0], "grid.png"), os.path.join(out, f"grid_{name}.png"))
@@ -335,8 +334,7 @@ def draw_frontier(figures, path, panel=(330, 260), margin=(56, 34, 14, 40)):
                     draw.line([(x, py(s[yk][0] - s[yk][1])), (x, py(s[yk][0] + s[yk][1]))], fill=colour)
                     draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
                     draw.text((x + 4, y - 12), str(value), fill=colour, font=font(10))  # the knob's value
-    with atomic_file(path) as tmp:
-        img.save(tmp, format="PNG")
+    save_png(img, path)
 
 
 os.makedirs(args.out, exist_ok=True)
@@ -363,8 +361,7 @@ for rewards in sequences:
     texts.append(text)
 report = "\n".join(texts)
 if args.frontier:
-    with atomic_file(os.path.join(args.out, "frontier.md")) as tmp, open(tmp, "w") as f:
-        f.write(report)
+    write_text(os.path.join(args.out, "frontier.md"), report)
     write_json(os.path.join(args.out, "frontier.json"), {"curves": curves, "figures": figures, "extra": extra})
     draw_frontier(figures, os.path.join(args.out, "frontier.png"))
 print("\n" + report)

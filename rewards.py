@@ -12,13 +12,10 @@ references' processors go through PIL/uint8 and would cut it. See docs/rewards.m
     reward = load_reward("hps", path="/path/to/HPS_v2.1_compressed.pt")   # or a local copy
     scores = reward(images, prompts)                        # (B,) float32, keeps the graph to `images`
 
-What `path` means for each reward is written at the top of its load_* function below.
-
-Small CLI: time one forward+backward on a batch of 4 for every reward whose weights load here
-    python rewards.py --bench [--reward_path hps=/path/to/HPS_v2.1_compressed.pt ...]
-(the tiny random-weight stand-ins are timed with `python tests/test_rewards.py`).
+What `path` means for each reward is written at the top of its load_* function below. What a reward costs:
+    python bench.py --model sd15-arch --phases reward --reward hps --reward_path hps=/path/to/HPS_v2.1_compressed.pt
 """
-import argparse, json, math, os, pickle, time
+import json, math, os, pickle
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -411,36 +408,3 @@ def load_reward(name, path=None, device="cpu", dtype=torch.float32):
         raise ValueError(f"reward {name!r} has no weights; drop --reward_path {name}={path}")
     reward = REWARDS[name](path, device, dtype)
     return reward.eval().requires_grad_(False)
-
-# -----------------------------------------------------------------------------
-def bench(paths=None, names=None, batch=4, sizes=(32, 512), repeats=5):
-    # One forward + backward (to the images) on a (batch, 3, s, s) input, median of `repeats`, on CPU.
-    print("| reward | params | " + " | ".join(f"fwd+bwd {s}x{s}, B={batch}" for s in sizes) + " |")
-    print("|---|---|" + "---|" * len(sizes))
-    for name in names or REWARDS:
-        try:
-            reward = load_reward(name, (paths or {}).get(name))
-        except ValueError as e:
-            print(f"| {name} | not loaded: {e} |")
-            continue
-        times = []
-        for s in sizes:
-            x = torch.rand(batch, 3, s, s, requires_grad=True)
-            runs = []
-            for _ in range(repeats + 1):                  # first run is a warm-up
-                t0 = time.perf_counter()
-                reward(x, ["a red circle on a blue background"] * batch).sum().backward()
-                runs.append(time.perf_counter() - t0)
-            times.append(sorted(runs[1:])[len(runs[1:]) // 2])
-        params = sum(p.numel() for p in reward.parameters())
-        print(f"| {name} | {params:,} | " + " | ".join(f"{1000 * t:.1f} ms" for t in times) + " |")
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="rid rewards: timing of every reward whose weights load")
-    parser.add_argument("--bench", action="store_true", help="time one forward+backward, batch of 4, on CPU")
-    parser.add_argument("--reward_path", action="append", default=[], help="NAME=PATH local weights (repeatable)")
-    args = parser.parse_args()
-    if args.bench:
-        bench(dict(kv.split("=", 1) for kv in args.reward_path))
-    else:
-        parser.print_help()

@@ -1,8 +1,8 @@
 """
-sample.py: the core of rid. Loads a Stable-Diffusion-format model (SD 1.x, 2.x or SDXL, read from the folder's
-model_index.json), encodes prompts, runs the one DDIM sampler that training, evaluation and this CLI all use,
-decodes to images in [0, 1], computes one training step's losses, and handles the LoRA adapters (add, freeze,
-activate, save in diffusers' format, load back).
+sample.py: the sampler core of rid. Loads a Stable-Diffusion-format model (SD 1.x, 2.x or SDXL, read from the
+folder's model_index.json), encodes prompts, draws the initial noise, runs the one DDIM sampler that training,
+evaluation and this CLI all use, decodes to images in [0, 1], and handles the LoRA adapters (add, freeze, activate,
+save in diffusers' format, load back). The losses of a training step live in losses.py.
 
 The sampler is differentiable: the last `grad_steps` (K) denoising steps keep their autograd graph (DRaFT-K /
 AlignProp), each UNet call there under activation checkpointing, and the VAE decode keeps its graph too, so a
@@ -17,17 +17,15 @@ Import it:
     from sample import load_pipeline, encode_prompts, encode_uncond, initial_latents, sample
 """
 import argparse
-import contextlib
-import json
-import math
 import os
-import shutil
-import sys
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
+
+from common import (UserError, atomic_dir, check_seed, hub_unreachable, image_grid, model_load_error, one_line_errors,
+                    pick_device_dtype, to_pil)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_model")
@@ -36,69 +34,6 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' save/load_lora_weights use
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 XL_PARTS = SD_PARTS + ("text_encoder_2", "tokenizer_2")
-
-
-class UserError(Exception):
-    """A mistake in the user's input: the CLIs print its one-line message and exit with code 2."""
-
-
-def one_line_errors(parser):
-    """CLI setup, called by every script: a bad flag, or a UserError raised anywhere (also in a flat script's
-    top-level code), ends the program with one line on stderr and exit code 2, no traceback. Library
-    deprecation chatter and weight-loading bars are silenced so that such errors stay one line."""
-    import warnings
-    warnings.filterwarnings("ignore", module="(huggingface_hub|diffusers|transformers|peft)")
-    # Environment, not the libraries' setters: importing diffusers costs a second we need not spend on bad input.
-    for var in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
-        os.environ.setdefault(var, "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the weight-loading bars of both libraries
-
-    def error(message):
-        print(f"error: {message} (see {parser.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-    def excepthook(kind, value, tb):
-        if issubclass(kind, UserError):
-            print(f"error: {value}", file=sys.stderr)
-            sys.stderr.flush()
-            sys.exit(2)
-        sys.__excepthook__(kind, value, tb)
-    parser.error, sys.excepthook = error, excepthook
-    return parser
-
-
-def run_cli(main):
-    """Run a CLI's main() (one_line_errors must have been called on its parser)."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-SEED_STREAMS = ("eval", "train", "eta", "lora")
-MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
-
-
-def check_seed(flag, seed):
-    """A seed flag's value: any integer in [0, 2^64 - 1]; anything else gets one line."""
-    if not 0 <= seed <= MAX_SEED:
-        raise UserError(f"{flag} must be an integer from 0 to 2^64 - 1 (got {seed})")
-    return seed
-
-
-def seed_for(stream, *ids):
-    """The seed of one random draw, from its stream name and its ids (non-negative ints such as seed, task, step,
-    image): a hash, so any user seed works and the same (stream, ids) always gives the same draw.
-    torch's CPU generator (mt19937) uses only the low 32 bits of a seed (seeds s and s + 2^32 draw alike), so the
-    seed is a 32-bit number: 30 bits of a BLAKE2b hash of (stream, ids) above 2 bits that hold the stream's index.
-    Two streams therefore never share a seed, by construction: evaluation noise can never repeat a training draw,
-    whatever the seeds. Within one stream two id tuples share a seed with chance about n^2 / 2^31 over n draws, which
-    only repeats one batch's prompts and noise (our choice)."""
-    import hashlib
-    assert all(isinstance(i, int) and i >= 0 for i in ids), f"seed ids must be non-negative ints, got {ids}"
-    digest = hashlib.blake2b(repr((stream, *ids)).encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") >> 2 << 2 | SEED_STREAMS.index(stream)
 
 # -----------------------------------------------------------------------------
 # Loading: a Stable-Diffusion-format folder or hub id -> frozen UNet, VAE, text encoder(s), tokenizer(s)
@@ -149,46 +84,6 @@ def check_model(model):
                         f"pass a folder saved by StableDiffusionPipeline.save_pretrained or a hub id")
 
 
-def hub_unreachable():
-    """True when no hub can be asked: HF_HUB_OFFLINE is set, or (no proxy configured) the hub's host does not accept a
-    TCP connection within 3 s. In the second case HF_HUB_OFFLINE=1 is set for this process, so every loader reads the
-    local cache or fails at once, instead of retrying five times (about 28 s, a warning line per retry)."""
-    import socket
-    from urllib.parse import urlparse
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return True
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return False  # only the hub libraries know how to get through a proxy
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
-        return False
-    except OSError:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        if "huggingface_hub.constants" in sys.modules:  # read at import: set the imported value too
-            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
-        return True
-
-
-def model_error(model, err, local, offline):
-    """The one line for a model that did not load: a damaged folder, an unreachable hub, a missing repository."""
-    reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-    chain, e = [], err  # diffusers and transformers wrap the hub's own errors in OSError: look at the causes
-    while e is not None and len(chain) < 8:
-        chain.append(type(e).__name__)
-        e = e.__cause__ or e.__context__
-    if local:
-        return f"cannot load model folder '{model}' ({reason}); the folder is damaged: save or download it again"
-    if offline:
-        return (f"cannot load model '{model}': the hub cannot be reached from here (no network, or HF_HUB_OFFLINE=1) "
-                f"and the model is not in the local cache; on a machine with network run `hf download {model}`, or "
-                f"pass a local folder with --model DIR")
-    if "RepositoryNotFoundError" in chain or "GatedRepoError" in chain:
-        return (f"cannot load model '{model}': the hub has no repository '{model}' (removed, misspelt, or gated: "
-                f"then `hf auth login`); pass another hub id or a local folder with --model DIR")
-    return f"cannot load model '{model}' from the hub ({reason}); pass a local folder with --model DIR"
-
-
 def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     """Load the parts of an SD or SDXL pipeline with the real from_pretrained code; all weights frozen, in `dtype`.
     The family comes from model_index.json: SDXL's lists a second text encoder."""
@@ -198,7 +93,8 @@ def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     check_model(model)
     path = resolve_model(model)
     local = os.path.isdir(path)
-    offline = not local and hub_unreachable()
+    if not local:
+        hub_unreachable()  # no network: the loaders read the cache or fail at once, instead of retrying
     try:
         index = DiffusionPipeline.load_config(path)  # model_index.json (a few hundred bytes from the hub)
         xl = "text_encoder_2" in index
@@ -214,7 +110,7 @@ def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
             tokenizer_2=part(CLIPTokenizer, "tokenizer_2") if xl else None,
             zero_uncond=xl and index.get("force_zeros_for_empty_prompt", True))
     except (OSError, ValueError, SafetensorError) as e:  # a damaged weight file raises the last
-        raise UserError(model_error(model, e, local, offline)) from None
+        raise UserError(model_load_error(model, e, local)) from None
     config = pipe.scheduler.config
     if config.thresholding:
         raise UserError(f"model '{model}': dynamic thresholding in the scheduler config is not supported")
@@ -273,6 +169,14 @@ def cat_context(*contexts):
     if isinstance(contexts[0], dict):
         return {k: cat_context(*[c[k] for c in contexts]) for k in contexts[0]}
     return torch.cat(contexts)
+
+
+def image_size(pipe, height=None, width=None):
+    """(H, W) in pixels: the model's default where none is given, each a multiple of the VAE's scale."""
+    h, w = height or pipe.size[0], width or pipe.size[1]
+    if h % pipe.vae_scale or w % pipe.vae_scale:
+        raise UserError(f"--height and --width must be multiples of {pipe.vae_scale} for this model (got {h}x{w})")
+    return h, w
 
 
 def initial_latents(pipe, n, generator, height=None, width=None):
@@ -415,92 +319,6 @@ def generate(pipe, prompts, latents, ddim_steps=50, guidance_scale=7.5, eta=0.0,
 
 
 # -----------------------------------------------------------------------------
-# One training step (train_rid.py and bench.py both call these): the losses of a micro-batch, RID's teacher term,
-# the EMA update of the teacher, the L2 baseline's penalty.
-
-def matched_steps(generator, ddim_steps, grad_steps, match_steps):
-    """The step indices RID matches the teacher at: the K grad-window steps, plus M drawn from the rest of the
-    trajectory (the no-grad part, whose x_t the sampler saves)."""
-    extra = torch.randperm(ddim_steps - grad_steps, generator=generator)[:match_steps].tolist()
-    return set(range(ddim_steps - grad_steps, ddim_steps)) | set(extra)
-
-
-def step_losses(pipe, reward, prompts, latents, ddim_steps, guidance_scale=7.5, eta=0.0, grad_steps=1, teacher=None,
-                matched=(), checkpointing=True, checkpoint_decode=False, checkpoint_reward=False, generator=None):
-    """Forward half of a training step on one micro-batch: guided DDIM with the K-step grad window, decode, the
-    reward, and (teacher given) RID's teacher-matching loss at the `matched` steps.
-    The caller weights, sums and backpropagates. -> (rewards (B,) fp32 with graph, teacher loss (scalar; 0 without
-    a teacher))."""
-    size = tuple(s * pipe.vae_scale for s in latents.shape[-2:])
-    cond, uncond = encode_prompts(pipe, prompts, size), encode_uncond(pipe, len(prompts), size)
-    images, captured = sample(pipe, cond, uncond, latents, ddim_steps, guidance_scale, eta, grad_steps=grad_steps,
-                              checkpointing=checkpointing, checkpoint_decode=checkpoint_decode, generator=generator,
-                              capture=matched if teacher is not None else ())
-    dtype = cond["encoder_hidden_states"].dtype
-    if checkpoint_reward:  # store only the images; the reward network re-runs in backward
-        r = checkpoint(reward, images.to(dtype), prompts, use_reentrant=False).float()
-    else:
-        r = reward(images.to(dtype), prompts).float()  # (B,)
-    if teacher is None:
-        return r, torch.zeros((), device=r.device)
-    context = cat_context(uncond, cond) if guidance_scale > 1 else cond
-    return r, teacher_loss(pipe, captured, context, teacher, checkpointing)
-
-
-def teacher_loss(pipe, captured, context, teacher, checkpointing=True):
-    """RID's momentum-distillation term (docs/method.md): the mean over matched steps of
-    || eps_student(x_t, t, c) - stopgrad(eps_teacher(x_t, t, c)) ||^2, over both guidance branches. Our
-    reconstruction; the paper names the teacher, not the loss.
-    The error is measured on eps whatever the model predicts (our choice): both raw outputs are converted first, so a
-    v-prediction model (SD 2.x) is matched on sqrt(abar_t) (v_student - v_teacher), not on v itself.
-    x_t is data here, as the teacher sees it: the student's output is reused where x_t carries no graph (the first
-    grad-window step), and recomputed on the detached x_t elsewhere (earlier steps, whose x_t the no-grad pass saved,
-    and later window steps, whose x_t would otherwise pass the matching gradient back into the steps before them).
-    captured: {i: (t, x_t, out)} from sample(capture=...); context: the (2B or B rows) context the sampler used.
-    teacher:  {parameter name: tensor} that replace the current adapter's weights (its EMA) for the teacher,
-      through torch.func.functional_call: no adapter switch, so checkpointed recomputes stay correct."""
-    from torch.func import functional_call
-    losses, abar, kind = [], pipe.scheduler.alphas_cumprod, pipe.scheduler.config.prediction_type
-    guided = context["encoder_hidden_states"].shape[0] == 2 * next(iter(captured.values()))[1].shape[0]
-    for t, x, out in captured.values():
-        x_in = torch.cat([x, x]).detach() if guided else x.detach()
-        if x.requires_grad or not out.requires_grad:  # one more student forward, with grad, at the detached x_t
-            out = (checkpoint(unet_out, pipe.unet, x_in, t, context, use_reentrant=False) if checkpointing
-                   else unet_out(pipe.unet, x_in, t, context))
-        with torch.no_grad():  # the teacher costs one no-grad UNet forward per matched step, nothing more
-            target = functional_call(pipe.unet, teacher, (x_in.to(context["encoder_hidden_states"].dtype), t),
-                                     {**context, "return_dict": False})[0].float()
-        eps_student = predict_x0_eps(out, x_in, abar[t], kind)[1]
-        eps_teacher = predict_x0_eps(target, x_in, abar[t], kind)[1]
-        losses.append((eps_student - eps_teacher).pow(2).mean())
-    return torch.stack(losses).mean()
-
-
-def ema_update(ema, params, momentum):
-    """RID's EMA teacher, right after optimizer.step(): A_bar <- m * A_bar + (1 - m) * A, in place, for every
-    tensor of the current adapter. It runs over the LoRA factors A and B, not their product B A (our choice, not
-    in the paper: it costs two small tensors per layer; an EMA of the factors is not the EMA of the product, but
-    both start at the model after the previous task and follow the student as m shrinks)."""
-    torch._foreach_lerp_(list(ema.values()), [p.detach() for p in params.values()], 1 - momentum)
-
-
-def lora_delta_sq(unet, name):
-    """The `l2` baseline's penalty: sum over layers of || (alpha / r) B A ||_F^2, the squared Frobenius norm of the
-    weight change adapter `name` makes (0 = the model after the previous task). Computed through the r x r
-    products trace((B^T B)(A A^T)), never the full matrix."""
-    params, total = lora_params(unet, name), 0.0
-    for k, a in params.items():
-        if ".lora_A." not in k:
-            continue
-        b = params[k.replace(".lora_A.", ".lora_B.")]  # A (r, in) or conv (r, in, kh, kw); B (out, r)
-        a, b = a.flatten(1), b.flatten(1)
-        module = unet.get_submodule(k.rsplit(".lora_A.", 1)[0])
-        scale = module.scaling[name]
-        total = total + scale ** 2 * ((b.T @ b) * (a @ a.T)).sum()
-    return total
-
-
-# -----------------------------------------------------------------------------
 # LoRA adapters: one per task, on top of diffusers' peft integration
 
 def add_lora(unet, name, rank=4, alpha=4.0):
@@ -565,73 +383,6 @@ def load_lora(unet, path, name):
 
 
 # -----------------------------------------------------------------------------
-# Files: every write goes to a temporary name first and is renamed into place, so a kill at any moment
-# leaves either the old file or the new one, never half of one.
-
-@contextlib.contextmanager
-def atomic_file(path):
-    """with atomic_file(p) as tmp: write tmp; on success tmp replaces p in one rename (os.replace)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextlib.contextmanager
-def atomic_dir(path):
-    """with atomic_dir(d) as tmp: fill folder tmp; on success it becomes d (an old d is swapped out, then removed)."""
-    path = path.rstrip("/")
-    tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json(path, data):
-    with atomic_file(path) as tmp, open(tmp, "w") as f:  # closed, then renamed
-        json.dump(data, f, indent=1)
-        f.write("\n")
-
-
-def to_pil(image):
-    """(3, H, W) in [0, 1] -> PIL image, rounded as diffusers' numpy_to_pil does."""
-    from PIL import Image
-    arr = (image.detach().float().clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8)
-    return Image.fromarray(arr.cpu().numpy())
-
-
-def image_grid(images, ncol=None, pad=2):
-    """(N, 3, H, W) in [0, 1] -> one PIL image, ncol images per row, white padding."""
-    n, _, h, w = images.shape
-    ncol = ncol or min(n, 8)
-    nrow = math.ceil(n / ncol)
-    grid = torch.ones(3, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
-    for k in range(n):
-        r, c = divmod(k, ncol)
-        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = images[k]
-    return to_pil(grid)
-
-
-def pick_device_dtype(device=None, dtype=None):
-    """One place that decides precision: bf16 compute on a CUDA GPU that supports it, else fp16 there (trained with
-    a loss scaler); fp32 on CPU; unless the user says otherwise."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None and device.startswith("cuda"):
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return device, getattr(torch, dtype or "float32")
-
-
-# -----------------------------------------------------------------------------
 # CLI: prompts in, DIR/000.png ... and DIR/grid.png out
 
 def main():
@@ -674,9 +425,7 @@ def main():
         load_lora(pipe.unet, path, f"lora{k}")
     if args.lora:
         set_adapters(pipe.unet, [f"lora{k}" for k in range(len(args.lora))])
-    height, width = args.height or pipe.size[0], args.width or pipe.size[1]
-    if height % pipe.vae_scale or width % pipe.vae_scale:
-        raise UserError(f"--height and --width must be multiples of {pipe.vae_scale} for this model")
+    height, width = image_size(pipe, args.height, args.width)
     generator = torch.Generator().manual_seed(args.seed)  # latents first, then eta's noise: diffusers' order
     latents = initial_latents(pipe, len(args.prompt), generator, height, width)
     images = generate(pipe, args.prompt, latents, args.ddim_steps, args.guidance_scale, args.eta,
@@ -689,4 +438,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

@@ -25,7 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sample import UserError, atomic_dir, generate, initial_latents, load_pipeline, one_line_errors, run_cli
+from common import UserError, atomic_dir, one_line_errors, to_pil
+from sample import generate, initial_latents, load_pipeline
 
 # ---------------------------------------------------------------------------------------------------
 # Flags. Parsed only under __main__, so that `import toy` from eval.py / train_rid.py never reads argv.
@@ -211,8 +212,7 @@ def save_grid(images, captions, path, cols=6, scale=6):
     draw = ImageDraw.Draw(grid)
     for i, (img, cap) in enumerate(zip(images, captions)):
         x, y = (i % cols) * cell_w, (i // cols) * (cell_h + text_h)
-        arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        grid.paste(Image.fromarray(arr).resize((cell_w, cell_h), Image.NEAREST), (x, y))
+        grid.paste(to_pil(img).resize((cell_w, cell_h), Image.NEAREST), (x, y))
         c, s, b = parse_caption(cap)
         draw.text((x + 4, y + cell_h + 2), f"{c} {s}", fill="black")
         draw.text((x + 4, y + cell_h + 15), f"on {b}", fill="black")
@@ -418,4 +418,4 @@ def main(args):
 
 if __name__ == "__main__":
     one_line_errors(parser)  # here, not at import: train_rid.py and eval.py import this file
-    run_cli(lambda: main(parser.parse_args()))
+    main(parser.parse_args())

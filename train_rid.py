@@ -6,7 +6,7 @@ after another (Wang, Mao, Wang, Yamasaki, arXiv 2411.17310). Each optimiser step
 keeps the graph only through the last K denoising steps and the VAE decode (DRaFT-K), scores them with the task's
 reward and backpropagates -reward into LoRA weights. After each task it saves that task's adapter in diffusers' LoRA
 format, evaluates every reward of the sequence on a fixed evaluation set and writes what was kept and what was
-forgotten (results.json, results.md, grid.png, heatmap.png).
+forgotten (results.json, results.md, grid.png, heatmap.png). The losses are in losses.py, the sampler in sample.py.
 
 Methods (--method; docs/method.md):
   naive     one LoRA adapter trained through all tasks in turn: the forgetting baseline
@@ -17,7 +17,7 @@ Methods (--method; docs/method.md):
             W0 + c * (A_1 + ... + A_t), c = --soup_weight (1: the sum)
 
 Run it:
-  python train_rid.py --model toy                       # CPU, about 2 minutes: contrast -> saturation -> brightness
+  python train_rid.py --model toy                       # CPU, minutes: contrast -> saturation -> brightness
   python train_rid.py --rewards aesthetic,hps                                            # SD 1.5, one GPU
   python train_rid.py --model stabilityai/stable-diffusion-xl-base-1.0 --rewards aesthetic,hps   # SDXL
   torchrun --nproc_per_node=4 train_rid.py --rewards aesthetic,hps                       # same global batch
@@ -50,11 +50,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from common import (Tracker, UserError, atomic_dir, atomic_file, check_seed, hub_unreachable, one_line_errors,
+                    pick_device_dtype, seed_for, to_pil, to_uint8, write_json)
 from eval import clip_at_hand, draw_grid, eval_set, evaluate, is_toy, ril_metrics, side_by_side, write_report
+from losses import ema_update, l2_pull, matched_steps, step_losses, unet_calls_per_step
 from rewards import TOY as WEIGHT_FREE, check_reward_name, load_reward
-from sample import (DEFAULT_MODEL, UserError, add_lora, atomic_dir, atomic_file, check_model, check_seed, ema_update, hub_unreachable,
-                    initial_latents, load_pipeline, lora_delta_sq, lora_params, matched_steps, one_line_errors,
-                    pick_device_dtype, save_lora, seed_for, set_adapters, step_losses, to_pil, write_json)
+from sample import (DEFAULT_MODEL, add_lora, check_model, image_size, initial_latents, load_pipeline, lora_params, save_lora,
+                    set_adapters)
 from toy import TOY_REWARDS, all_captions
 
 # -----------------------------------------------------------------------------
@@ -82,10 +84,8 @@ parser.add_argument("--iters", type=int, default=None, help="optimiser steps per
 parser.add_argument("--batch_size", type=int, default=None,
                     help="images per optimiser step, over all GPUs together (default 4; 8 with --model toy)")
 parser.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step and GPU (memory, not results)")
-parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the LoRA weights")
-parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the LoRA weights (no weight decay)")
 parser.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the LoRA gradient norm; 0 = no clipping")
-parser.add_argument("--loss_scale", type=float, default=1.0, help="the reward loss is -loss_scale * mean(reward) / s_t")
 parser.add_argument("--no_reward_norm", action="store_true", help="s_t = 1: use each reward in its own units")
 parser.add_argument("--lora_rank", type=int, default=4, help="LoRA rank r of each adapter")
 parser.add_argument("--lora_alpha", type=float, default=4.0, help="LoRA alpha (the update is scaled by alpha / r)")
@@ -106,12 +106,11 @@ parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "fl
 parser.add_argument("--device", default=None, help="cuda or cpu; none = cuda when available")
 # evaluation
 parser.add_argument("--eval_n", type=int, default=64, help="images in the fixed evaluation set (one per prompt/seed)")
-parser.add_argument("--eval_seed", type=int, default=0, help="seed of the evaluation prompts and noise")
 parser.add_argument("--eval_batch_size", type=int, default=None,
                     help="images per batch and GPU when evaluating; changes no result (default 8; 64 with --model toy)")
-# run folder, checkpoints, logging, faults
+# run folder, checkpoints, logging
 parser.add_argument("--out", default="runs/rid", help="run folder: adapters, checkpoint, results")
-parser.add_argument("--seed", type=int, default=0, help="seed of the training prompts and noise")
+parser.add_argument("--seed", type=int, default=0, help="seed of the training prompts and noise (0 to 2^64 - 1)")
 parser.add_argument("--save_every", type=int, default=50, help="checkpoint every N steps (and after every task)")
 parser.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
 parser.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out and start again")
@@ -120,80 +119,69 @@ parser.add_argument("--baseline", default=None, choices=["none"] + METHODS, help
                     "none = skip (default naive with --model toy, none otherwise)")
 parser.add_argument("--log", default="none", choices=["none", "tensorboard", "wandb"],
                     help="also log to an experiment tracker (log.jsonl is always written)")
-parser.add_argument("--max_nonfinite", type=int, default=5, help="stop after this many non-finite steps in a row")
-parser.add_argument("--fault_nan_steps", default="", help="testing aid: global steps (1-based) whose reward is made NaN")
-parser.add_argument("--fault_signal_step", type=int, default=0, help="testing aid: send ourselves SIGTERM during this "
-                    "global step (1-based); 0 = never")
-parser.add_argument("--dist_timeout", type=float, default=60.0, help="minutes a GPU waits for the others, then fails")
 args = parser.parse_args()
 # Defaults that depend on the model: SD 1.5's by default; with --model toy, a run that ends in minutes on a CPU.
 for flag, sd, toy in (("rewards", "aesthetic,hps", TOY_REWARDS), ("iters", 100, 20), ("batch_size", 4, 8),
                       ("ddim_steps", 50, 20), ("eval_batch_size", 8, 64), ("baseline", "none", "naive")):
     if getattr(args, flag) is None:
         setattr(args, flag, toy if is_toy(args.model) else sd)
+MAX_NONFINITE = 5  # stop after this many non-finite steps in a row (a NaN loss, an inf gradient)
+DIST_TIMEOUT = timedelta(minutes=60)  # a process waits this long for the others at a collective, then fails
+# Fault injection for the tests (environment variables, not flags): global steps (1-based) whose reward is made NaN,
+# and the global step during which the run sends itself SIGTERM (through the real handler).
+FAULT_NAN_STEPS = {int(s) for s in os.environ.get("RID_FAULT_NAN_STEPS", "").split(",") if s.strip()}
+FAULT_SIGNAL_STEP = int(os.environ.get("RID_FAULT_SIGNAL_STEP", 0))
 
 # -----------------------------------------------------------------------------
 # Validation: every mistake we can see is reported now, in one line, before a model is loaded or a file written.
 
-def fail(message):
-    raise UserError(message)
-
-
 tasks = [r.strip() for r in args.rewards.split(",") if r.strip()]
 if not tasks:
-    fail("--rewards is empty; give a comma-separated sequence such as --rewards aesthetic,hps")
+    raise UserError("--rewards is empty; give a comma-separated sequence such as --rewards aesthetic,hps")
 for name in tasks:
     try:
         check_reward_name(name)
     except ValueError as e:
-        fail(str(e))
+        raise UserError(str(e))
 reward_paths = {}
 for item in args.reward_path:
     name, sep, path = item.partition("=")
     if not sep or name not in tasks:
-        fail(f"--reward_path '{item}' must be NAME=PATH with NAME one of --rewards ({', '.join(tasks)})")
+        raise UserError(f"--reward_path '{item}' must be NAME=PATH with NAME one of --rewards ({', '.join(tasks)})")
     reward_paths[name] = path
-for flag in ("iters", "batch_size", "grad_accum", "ddim_steps", "eval_n", "eval_batch_size", "save_every",
-             "lora_rank", "max_nonfinite"):
+for flag in ("iters", "batch_size", "grad_accum", "ddim_steps", "eval_n", "eval_batch_size", "save_every", "lora_rank"):
     if getattr(args, flag) < 1:
-        fail(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+        raise UserError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
 for flag in ("height", "width"):
     if getattr(args, flag) is not None and getattr(args, flag) < 1:
-        fail(f"--{flag} must be a positive number of pixels (got {getattr(args, flag)})")
+        raise UserError(f"--{flag} must be a positive number of pixels (got {getattr(args, flag)})")
 check_seed("--seed", args.seed)
-check_seed("--eval_seed", args.eval_seed)
-if not 0 <= args.grad_steps <= args.ddim_steps:
-    fail(f"--grad_steps (K={args.grad_steps}) must be between 0 and --ddim_steps ({args.ddim_steps})")
-if args.grad_steps == 0:
-    fail("--grad_steps 0 builds no graph, so nothing would train; use K >= 1")
+if not 1 <= args.grad_steps <= args.ddim_steps:
+    raise UserError(f"--grad_steps (K={args.grad_steps}) must be between 1 and --ddim_steps ({args.ddim_steps}); "
+                    f"K = 0 would build no graph and train nothing")
 if not 0 <= args.match_steps <= args.ddim_steps - args.grad_steps:
-    fail(f"--match_steps must be between 0 and ddim_steps - grad_steps ({args.ddim_steps - args.grad_steps})")
+    raise UserError(f"--match_steps must be between 0 and ddim_steps - grad_steps ({args.ddim_steps - args.grad_steps})")
 if args.guidance_scale < 0 or not 0 <= args.eta <= 1:
-    fail("--guidance_scale must be at least 0 and --eta in [0, 1]")
+    raise UserError("--guidance_scale must be at least 0 and --eta in [0, 1]")
 if not 0 <= args.ema_momentum <= 1 or args.rid_lambda < 0 or args.lr <= 0:
-    fail("--ema_momentum must be in [0, 1], --rid_lambda at least 0, --lr positive")
+    raise UserError("--ema_momentum must be in [0, 1], --rid_lambda at least 0, --lr positive")
 if args.l2_weight < 0 or args.soup_weight <= 0:
-    fail("--l2_weight must be at least 0 and --soup_weight positive")
+    raise UserError("--l2_weight must be at least 0 and --soup_weight positive")
 if args.log != "none":
     try:
         importlib.import_module(args.log)  # the optional package, imported only when asked for
     except ImportError:
-        fail(f"--log {args.log} needs the {args.log} package: pip install {args.log}")
-try:
-    fault_steps = {int(s) for s in args.fault_nan_steps.split(",") if s.strip()}
-except ValueError:
-    fail(f"--fault_nan_steps '{args.fault_nan_steps}' must be comma-separated step numbers")
+        raise UserError(f"--log {args.log} needs the {args.log} package: pip install {args.log}")
 if args.prompts is not None:
     if not os.path.isfile(args.prompts):
-        fail(f"prompt file '{args.prompts}' does not exist")
+        raise UserError(f"prompt file '{args.prompts}' does not exist")
     with open(args.prompts) as f:
         train_prompts = [line.strip() for line in f if line.strip()]
     if not train_prompts:
-        fail(f"prompt file '{args.prompts}' holds no prompts; write one prompt per line")
+        raise UserError(f"prompt file '{args.prompts}' holds no prompts; write one prompt per line")
 elif is_toy(args.model):
     train_prompts = all_captions("train")  # the captions seen in pretraining; evaluation uses held-out ones
-else:
-    # Our own list of simple subjects, in the spirit of DDPO's animal prompts plus everyday scenes.
+else:  # our own simple subjects, in the spirit of DDPO's animal prompts, and everyday scenes
     train_prompts = [f"a photo of a {s}" for s in (
         "cat", "dog", "horse", "rabbit", "fox", "owl", "deer", "lion", "panda", "penguin", "turtle", "goldfish",
         "butterfly", "frog", "squirrel", "elephant", "giraffe", "hedgehog", "parrot", "koala")] + [
@@ -205,41 +193,41 @@ check_model(args.model)
 
 # The run folder: refuse to touch an earlier run unless asked; resume only a run with the same settings.
 ckpt_path = os.path.join(args.out, "checkpoint.pt")
-IGNORED_ON_RESUME = {"out", "resume", "overwrite", "save_every", "eval_batch_size", "device", "dist_timeout", "log",
-                     "baseline", "fault_nan_steps", "fault_signal_step", "max_nonfinite"}  # change nothing it computes
+IGNORED_ON_RESUME = {"out", "resume", "overwrite", "save_every", "eval_batch_size", "device", "log", "baseline"}
 config = dict(vars(args))
 ckpt = None
 if args.resume and args.overwrite:
-    fail("--resume and --overwrite contradict each other; pass one")
+    raise UserError("--resume and --overwrite contradict each other; pass one")
 if args.resume:
     if not os.path.isfile(ckpt_path):
-        fail(f"nothing to resume: no checkpoint.pt in '{args.out}'; drop --resume to start a new run")
+        raise UserError(f"nothing to resume: no checkpoint.pt in '{args.out}'; drop --resume to start a new run")
     if os.path.isfile(os.path.join(args.out, "results.json")):
-        fail(f"nothing to resume: '{args.out}' holds a finished run (results.json); choose another --out")
+        raise UserError(f"nothing to resume: '{args.out}' holds a finished run (results.json); choose another --out")
     try:  # tensors and plain data only; a damaged file gets one line and stays as it is
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         saved = ckpt["config"]
         assert isinstance(saved, dict) and {"task", "step", "stages", "adapters"} <= set(ckpt)
     except Exception as e:
-        fail(f"cannot resume: '{ckpt_path}' is damaged ({type(e).__name__}); restore it, or start again with "
-             f"--overwrite (which deletes the run)")
+        raise UserError(f"cannot resume: '{ckpt_path}' is damaged ({type(e).__name__}); restore it, or start again "
+                        f"with --overwrite (which deletes the run)")
     differ = sorted(k for k in config if k not in IGNORED_ON_RESUME and saved.get(k) != config[k])
     if differ:
         was = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
-        fail(f"--resume with settings that differ from the checkpoint's ({was}); pass the same flags")
+        raise UserError(f"--resume with settings that differ from the checkpoint's ({was}); pass the same flags")
     for k in range(len(ckpt["stages"])):  # the evaluated images the structure metrics compare against
         path = os.path.join(args.out, "samples", f"stage{k}.pt")
         if not os.path.isfile(path):
-            fail(f"cannot resume '{args.out}': samples/stage{k}.pt is gone; start again with --overwrite")
+            raise UserError(f"cannot resume '{args.out}': samples/stage{k}.pt is gone; start again with --overwrite")
         try:
             images = torch.load(path, weights_only=True)
             assert images.dtype == torch.uint8 and images.dim() == 4 and len(images) == args.eval_n
         except Exception as e:
-            fail(f"cannot resume: '{path}' is damaged ({type(e).__name__}); restore it, or start again with --overwrite")
+            raise UserError(f"cannot resume: '{path}' is damaged ({type(e).__name__}); restore it, or start again "
+                            f"with --overwrite")
 elif os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
     what = ("a finished run" if os.path.isfile(os.path.join(args.out, "results.json")) else
             "an unfinished run (pass --resume to continue it)" if os.path.isfile(ckpt_path) else "files")
-    fail(f"run folder '{args.out}' already holds {what}; choose another --out or pass --overwrite")
+    raise UserError(f"run folder '{args.out}' already holds {what}; choose another --out or pass --overwrite")
 
 # -----------------------------------------------------------------------------
 # Processes and devices: torchrun starts one process per GPU; a plain `python` run is a world of one.
@@ -248,7 +236,8 @@ world = int(os.environ.get("WORLD_SIZE", 1))
 rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
 master = rank == 0
 if args.batch_size % (world * args.grad_accum):
-    fail(f"--batch_size {args.batch_size} must be divisible by processes x grad_accum = {world * args.grad_accum}")
+    raise UserError(f"--batch_size {args.batch_size} must be divisible by processes x grad_accum = "
+                    f"{world * args.grad_accum}")
 micro = args.batch_size // (world * args.grad_accum)  # images per micro-batch on one process
 device, dtype = pick_device_dtype(args.device, args.dtype)
 if world > 1:
@@ -256,15 +245,13 @@ if world > 1:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     # A timeout on every collective: if one process dies, the others fail after it instead of waiting forever.
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(minutes=args.dist_timeout))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=DIST_TIMEOUT)
 
 # -----------------------------------------------------------------------------
 # Models: the frozen SD pipeline and the task rewards (loaded once, in the compute dtype).
 
 pipe = load_pipeline(args.model, device, dtype)
-height, width = args.height or pipe.size[0], args.width or pipe.size[1]
-if height % pipe.vae_scale or width % pipe.vae_scale:
-    fail(f"--height and --width must be multiples of {pipe.vae_scale} for this model")
+height, width = image_size(pipe, args.height, args.width)
 if any(name not in WEIGHT_FREE for name in tasks):
     hub_unreachable()  # no network: fail at once (or read the cache) instead of retrying for half a minute
 rewards = {}
@@ -272,8 +259,8 @@ for name in dict.fromkeys(tasks):
     try:
         rewards[name] = load_reward(name, reward_paths.get(name), device, dtype)
     except ValueError as e:
-        fail(str(e))
-eval_prompts, eval_seeds = eval_set(args.model, args.eval_n, args.eval_seed)
+        raise UserError(str(e))
+eval_prompts, eval_seeds = eval_set(args.model, args.eval_n)
 S, K, M, T = args.ddim_steps, args.grad_steps, args.match_steps, len(tasks)
 rid, soup = args.method == "rid", args.method == "soup"
 # fp16 (GPUs without bf16): a gradient scaler keeps the small reward gradients (x ~0.01 per DDIM step at K = 1) from
@@ -286,14 +273,10 @@ if master:
           f"K={K}{' (random)' if args.random_grad_steps else ''}, {dtype} on {device}"
           f"{' with a loss scaler' if scaler.is_enabled() else ''}{' | SDXL' if pipe.xl else ''}")
 assert micro >= 1 and micro * world * args.grad_accum == args.batch_size
-recompute = 0 if args.no_checkpointing else 1  # checkpointed calls run their forward twice
-extra = M + K - 1  # RID's student forwards at detached x_t: the M earlier steps and the window steps after the first
-unet_calls = {"forward": S + K * recompute + (K + M + extra * (1 + recompute) if rid else 0),  # per image and step
-              "backward": K + (extra if rid else 0)}
+unet_calls = unet_calls_per_step(S, K, M, rid, not args.no_checkpointing)  # per image and step
 if master:
-    print(f"UNet calls per image and step: {S - K} no-grad + {K} with grad (re-run in backward: "
-          f"{'no' if args.no_checkpointing else 'yes'})" + (f" + RID: {K + M} teacher, {extra} student" if rid else "")
-          + f" = {unet_calls['forward']} forward and {unet_calls['backward']} backward passes")
+    print(f"UNet calls per image and step: {unet_calls['forward']} forward and {unet_calls['backward']} backward "
+          f"passes ({S - K} without grad; grad window re-run in backward: {'no' if args.no_checkpointing else 'yes'})")
 
 # Everything loaded: only now may files appear.
 if master:
@@ -303,7 +286,8 @@ if master:
     write_json(os.path.join(args.out, "config.json"), config)
 
 # -----------------------------------------------------------------------------
-# Helpers for the loop: adapter names, per-step randomness, checkpoint, evaluation of one stage, tracker.
+# Helpers for the loop: adapter names, per-step randomness, one stage's evaluation, checkpoint, what the tracker
+# gets after a task, the all-reduce of a step, the optimiser step's non-finite guard.
 
 def adapter_name(t):
     return "lora" if args.method == "naive" else f"task{t + 1}"  # naive: one adapter through all tasks
@@ -336,14 +320,13 @@ def run_eval(stage):
     """Evaluate the current model (every process samples its share of the set) and save its images (rank 0)."""
     base = stage_images(0) if stage > 0 and master else None  # the saved pixels, so a resumed run compares the same
     out = evaluate(pipe, rewards, eval_prompts, eval_seeds, S, args.guidance_scale, args.eta, args.eval_batch_size,
-                   height=height, width=width,
-                   base_images=base, toy=is_toy(args.model), clip_model=clip_at_hand(rewards), rank=rank, world=world,
-                   progress=master)
+                   height=height, width=width, base_images=base, toy=is_toy(args.model),
+                   clip_model=clip_at_hand(rewards), rank=rank, world=world, progress=master)
     images = out.pop("images")
     if master:
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
         with atomic_file(os.path.join(args.out, "samples", f"stage{stage}.pt")) as tmp:
-            torch.save((images * 255).round().to(torch.uint8), tmp)  # uint8: 4x smaller, and what the PNGs hold
+            torch.save(to_uint8(images), tmp)  # uint8: 4x smaller, and what the PNGs hold
         with atomic_dir(os.path.join(args.out, "samples", f"stage{stage}")) as tmp:
             for k, image in enumerate(images):
                 to_pil(image).save(os.path.join(tmp, f"{k:03d}.png"))
@@ -358,48 +341,10 @@ def save_checkpoint(t, step):
              "adapters": {n: {k: p.detach().cpu() for k, p in lora_params(pipe.unet, n).items()}
                           for n in adapters_made},
              "ema": None if ema is None else {k: v.cpu() for k, v in ema.items()},
-             "optimizer": None if optimizer is None else optimizer.state_dict(),
-             "scaler": scaler.state_dict()}
+             "optimizer": None if optimizer is None else optimizer.state_dict(), "scaler": scaler.state_dict()}
     assert all(torch.isfinite(v).all() for a in state["adapters"].values() for v in a.values())
     with atomic_file(ckpt_path) as tmp:
         torch.save(state, tmp)
-
-
-class Tracker:
-    """--log tensorboard / wandb (rank 0): the step scalars, and after each task the reward matrix, F_t, A_t, the
-    structure measures and the evaluation grid. Imported only when asked for; log.jsonl needs nothing."""
-
-    def __init__(self, kind, run_id=None):
-        self.kind, self.id = kind, run_id
-        if kind == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(args.out, "tensorboard"))
-        elif kind == "wandb":
-            import wandb  # WANDB_MODE=offline writes the run to OUT/wandb/ without a server
-            self.wandb = wandb
-            self.run = wandb.init(project="rid", dir=args.out, name=os.path.basename(os.path.abspath(args.out)),
-                                  config=config, id=run_id, resume="allow")
-            self.id = self.run.id
-
-    def scalars(self, values, step):
-        if self.kind == "tensorboard":
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
-        elif self.kind == "wandb":
-            self.wandb.log(values, step=step)
-
-    def image(self, name, image, step):  # a PIL image
-        if self.kind == "tensorboard":
-            import numpy as np
-            self.writer.add_image(name, np.asarray(image), step, dataformats="HWC")
-        elif self.kind == "wandb":
-            self.wandb.log({name: self.wandb.Image(image)}, step=step)
-
-    def close(self):
-        if self.kind == "tensorboard":
-            self.writer.close()
-        elif self.kind == "wandb":
-            self.run.finish()
 
 
 def track_stage(t):
@@ -411,8 +356,63 @@ def track_stage(t):
     values.update({f"eval/{k}": v["mean"] for k, v in stages[-1]["structure"].items()})
     values.update({"eval/forgetting": m["forgetting"][-1], "eval/average_gain": m["average"][-1]})
     tracker.scalars({k: v for k, v in values.items() if v is not None}, step)
-    results = {"rewards": names}
-    tracker.image("eval/grid", draw_grid(results, [stage_images(s) for s in range(t + 2)]), step)
+    tracker.image("eval/grid", draw_grid({"rewards": names}, [stage_images(s) for s in range(t + 2)]), step)
+
+
+def all_reduce(params, stats):
+    """One all-reduce per optimiser step carries every LoRA gradient and the step's statistics, so all processes take
+    the same decisions (skip a non-finite step, stop on Ctrl-C) at the same step. The gradients come back summed
+    over processes into p.grad. -> (the summed statistics as floats, whether gradients and statistics are finite)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+    flat = torch.cat([g.flatten() for g in grads] + [stats.to(device=grads[0].device, dtype=grads[0].dtype)])
+    if world > 1:
+        dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params.values(), grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+    return flat[offset:].tolist(), bool(torch.isfinite(flat).all())
+
+
+def unscale_and_check(optimizer, params, reduced_finite, losses):
+    """fp16's scaler undoes its scale (a no-op otherwise); then -> (finite, overflow). Finite losses with overflowing
+    gradients mean the scale is too high: the scaler halves it and the step is skipped, as torch's scaler does,
+    without counting towards MAX_NONFINITE."""
+    scaler.unscale_(optimizer)
+    finite = reduced_finite and all(torch.isfinite(p.grad).all() for p in params.values())
+    losses_finite = all(v == v and abs(v) != float("inf") for v in losses)
+    return finite, scaler.is_enabled() and not finite and losses_finite
+
+
+def log_step(bar, task_log, t, step, finite, row):
+    """One optimiser step's figures: the progress bar, a line of log.jsonl, the tracker (rank 0)."""
+    if master:
+        bar.set_postfix(reward=f"{row['reward']:+.4f}", skipped=task_log["skipped"], s_per_step=f"{row['seconds']:.2f}")
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"task": t + 1, "step": step + 1, **row, "finite": finite}) + "\n")
+        tracker.scalars({f"train/{k}": v for k, v in row.items() if v == v}, t * args.iters + step + 1)  # not NaN
+
+
+def end_of_step(bar, t, done, stop):
+    """After step `done` of task t: stop on a run of non-finite steps (one line), save a checkpoint every save_every
+    steps, and on Ctrl-C or SIGTERM save, say how to resume and exit 130 (on every process at the same step)."""
+    if nonfinite_run >= MAX_NONFINITE:
+        if master:
+            save_checkpoint(t, done)
+        bar.close()
+        raise UserError(f"stopped: {nonfinite_run} non-finite steps in a row (task {t + 1}, step {done}); lower --lr. "
+                        f"The last finite weights are in {ckpt_path}")
+    if master and (stop or (done % args.save_every == 0 and done < args.iters)):
+        save_checkpoint(t, done)  # also at done == iters when stopping: the resume then finishes the task
+    if stop:
+        bar.close()
+        if master:
+            again = " ".join(["python", *sys.argv] + ([] if args.resume else ["--resume"]))
+            print(f"\ninterrupted: checkpoint saved at task {t + 1}, step {done}. Continue with:\n  {again}")
+        tracker.close()
+        if world > 1:
+            dist.destroy_process_group()
+        sys.exit(130)
 
 
 # -----------------------------------------------------------------------------
@@ -440,7 +440,7 @@ if master and args.resume:  # leftovers of writes that a kill interrupted (see a
                 shutil.rmtree(path)
             elif re.search(r"\.(tmp|old)\d+$", f):
                 os.remove(path)
-tracker = Tracker(args.log if master else "none", ckpt.get("tracker_id") if ckpt else None)
+tracker = Tracker(args.log if master else "none", args.out, config, ckpt.get("tracker_id") if ckpt else None)
 if not stages:
     stages.append(run_eval(0))
     if master:
@@ -482,8 +482,8 @@ for t in range(start_task, T):
     if len(reward_scales) <= t:
         spread = stages[0]["scores"][tasks[t]].float().std().item() if args.eval_n > 1 else 0.0
         reward_scales.append(1.0 if args.no_reward_norm or not spread > 0 else spread)
-    scale = args.loss_scale / reward_scales[t]
-    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
+    scale = 1.0 / reward_scales[t]
+    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.0)
     # EMA teacher (RID): a copy of the current adapter that trails it; with B = 0 at the start of a task it is
     # exactly the model after the previous task.
     ema = {k: p.detach().clone() for k, p in params.items()} if rid else None
@@ -497,60 +497,43 @@ for t in range(start_task, T):
               f"trainable parameters | reward scale s_t = {reward_scales[t]:.4g}")
     bar = tqdm(range(first, args.iters), initial=first, total=args.iters, desc=f"task {t + 1} {tasks[t]}",
                disable=not master, dynamic_ncols=True)
-    task_log = train_log[t] if len(train_log) > t else {"task": tasks[t], "seconds": [], "skipped": 0}
     if len(train_log) <= t:
-        train_log.append(task_log)
+        train_log.append({"task": tasks[t], "seconds": [], "skipped": 0})
+    task_log = train_log[t]
     for step in bar:
         t0, global_step = time.time(), t * args.iters + step + 1
-        if global_step == args.fault_signal_step:
+        if global_step == FAULT_SIGNAL_STEP:
             os.kill(os.getpid(), signal.SIGTERM)  # the real handler runs; this step still finishes
         prompts, latents, k, matched = step_randomness(t, step)
-        # This process's share of the global batch, in micro-batches (gradient accumulation).
         stats = torch.zeros(5, dtype=torch.float64)  # sums of rewards, loss_reward, loss_rid, loss_l2; stop flag
-        for j in range(args.grad_accum):
+        for j in range(args.grad_accum):  # this process's share of the global batch, in micro-batches
             lo = (rank * args.grad_accum + j) * micro
-            p, z = prompts[lo:lo + micro], latents[lo:lo + micro].to(device)
             eta_noise = ([torch.Generator().manual_seed(seed_for("eta", args.seed, t, step, lo + i)) for i in range(micro)]
                          if args.eta > 0 else None)  # one generator per image of the global batch
-            r, loss_rid = step_losses(pipe, reward_fn, p, z, S, args.guidance_scale, args.eta, k, ema, matched,
-                                      not args.no_checkpointing, args.checkpoint_decode, args.checkpoint_reward,
-                                      eta_noise)  # r: (micro,) rewards with graph
-            if global_step in fault_steps:
+            r, loss_rid = step_losses(pipe, reward_fn, prompts[lo:lo + micro], latents[lo:lo + micro].to(device), S,
+                                      args.guidance_scale, args.eta, k, ema, matched, not args.no_checkpointing,
+                                      args.checkpoint_decode, args.checkpoint_reward, eta_noise)  # r: (micro,)
+            if global_step in FAULT_NAN_STEPS:
                 r = r * float("nan")
-            # The losses, side by side. Each micro-batch adds its share of the global-batch mean, so the summed
-            # gradient over micro-batches and processes is the gradient of the global-batch mean.
-            loss_reward = -scale * r.sum() / args.batch_size
-            loss_rid = loss_rid * micro / args.batch_size
+            # The losses, side by side (losses.py). Each micro-batch adds its share of the global-batch mean, so the
+            # summed gradient over micro-batches and processes is the gradient of the global-batch mean.
+            loss_reward = -scale * r.sum() / args.batch_size  # -mean(r_t) / s_t
+            loss_rid = loss_rid * micro / args.batch_size  # RID: matching the EMA teacher (0 for other methods)
             scaler.scale(loss_reward + args.rid_lambda * loss_rid).backward()
             stats[:3] += torch.tensor([r.detach().sum().item(), loss_reward.item(), loss_rid.item()])
         if args.method == "l2":  # once per step; each process adds 1/world of it, the all-reduce sums them
-            loss_l2 = lora_delta_sq(pipe.unet, name)
+            loss_l2 = l2_pull(pipe.unet, name)
             scaler.scale(args.l2_weight * loss_l2 / world).backward()
             stats[3] = loss_l2.item() / world
         stats[4] = float(stop_requested)
-        # One all-reduce per optimiser step carries every LoRA gradient and the step's statistics, so all
-        # processes take the same decisions (skip a non-finite step, stop on Ctrl-C) at the same step.
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-        flat = torch.cat([g.flatten() for g in grads] + [stats.to(device=grads[0].device, dtype=grads[0].dtype)])
-        if world > 1:
-            dist.all_reduce(flat)
-        offset = 0
-        for p, g in zip(params.values(), grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-            offset += g.numel()
-        reward_sum, loss_r, loss_d, loss_w, stop = flat[offset:].tolist()
-        scaler.unscale_(optimizer)  # fp16 only: back to true gradients (and a record of any overflow)
-        finite = bool(torch.isfinite(flat).all()) and all(torch.isfinite(p.grad).all() for p in params.values())
-        # fp16: finite losses with overflowing gradients mean the scale is too high; the scaler halves it and the
-        # step is skipped, as torch's scaler does, without counting towards --max_nonfinite.
-        overflow = scaler.is_enabled() and not finite and all(map(lambda v: v == v and abs(v) != float("inf"),
-                                                                   (reward_sum, loss_r, loss_d, loss_w)))
+        (reward_sum, loss_r, loss_d, loss_w, stop), reduced_finite = all_reduce(params, stats)
+        finite, overflow = unscale_and_check(optimizer, params, reduced_finite, (reward_sum, loss_r, loss_d, loss_w))
         grad_norm = float("nan")
         if finite:
             nonfinite_run = 0
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), args.max_grad_norm or float("inf")))
             scaler.step(optimizer)
-            if ema is not None:  # EMA teacher update, right after the optimiser step: A_bar <- m A_bar + (1-m) A_t
+            if ema is not None:  # the EMA teacher, right after the optimiser step: A_T <- m A_T + (1 - m) A_t
                 ema_update(ema, params, args.ema_momentum)
         else:  # a NaN or inf anywhere: skip this step entirely, the weights stay as they were
             nonfinite_run += 0 if overflow else 1
@@ -559,31 +542,10 @@ for t in range(start_task, T):
         optimizer.zero_grad(set_to_none=True)
         seconds = time.time() - t0
         task_log["seconds"].append(round(seconds, 4))
-        if master:
-            row = {"reward": reward_sum / args.batch_size, "loss_reward": loss_r, "loss_rid": loss_d, "loss_l2": loss_w,
-                   "grad_norm": grad_norm, "seconds": round(seconds, 4)}
-            bar.set_postfix(reward=f"{row['reward']:+.4f}", skipped=task_log["skipped"], s_per_step=f"{seconds:.2f}")
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps({"task": t + 1, "step": step + 1, **row, "finite": finite}) + "\n")
-            tracker.scalars({f"train/{k}": v for k, v in row.items() if v == v}, global_step)  # v == v: not NaN
-        if nonfinite_run >= args.max_nonfinite:
-            if master:
-                save_checkpoint(t, step + 1)
-            bar.close()
-            fail(f"stopped: {nonfinite_run} non-finite steps in a row (task {t + 1}, step {step + 1}); lower --lr "
-                 f"or --loss_scale. The last finite weights are in {ckpt_path}")
-        done = step + 1
-        if master and (stop or (done % args.save_every == 0 and done < args.iters)):
-            save_checkpoint(t, done)  # also at done == iters when stopping: the resume then finishes the task
-        if stop:
-            bar.close()
-            if master:
-                again = " ".join(["python", *sys.argv] + ([] if args.resume else ["--resume"]))
-                print(f"\ninterrupted: checkpoint saved at task {t + 1}, step {done}. Continue with:\n  {again}")
-            tracker.close()
-            if world > 1:
-                dist.destroy_process_group()
-            sys.exit(130)
+        log_step(bar, task_log, t, step, finite, {"reward": reward_sum / args.batch_size, "loss_reward": loss_r,
+                                                  "loss_rid": loss_d, "loss_l2": loss_w, "grad_norm": grad_norm,
+                                                  "seconds": round(seconds, 4)})
+        end_of_step(bar, t, step + 1, stop)
     bar.close()
     # Task done: its adapter (diffusers LoRA format), then the evaluation of every reward, then a checkpoint.
     if master:

@@ -169,14 +169,16 @@ def train(model, out, *extra, method="rid", wait=True, launcher=None, env=None):
 
 @pytest.fixture(scope="session")
 def trained(tiny_sd, tmp_path_factory, worker_id):
-    """trained(method, *flags) -> (run folder, stdout) of a finished run; each distinct call trains once per session.
-    Tests may read the folder but not change it: copy it first."""
-    def make(method, flags, out):
-        r = train(tiny_sd, out, *flags, method=method)
+    """trained(method, *flags, env=None) -> (run folder, stdout) of a finished run; each distinct call trains once per
+    session (env: extra environment variables, such as the fault injection's). Tests may read the folder but not
+    change it: copy it first."""
+    def make(method, flags, env, out):
+        r = train(tiny_sd, out, *flags, method=method, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stdout
 
-    def get(method, *flags):
-        name = "run_" + re.sub(r"[^\w.=,-]+", "_", "_".join((method, *flags)))
-        return shared(tmp_path_factory, worker_id, name, lambda out: make(method, flags, out))
+    def get(method, *flags, env=None):
+        words = (method, *flags, *(f"{k}={v}" for k, v in sorted((env or {}).items())))
+        name = "run_" + re.sub(r"[^\w.=,-]+", "_", "_".join(words))
+        return shared(tmp_path_factory, worker_id, name, lambda out: make(method, flags, env, out))
     return get

@@ -39,3 +39,18 @@ def test_readme_is_short_and_ci_runs_its_test_command():
     assert readme.count("\n") <= 260
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert "python -m pytest" in readme and ci.strip().splitlines()[-1] == "python -m pytest"
+
+
+def test_the_method_page_snippet_runs_as_written(capsys, monkeypatch):
+    """docs/method.md's first Python block, pasted as a reader would (from the repository root): it trains two RID
+    steps on the toy model; the teacher loss is exactly 0 at the first step (B = 0: the teacher is the student) and
+    above 0 at the second, and the reward is a number in [0, 1]."""
+    text = open(os.path.join(ROOT, "docs", "method.md")).read()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(ROOT)
+    exec(compile(code, "docs/method.md", "exec"), {"__name__": "__main__"})
+    lines = capsys.readouterr().out.strip().splitlines()
+    found = [re.fullmatch(r"step (\d): reward ([\d.]+), teacher loss ([\d.e+-]+)", line) for line in lines]
+    assert len(found) == 2 and all(found), lines
+    assert float(found[0].group(3)) == 0 and float(found[1].group(3)) > 0
+    assert all(0 < float(m.group(2)) < 1 for m in found)

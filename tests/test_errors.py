@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from sample import UserError
+from common import UserError
 
 OK = ["--rewards", "brightness", "--iters", "2", "--ddim_steps", "4", "--batch_size", "2", "--eval_n", "2"]
 
@@ -46,7 +46,6 @@ CASES = {  # name: (arguments, a word the message must contain)
     "negative seed": (["--seed", "-1"], "--seed"),
     "seed not an integer": (["--seed", "4.5"], "--seed"),
     "seed above 2^64 - 1": (["--seed", str(2**64)], "--seed"),
-    "negative eval seed": (["--eval_seed", "-3"], "--eval_seed"),
     "negative height": (["--height", "-16"], "--height"),
     "reward weights offline": (["--rewards", "aesthetic"], "reward 'aesthetic'"),
     "finished run": (["--out", "finished"], "finished run"),

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import sample
+from common import UserError
 from conftest import ROOT
 from eval import eval_set, evaluate, ril_metrics, ssim, write_report
 from rewards import load_reward
@@ -236,12 +237,12 @@ SEED = 0  # seeds the adapters: their own gains (-0.03, +0.02) are far above flo
 def fake_run(tiny_sd, tmp_path_factory):
     """A finished 2-task 'adapters' run: two LoRA adapters with random non-zero B, results from evaluate."""
     run = str(tmp_path_factory.mktemp("run"))
-    config = {"model": tiny_sd, "eval_n": 5, "eval_seed": 1, "eval_batch_size": 2, "ddim_steps": 4,
+    config = {"model": tiny_sd, "eval_n": 5, "eval_batch_size": 2, "ddim_steps": 4,
               "guidance_scale": 7.5, "eta": 0.0, "device": "cpu", "dtype": "float32", "reward_path": []}
     names = ["brightness", "saturation"]
     pipe = sample.load_pipeline(tiny_sd)
     rewards = {n: load_reward(n) for n in names}
-    prompts, seeds = eval_set(tiny_sd, config["eval_n"], config["eval_seed"])
+    prompts, seeds = eval_set(tiny_sd, config["eval_n"])
     kw = dict(ddim_steps=4, batch_size=2, progress=False)
     stages = [evaluate(pipe, rewards, prompts, seeds, **kw)]
     adapters = [[]]
@@ -260,7 +261,8 @@ def fake_run(tiny_sd, tmp_path_factory):
     results = {"model": tiny_sd, "method": "adapters", "rewards": names, "config": config,
                "matrix": [[s["rewards"][n]["mean"] for n in names] for s in stages],
                "matrix_se": [[s["rewards"][n]["se"] for n in names] for s in stages],
-               "structure": [s["structure"] for s in stages], "adapters": adapters, "train": {}}
+               "structure": [s["structure"] for s in stages], "adapters": adapters,
+               "adapter_weights": [[1.0] * len(a) for a in adapters], "train": {}}
     write_report(run, results, [s["images"] for s in stages])
     return run
 
@@ -309,9 +311,15 @@ def test_cli_bad_input_is_one_line(case, fake_run, tmp_path, monkeypatch, capsys
         import eval as eval_script
         monkeypatch.setattr(sys, "argv", ["eval.py", *args])
         monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # one_line_errors may replace it; restore after
-        with pytest.raises(SystemExit) as e:
-            sample.run_cli(eval_script.main)
-        code, stderr = e.value.code, capsys.readouterr().err
+        try:  # one_line_errors' excepthook does this in a real process
+            eval_script.main()
+            code = 0
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            code = 2
+        except SystemExit as e:  # argparse's errors
+            code = e.code
+        code, stderr = code, capsys.readouterr().err
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr

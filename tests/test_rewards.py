@@ -636,13 +636,32 @@ def test_compressibility_ascent_shrinks_jpeg():
     assert jpeg_size(x.detach()) < 0.8 * before
 
 # -----------------------------------------------------------------------------
+def cost_table(paths, batch=4, sizes=(32, 512), repeats=5):
+    """One forward + backward to the images, median of `repeats` after a warm-up, per reward (docs/rewards.md)."""
+    import time
+    print("| reward | params | " + " | ".join(f"fwd+bwd {s}x{s}, B={batch}" for s in sizes) + " |")
+    print("|---|---|" + "---|" * len(sizes))
+    for name in rewards.REWARDS:
+        reward, times = rewards.load_reward(name, paths.get(name)), []
+        for s in sizes:
+            x, runs = torch.rand(batch, 3, s, s, requires_grad=True), []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                reward(x, PROMPTS[:batch]).sum().backward()
+                runs.append(time.perf_counter() - t0)
+            times.append(sorted(runs[1:])[repeats // 2])
+        params = sum(p.numel() for p in reward.parameters())
+        print(f"| {name} | {params:,} | " + " | ".join(f"{1000 * t:.1f} ms" for t in times) + " |")
+
+
 if __name__ == "__main__":
-    # docs/rewards.md's figures: timing of every reward on the tiny stand-ins, then the JPEG-size rank correlation
+    # docs/rewards.md's figures: timing of every reward on the tiny stand-ins, bf16 against fp32, then the JPEG-size
+    # rank correlation
     import tempfile
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as root:
         found = build_all(root)
-        rewards.bench(found)
+        cost_table(found)
         print("bf16 towers + fp32 heads against fp32, 16 images of 256x256:")
         for name, v in dtype_figures(found).items():
             print(f"  {name}: max |bf16 - fp32| {v['max_abs']:.2e}, fp32 mean {v['mean']:.4g}, spread {v['spread']:.3g}")

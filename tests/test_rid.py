@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
+import losses
 import sample
+from common import seed_for
 
 PROMPTS = ["a red circle", "a green square"]
 
@@ -36,7 +38,7 @@ def test_teacher_loss_equals_a_forward_with_the_ema_swapped_in(pipe):
     adapter stays in both (the teacher is W0 + A_1 + EMA(A_2)). At a grad-window step and at an earlier one."""
     ema = perturbed_ema(pipe)
     _, captured, context = sampled(pipe, capture={2, 4})
-    loss = sample.teacher_loss(pipe, captured, context, ema)
+    loss = losses.teacher_loss(pipe, captured, context, ema)
     params = sample.lora_params(pipe.unet, "task2")
     saved = {k: p.detach().clone() for k, p in params.items()}
     with torch.no_grad():
@@ -50,7 +52,7 @@ def test_teacher_loss_equals_a_forward_with_the_ema_swapped_in(pipe):
     assert direct > 0
     torch.testing.assert_close(loss.detach(), direct, rtol=1e-5, atol=0)
     # the teacher is not the student: without the swap the loss would be 0
-    assert sample.teacher_loss(pipe, captured, context, {k: p.detach() for k, p in params.items()}).item() == 0
+    assert losses.teacher_loss(pipe, captured, context, {k: p.detach() for k, p in params.items()}).item() == 0
 
 
 def lora_pipe(folder, seed=0):
@@ -100,7 +102,7 @@ def test_teacher_loss_is_on_eps_for_every_prediction_type(kind, tiny_sd, tmp_pat
     params = sample.lora_params(p.unet, "task2")
     _, captured, context = sampled(p, capture={1, 3, 4}, grad_steps=2)  # one step before the window, both in it
     assert captured[4][1].requires_grad  # the second window step's x_t carries the first one's graph
-    loss = sample.teacher_loss(p, captured, context, ema)
+    loss = losses.teacher_loss(p, captured, context, ema)
     loss.backward()
     ours = {k: w.grad.clone() for k, w in params.items()}
     for w in params.values():
@@ -121,7 +123,7 @@ def test_ema_update_formula_and_no_gradient_reaches_the_ema(pipe):
     ema = perturbed_ema(pipe, seed=3)
     before = {k: v.clone() for k, v in ema.items()}
     # a full training step's forward and backward: the EMA takes part in the teacher loss only
-    r, loss_rid = sample.step_losses(pipe, lambda im, p: im.mean((1, 2, 3)), PROMPTS,
+    r, loss_rid = losses.step_losses(pipe, lambda im, p: im.mean((1, 2, 3)), PROMPTS,
                                      sample.initial_latents(pipe, 2, torch.Generator().manual_seed(4)), 4,
                                      teacher=ema, matched={3, 1})
     (-r.mean() + loss_rid).backward()
@@ -132,7 +134,7 @@ def test_ema_update_formula_and_no_gradient_reaches_the_ema(pipe):
     for m, n in ((0.9, 5), (0.0, 1), (1.0, 3)):
         ema = {k: v.clone() for k, v in before.items()}
         for _ in range(n):
-            sample.ema_update(ema, params, m)
+            losses.ema_update(ema, params, m)
         for k in ema:
             a = params[k].detach()
             torch.testing.assert_close(ema[k], a + m ** n * (before[k] - a), rtol=1e-5, atol=1e-7)
@@ -146,7 +148,7 @@ def test_l2_penalty_is_the_squared_norm_of_the_dense_weight_change(pipe):
         if hasattr(module, "lora_A") and "task2" in module.lora_A:
             delta = module.scaling["task2"] * module.lora_B["task2"].weight @ module.lora_A["task2"].weight
             total = total + delta.pow(2).sum()
-    ours = sample.lora_delta_sq(pipe.unet, "task2")
+    ours = losses.l2_pull(pipe.unet, "task2")
     assert ours > 0 and ours.requires_grad
     torch.testing.assert_close(ours.detach(), total.detach(), rtol=1e-5, atol=0)
 
@@ -155,7 +157,7 @@ def test_l2_penalty_is_the_squared_norm_of_the_dense_weight_change(pipe):
 def test_teacher_loss_in_a_real_run_and_the_ema_after_one_step(trained, tiny_sd, tmp_path):
     """train_rid.py --method rid: the log's teacher loss is exactly 0 at step 1 of each task (the new adapter has
     B = 0, so the EMA teacher is the student, at the K window steps and the extra matched one), above 0 after.
-    Stopped after step 1 of task 1 (SIGTERM through the testing aid), the checkpoint's EMA is m * A_0 + (1 - m) * A_1,
+    Stopped after step 1 of task 1 (SIGTERM through the fault injection), the checkpoint's EMA is m * A_0 + (1 - m) * A_1,
     A_0 the adapter as created (rebuilt here from its seed) and A_1 the adapter after the step; with m = 1 it is A_0
     itself, whose B is 0: the previous model."""
     from conftest import train
@@ -165,12 +167,12 @@ def test_teacher_loss_in_a_real_run_and_the_ema_after_one_step(trained, tiny_sd,
     assert [row["loss_rid"] == 0 for row in log] == [True, False, False] * 2
     for m in ("0.9", "1"):
         out = tmp_path / f"m{m}"
-        r = train(tiny_sd, out, "--iters", "3", "--ema_momentum", m, "--fault_signal_step", "1")
+        r = train(tiny_sd, out, "--iters", "3", "--ema_momentum", m, env={"RID_FAULT_SIGNAL_STEP": "1"})
         assert r.returncode == 130, r.stderr[-2000:]
         ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
         assert (ckpt["task"], ckpt["step"]) == (0, 1)
         fresh = sample.load_pipeline(tiny_sd)
-        torch.manual_seed(sample.seed_for("lora", 0, 0))
+        torch.manual_seed(seed_for("lora", 0, 0))
         sample.add_lora(fresh.unet, "task1", 4, 8.0)  # RUN's --lora_alpha 8
         a0 = {k: p.detach() for k, p in sample.lora_params(fresh.unet, "task1").items()}
         a1 = ckpt["adapters"]["task1"]

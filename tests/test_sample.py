@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import sample
+from common import UserError
 from conftest import ROOT
 
 PROMPTS = ["a red circle on a blue background", "a green square", "a photo of a cat"]
@@ -111,7 +113,7 @@ def test_load_refuses_what_the_sampler_cannot_follow(tiny_sd, tmp_path):
     """Zero terminal SNR with epsilon prediction has no x_0 at the first step; an unknown prediction type and
     dynamic thresholding are not handled: each is one line (UserError), before any sampling."""
     for i, config in enumerate([{"rescale_betas_zero_snr": True}, {"prediction_type": "flow"}, {"thresholding": True}]):
-        with pytest.raises(sample.UserError) as e:
+        with pytest.raises(UserError) as e:
             sample.load_pipeline(variant(tiny_sd, tmp_path / str(i), scheduler=config))
         assert "\n" not in str(e.value)
 
@@ -287,10 +289,10 @@ def test_a_kill_during_a_write_leaves_the_old_file(tmp_path):
     folder.mkdir()
     (folder / "w.bin").write_bytes(b"old")
     script = f"""
-import os, signal, torch, sample
-with sample.atomic_file({str(target)!r}) as tmp:
+import os, signal, torch, common
+with common.atomic_file({str(target)!r}) as tmp:
     torch.save({{"step": 2, "big": torch.zeros(1000)}}, tmp)
-    with sample.atomic_dir({str(folder)!r}) as d:
+    with common.atomic_dir({str(folder)!r}) as d:
         open(os.path.join(d, "w.bin"), "wb").write(b"new, half")
         os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -298,7 +300,7 @@ with sample.atomic_file({str(target)!r}) as tmp:
     assert r.returncode == -signal.SIGKILL
     assert torch.load(target, weights_only=True) == {"step": 1}
     assert (folder / "w.bin").read_bytes() == b"old"
-    with sample.atomic_file(str(target)) as tmp:  # leftovers of the killed write do not get in the way
+    with common.atomic_file(str(target)) as tmp:  # leftovers of the killed write do not get in the way
         torch.save({"step": 3}, tmp)
     assert torch.load(target, weights_only=True) == {"step": 3}
 

@@ -20,8 +20,9 @@ from conftest import ROOT, RUN, train
 
 pytestmark = pytest.mark.slow  # every test here runs train_rid.py in a subprocess
 
-# One adapters run serves two tests: no reward normalisation, and two steps made non-finite by the testing aid.
-ADAPTERS_NAN = ("adapters", "--no_reward_norm", "--fault_nan_steps", "1,4")
+# One adapters run serves two tests: no reward normalisation, and two steps made non-finite by the fault injection.
+ADAPTERS_NAN = ("adapters", "--no_reward_norm")
+NAN_STEPS = {"RID_FAULT_NAN_STEPS": "1,4"}
 # The shared rid run uses the largest seed torch takes as a signed 64-bit integer; test_resume_after_sigkill resumes
 # it twice (the flag walk's "large seed with resume", tests/test_flags.py).
 METHOD_FLAGS = {"rid": ("--match_steps", "1", "--seed", str(2**63 - 1)), "l2": ("--l2_weight", "0.0001"),
@@ -74,7 +75,7 @@ def test_reward_scales_are_the_base_images_spread(trained, tiny_sd):
     for name, scale in zip(res["rewards"], res["train"]["reward_scales"]):
         spread = load_reward(name)(images, [""] * 4).std().item()
         assert scale == pytest.approx(spread, rel=1e-2) and scale != 1.0
-    off, _ = trained(*ADAPTERS_NAN)
+    off, _ = trained(*ADAPTERS_NAN, env=NAN_STEPS)
     assert json.load(open(off / "results.json"))["train"]["reward_scales"] == [1.0, 1.0]
 
 
@@ -140,12 +141,12 @@ def test_l2_pulls_the_adapter_towards_the_previous_model(trained):
 
 @pytest.mark.parametrize("method", ["l2", "soup"])
 def test_stop_at_the_last_step_of_a_task_then_resume_equals_uninterrupted(method, trained, tiny_sd, tmp_path):
-    """SIGTERM during the last step of task 1 (the testing aid sends it through the real handler): the checkpoint
+    """SIGTERM during the last step of task 1 (the fault injection sends it through the real handler): the checkpoint
     is saved at that step, the resumed run finishes the task and ends with the uninterrupted run's results and
     adapters, bit for bit."""
     ref, _ = trained(method, *METHOD_FLAGS[method])
     out = tmp_path / "stopped"
-    r = train(tiny_sd, out, *METHOD_FLAGS[method], "--fault_signal_step", "3", method=method)
+    r = train(tiny_sd, out, *METHOD_FLAGS[method], method=method, env={"RID_FAULT_SIGNAL_STEP": "3"})
     assert r.returncode == 130 and "checkpoint saved at task 1, step 3" in r.stdout, r.stderr[-2000:]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert (ckpt["task"], ckpt["step"]) == (0, 3)
@@ -202,19 +203,21 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_counted_and_the_count_survives_a_resume(trained, tiny_sd, tmp_path):
-    out, _ = trained(*ADAPTERS_NAN)
+    out, _ = trained(*ADAPTERS_NAN, env=NAN_STEPS)
     res = json.load(open(out / "results.json"))
     assert res["train"]["skipped_steps"] == [1, 1]  # global step 1 is in task 1, step 4 in task 2
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [row["finite"] for row in log] == [False, True, True, False, True, True]
-    # Two non-finite steps, a stop, a resume, a third: the run in a row is 3, so it stops with one clear line.
+    # Two non-finite steps, a stop, a resume, three more (across the task boundary): the run in a row reaches 5
+    # (train_rid.MAX_NONFINITE), so it stops with one clear line.
     out2 = tmp_path / "nan_stop"
-    flags = ["--fault_nan_steps", "1,2,3", "--max_nonfinite", "3"]
-    r = train(tiny_sd, out2, *flags, "--fault_signal_step", "2", method="adapters")
+    nan = {"RID_FAULT_NAN_STEPS": "1,2,3,4,5"}
+    r = train(tiny_sd, out2, method="adapters", env={**nan, "RID_FAULT_SIGNAL_STEP": "2"})
     assert r.returncode == 130 and torch.load(out2 / "checkpoint.pt", weights_only=True)["nonfinite_run"] == 2
-    r = train(tiny_sd, out2, *flags, "--resume", method="adapters")
+    r = train(tiny_sd, out2, "--resume", method="adapters", env=nan)
     last = r.stderr.strip().splitlines()[-1]  # (the progress bars above it also go to stderr)
-    assert r.returncode == 2 and last.startswith("error: stopped: 3 non-finite steps") and "Traceback" not in r.stderr
+    assert r.returncode == 2 and last.startswith("error: stopped: 5 non-finite steps in a row (task 2, step 2)")
+    assert "Traceback" not in r.stderr
     ckpt = torch.load(out2 / "checkpoint.pt", weights_only=True)
     tensors = [v for a in ckpt["adapters"].values() for v in a.values()]
     assert tensors and all(torch.isfinite(v).all() for v in tensors)

@@ -1,0 +1,240 @@
+"""
+common.py: the plumbing every rid script shares, none of the method. One error mechanism (a UserError anywhere ends
+the program with one line and exit code 2), writes that a kill cannot leave half done, the seed streams, the one place
+that picks device and dtype, the hub check and its error lines, the experiment trackers, and 8-bit images (PNG files
+and grids).
+
+    from common import UserError, one_line_errors, atomic_file, atomic_dir, write_json, seed_for, pick_device_dtype
+"""
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Errors: bad input gets one line and exit code 2, from any depth of any script
+
+class UserError(Exception):
+    """A mistake in the user's input (or a file they point at): its message is the one line the CLI prints."""
+
+
+def one_line_errors(parser):
+    """CLI setup, called by every script on its parser: a bad flag, or a UserError raised anywhere (in a flat script's
+    top-level code or inside a library call), ends the program with one line on stderr and exit code 2, no traceback.
+    Library deprecation chatter and weight-loading bars are silenced so that such errors stay one line."""
+    import warnings
+    warnings.filterwarnings("ignore", module="(huggingface_hub|diffusers|transformers|peft)")
+    # Environment, not the libraries' setters: importing diffusers costs seconds we need not spend on bad input.
+    for var in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the weight-loading bars of both libraries
+
+    def error(message):
+        print(f"error: {message} (see {parser.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+    def excepthook(kind, value, tb):
+        if issubclass(kind, UserError):
+            print(f"error: {value}", file=sys.stderr)
+            sys.stderr.flush()
+            sys.exit(2)
+        sys.__excepthook__(kind, value, tb)
+    parser.error, sys.excepthook = error, excepthook
+    return parser
+
+# -----------------------------------------------------------------------------
+# Seeds: every random draw has its own seed, a function of its stream and its ids
+
+SEED_STREAMS = ("eval", "train", "eta", "lora")
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+
+
+def check_seed(flag, seed):
+    """A seed flag's value: any integer in [0, 2^64 - 1]; anything else gets one line."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{flag} must be an integer from 0 to 2^64 - 1 (got {seed})")
+    return seed
+
+
+def seed_for(stream, *ids):
+    """The seed of one random draw, from its stream name and its ids (non-negative ints such as seed, task, step,
+    image): a hash, so any user seed works and the same (stream, ids) always gives the same draw.
+    torch's CPU generator (mt19937) uses only the low 32 bits of a seed (seeds s and s + 2^32 draw alike), so the
+    seed is a 32-bit number: 30 bits of a BLAKE2b hash of (stream, ids) above 2 bits that hold the stream's index.
+    Two streams therefore never share a seed, by construction: evaluation noise can never repeat a training draw,
+    whatever the seeds. Within one stream two id tuples share a seed with chance about n^2 / 2^31 over n draws, which
+    only repeats one batch's prompts and noise (our choice)."""
+    assert all(isinstance(i, int) and i >= 0 for i in ids), f"seed ids must be non-negative ints, got {ids}"
+    digest = hashlib.blake2b(repr((stream, *ids)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") >> 2 << 2 | SEED_STREAMS.index(stream)
+
+# -----------------------------------------------------------------------------
+# Device, dtype and the hub
+
+def pick_device_dtype(device=None, dtype=None):
+    """One place that decides precision: bf16 compute on a CUDA GPU that supports it, else fp16 there (trained with
+    a loss scaler); fp32 on CPU; unless the user says otherwise."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None and device.startswith("cuda"):
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return device, getattr(torch, dtype or "float32")
+
+
+@functools.lru_cache(maxsize=None)
+def hub_unreachable():
+    """True when no hub can be asked: HF_HUB_OFFLINE is set, or (no proxy configured) the hub's host does not accept a
+    TCP connection within 3 s. In the second case HF_HUB_OFFLINE=1 is set for this process, so every loader reads the
+    local cache or fails at once, instead of retrying five times (about 28 s, a warning line per retry)."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False  # only the hub libraries know how to get through a proxy
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+        return False
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        if "huggingface_hub.constants" in sys.modules:  # read at import: set the imported value too
+            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+        return True
+
+def model_load_error(model, err, local):
+    """The one line for a model (a folder, or a hub id) that did not load: a damaged folder, an unreachable hub, a
+    repository the hub does not have."""
+    reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    chain, e = [], err  # diffusers and transformers wrap the hub's own errors in OSError: look at the causes
+    while e is not None and len(chain) < 8:
+        chain.append(type(e).__name__)
+        e = e.__cause__ or e.__context__
+    if local:
+        return f"cannot load model folder '{model}' ({reason}); the folder is damaged: save or download it again"
+    if hub_unreachable():
+        return (f"cannot load model '{model}': the hub cannot be reached from here (no network, or HF_HUB_OFFLINE=1) "
+                f"and the model is not in the local cache; on a machine with network run `hf download {model}`, or "
+                f"pass a local folder with --model DIR")
+    if "RepositoryNotFoundError" in chain or "GatedRepoError" in chain:
+        return (f"cannot load model '{model}': the hub has no repository '{model}' (removed, misspelt, or gated: "
+                f"then `hf auth login`); pass another hub id or a local folder with --model DIR")
+    return f"cannot load model '{model}' from the hub ({reason}); pass a local folder with --model DIR"
+
+
+# -----------------------------------------------------------------------------
+# Experiment trackers: scalars and pictures to TensorBoard or Weights & Biases, beside the run's own log.jsonl
+
+class Tracker:
+    """An experiment tracker (train_rid.py --log): "tensorboard" writes OUT/tensorboard/, "wandb" a run in project
+    rid (WANDB_MODE=offline: OUT/wandb/, no server), "none" nothing. The package is imported only when asked for.
+    run_id: the wandb run to continue on --resume."""
+
+    def __init__(self, kind, out, config, run_id=None):
+        self.kind, self.id = kind, run_id
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(out, "tensorboard"))
+        elif kind == "wandb":
+            import wandb
+            self.wandb = wandb
+            self.run = wandb.init(project="rid", dir=out, name=os.path.basename(os.path.abspath(out)), config=config,
+                                  id=run_id, resume="allow")
+            self.id = self.run.id
+
+    def scalars(self, values, step):
+        if self.kind == "tensorboard":
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+        elif self.kind == "wandb":
+            self.wandb.log(values, step=step)
+
+    def image(self, name, image, step):  # a PIL image
+        if self.kind == "tensorboard":
+            import numpy as np
+            self.writer.add_image(name, np.asarray(image), step, dataformats="HWC")
+        elif self.kind == "wandb":
+            self.wandb.log({name: self.wandb.Image(image)}, step=step)
+
+    def close(self):
+        if self.kind == "tensorboard":
+            self.writer.close()
+        elif self.kind == "wandb":
+            self.run.finish()
+
+# -----------------------------------------------------------------------------
+# Files: every write goes to a temporary name first and is renamed into place, so a kill at any moment
+# leaves either the old file or the new one, never half of one.
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """with atomic_file(p) as tmp: write tmp; on success tmp replaces p in one rename (os.replace)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """with atomic_dir(d) as tmp: fill folder tmp; on success it becomes d (an old d is swapped out, then removed)."""
+    path = path.rstrip("/")
+    tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text(path, text):
+    with atomic_file(path) as tmp, open(tmp, "w") as f:  # closed, then renamed
+        f.write(text)
+
+
+def write_json(path, data):
+    write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def save_png(image, path):
+    """A PIL image to a PNG file, atomically."""
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
+
+# -----------------------------------------------------------------------------
+# 8-bit images: what a PNG holds, what the structure measures compare, what a run keeps of each stage
+
+def to_uint8(images):
+    """Float images in [0, 1] -> uint8, rounded as diffusers' numpy_to_pil does."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def to_pil(image):
+    """(3, H, W) in [0, 1] -> PIL image."""
+    from PIL import Image
+    return Image.fromarray(to_uint8(image).permute(1, 2, 0).cpu().numpy())
+
+
+def image_grid(images, ncol=None, pad=2):
+    """(N, 3, H, W) in [0, 1] -> one PIL image, ncol images per row, white padding."""
+    n, _, h, w = images.shape
+    ncol = ncol or min(n, 8)
+    nrow = math.ceil(n / ncol)
+    grid = torch.ones(3, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
+    for k in range(n):
+        r, c = divmod(k, ncol)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = images[k]
+    return to_pil(grid)
