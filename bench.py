@@ -30,14 +30,14 @@ import torch
 import rewards
 from common import UserError, check_seed, one_line_errors, pick_device_dtype, seed_for, write_json
 from losses import ema_update, l2_pull, matched_steps, step_losses
-from sample import (Pipe, add_lora, encode_prompts, encode_uncond, image_size, initial_latents, load_pipeline, lora_params,
-                    sample, set_adapters)
+from sample import (DEFAULTS, Pipe, add_lora, check_eta, encode_prompts, encode_uncond, image_size, initial_latents,
+                    load_pipeline, lora_params, sample, set_adapters)
 
 PHASES = ("sample", "diffusers", "naive", "adapters", "rid", "l2", "soup", "reward")
 parser = one_line_errors(argparse.ArgumentParser(description="rid: time and memory of sampling and training steps"))
 # model and batch
-parser.add_argument("--model", default="toy", help="'toy' (shipped), 'sd15-arch' / 'sdxl-arch' (their shapes, random "
-                    "weights), or an SD/SDXL folder or hub id")
+parser.add_argument("--model", default="toy", help="'toy' (shipped), 'sd15-arch' / 'sdxl-arch' / 'sd35-arch' (their "
+                    "shapes, random weights), or a folder or hub id")
 parser.add_argument("--reward", default=None, help="a rewards.py name, or 'aesthetic-arch' (ViT-L/14 + MLP, random "
                     "weights); none = aesthetic-arch for the -arch models, brightness otherwise")
 parser.add_argument("--reward_path", default=None, help="NAME=PATH: local weights of --reward (as train_rid.py's)")
@@ -46,8 +46,10 @@ parser.add_argument("--height", type=int, default=None, help="image height in px
 parser.add_argument("--width", type=int, default=None, help="image width in px; none = the model's default")
 parser.add_argument("--prompt", default="a red circle on a blue background", help="every image's prompt (cost-neutral)")
 # sampler
-parser.add_argument("--ddim_steps", type=int, default=50, help="DDIM steps S, the same in all phases")
-parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance; 1 = none")
+parser.add_argument("--ddim_steps", type=int, default=None, help="sampling steps S, the same in all phases; none = the "
+                    "family's default (50; SD 3: 28)")
+parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance; 1 = none; none = the "
+                    "family's default (7.5; SD 3: 7.0)")
 parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic")
 # training step
 parser.add_argument("--grad_steps", type=int, default=1, help="K: the last K DDIM steps keep their graph (DRaFT-K)")
@@ -105,6 +107,18 @@ CLIP_L14_VISION = dict(  # the image tower the aesthetic reward runs, 303,179,77
     patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768)
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                     steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+# Stable Diffusion 3.5 Medium (transformer/, vae/ and scheduler/ configs of stabilityai/stable-diffusion-3.5-medium):
+# the MMDiT-X with dual attention in its first 13 blocks and QK norm, a 16-channel VAE with a shift, CLIP-L and
+# CLIP-G with their projections, and T5-XXL's encoder (google/t5-v1_1-xxl's shapes).
+SD35M_TRANSFORMER = dict(  # 2,243,171,520 parameters (the model card rounds the model to 2.5B)
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SD3_VAE = dict(SD_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, force_upcast=True,
+               use_quant_conv=False, use_post_quant_conv=False)
+T5_XXL = dict(  # the encoder only: 4,762,310,656 parameters
+    vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6)
 
 
 def random_weights(build, device, dtype):
@@ -114,6 +128,8 @@ def random_weights(build, device, dtype):
     with torch.device("meta"):
         module = build()
     module = module.to(dtype).to_empty(device=device)
+    if str(device) == "meta":  # shapes only (the parameter-count test): nothing to fill
+        return module.requires_grad_(False).eval()
     pool = torch.rand(1_000_003, device=device).to(dtype) * 2 - 1  # odd length: tiled rows do not repeat in step
     with torch.no_grad():
         for m in module.modules():
@@ -125,9 +141,15 @@ def random_weights(build, device, dtype):
                 flat[:k * pool.numel()].view(k, pool.numel()).copy_(pool.expand(k, -1))
                 flat[k * pool.numel():].copy_(pool[:r])
                 p.mul_(p[0].numel() ** -0.5)
-        for name, b in module.named_buffers():  # to_empty left garbage there; CLIP's position ids are the only buffers
-            assert name.endswith("position_ids"), f"unexpected buffer {name}: fill it in random_weights"
-            b.copy_(torch.arange(b.shape[-1], device=device).expand_as(b))
+        for name, b in module.named_buffers():  # to_empty left garbage there: CLIP's position ids, SD 3's sincos grid
+            if name.endswith("position_ids"):
+                b.copy_(torch.arange(b.shape[-1], device=device).expand_as(b))
+                continue
+            from diffusers.models.embeddings import get_2d_sincos_pos_embed
+            assert name.endswith("pos_embed.pos_embed"), f"unexpected buffer {name}: fill it in random_weights"
+            patch = module.get_submodule(name.rsplit(".", 1)[0])
+            b.copy_(get_2d_sincos_pos_embed(b.shape[-1], patch.pos_embed_max_size, base_size=patch.base_size,
+                                            interpolation_scale=patch.interpolation_scale, output_type="pt")[None])
     return module.requires_grad_(False).eval()
 
 
@@ -144,18 +166,35 @@ def char_tokenizer():
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
 
 
+def t5_char_tokenizer():
+    """A stand-in T5 tokenizer: one piece per character (a Unigram model), padded to SD 3's 256 tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(chr(c), -1.0) for c in range(32, 127)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
+
+
 def arch_pipe(model, device, dtype):
-    """sd15-arch / sdxl-arch: the real shapes with random weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """sd15-arch / sdxl-arch / sd35-arch: the real shapes with random weights."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    build = lambda make: random_weights(make, device, dtype)
+    clip_g = lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT))
+    if model == "sd35-arch":
+        return Pipe(family="sd3", denoiser=build(lambda: SD3Transformer2DModel(**SD35M_TRANSFORMER)),
+                    vae=build(lambda: AutoencoderKL(**SD3_VAE)),
+                    text_encoder=build(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L14_TEXT))),
+                    tokenizer=char_tokenizer(), text_encoder_2=build(clip_g), tokenizer_2=char_tokenizer(),
+                    text_encoder_3=build(lambda: T5EncoderModel(T5Config(**T5_XXL))), tokenizer_3=t5_char_tokenizer(),
+                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     xl = model == "sdxl-arch"
-    vae = random_weights(lambda: AutoencoderKL(**SD_VAE), device, dtype)
-    return Pipe(unet=random_weights(lambda: UNet2DConditionModel(**(SDXL_UNET if xl else SD15_UNET)), device, dtype),
-                vae=vae, text_encoder=random_weights(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT)), device, dtype),
+    return Pipe(family="sdxl" if xl else "sd", denoiser=build(lambda: UNet2DConditionModel(**(SDXL_UNET if xl else SD15_UNET))),
+                vae=build(lambda: AutoencoderKL(**SD_VAE)), text_encoder=build(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT))),
                 tokenizer=char_tokenizer(), scheduler=DDIMScheduler(**SD_SCHEDULER),
-                text_encoder_2=random_weights(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT)),
-                                              device, dtype) if xl else None,
-                tokenizer_2=char_tokenizer() if xl else None, zero_uncond=xl)
+                text_encoder_2=build(clip_g) if xl else None, tokenizer_2=char_tokenizer() if xl else None, zero_uncond=xl)
 
 
 def load_bench_reward(name, path, device, dtype):
@@ -246,42 +285,49 @@ def build_phases(args, pipe, reward, device, dtype, H, W):
     S, K, M, B = args.ddim_steps, args.grad_steps, args.match_steps, args.batch_size
     micro, prompts = B // args.grad_accum, [args.prompt] * B
     for name in ("task0", "task1"):
-        add_lora(pipe.unet, name, args.lora_rank, args.lora_rank)
+        add_lora(pipe.denoiser, name, args.lora_rank, args.lora_rank)
     with torch.no_grad():
-        for k, p in lora_params(pipe.unet, "task0").items():
+        for k, p in lora_params(pipe.denoiser, "task0").items():
             if "lora_B" in k:
                 p.normal_(0, 0.01)
-    params = lora_params(pipe.unet, "task1")  # {full name: fp32 parameter}
+    params = lora_params(pipe.denoiser, "task1")  # {full name: fp32 parameter}
     optimizer = torch.optim.AdamW(params.values(), lr=1e-3)
     ema = {k: p.detach().clone() for k, p in params.items()}  # RID's teacher: the EMA of the current adapter
     if args.compile:
-        pipe.unet.compile()  # the UNet forward only, as gpt-fast compiles only the hot function
+        pipe.denoiser.compile()  # the UNet forward only, as gpt-fast compiles only the hot function
     draws = torch.Generator().manual_seed(args.seed)  # the matched steps, drawn as train_rid.py draws them
 
     def run_ours():  # what diffusers' __call__ does (encode prompt and "", draw latents, S steps, decode), our way
-        set_adapters(pipe.unet, ["task0", "task1"])
+        set_adapters(pipe.denoiser, ["task0", "task1"])
         with torch.no_grad():
             g = torch.Generator().manual_seed(args.seed)
             cond, uncond = encode_prompts(pipe, prompts, (H, W)), encode_uncond(pipe, B, (H, W))
             latents = initial_latents(pipe, B, g, H, W).to(device)  # (B, 4, H/8, W/8)
             return sample(pipe, cond, uncond, latents, S, args.guidance_scale, args.eta, generator=g)[0]
 
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    parts = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-                 scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
-    ref = (StableDiffusionXLPipeline(**parts, text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
-                                     add_watermarker=False) if pipe.xl else
-           StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+    import diffusers
+    parts = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    if pipe.flow:
+        ref = diffusers.StableDiffusion3Pipeline(**parts, transformer=pipe.denoiser, scheduler=pipe.scheduler,
+                                                 text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
+                                                 text_encoder_3=pipe.text_encoder_3, tokenizer_3=pipe.tokenizer_3)
+    else:
+        parts.update(unet=pipe.denoiser, scheduler=diffusers.DDIMScheduler.from_config(pipe.scheduler.config))
+        ref = (diffusers.StableDiffusionXLPipeline(**parts, text_encoder_2=pipe.text_encoder_2,
+                                                   tokenizer_2=pipe.tokenizer_2, add_watermarker=False) if pipe.xl else
+               diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False))
     ref.set_progress_bar_config(disable=True)
 
     def run_diffusers():
-        set_adapters(pipe.unet, ["task0", "task1"])
-        return ref(prompts, height=H, width=W, num_inference_steps=S, guidance_scale=args.guidance_scale, eta=args.eta,
+        set_adapters(pipe.denoiser, ["task0", "task1"])
+        eta = {} if pipe.flow else {"eta": args.eta}
+        return ref(prompts, height=H, width=W, num_inference_steps=S, guidance_scale=args.guidance_scale, **eta,
                    generator=torch.Generator().manual_seed(args.seed), output_type="pt").images
 
     def train_step(method):
         """One optimiser step of `method`, through the same helpers as train_rid.py's loop."""
-        set_adapters(pipe.unet, ["task1"] if method in ("naive", "soup") else ["task0", "task1"], trainable="task1")
+        set_adapters(pipe.denoiser, ["task1"] if method in ("naive", "soup") else ["task0", "task1"], trainable="task1")
         rid = method == "rid"
         for lo in range(0, B, micro):  # micro-batches; their gradients add up to that of the batch mean
             latents = initial_latents(pipe, micro, torch.Generator().manual_seed(seed_for("train", args.seed, lo)), H, W).to(device)
@@ -290,7 +336,7 @@ def build_phases(args, pipe, reward, device, dtype, H, W):
                                       args.checkpoint_decode, args.checkpoint_reward)
             (-r.sum() / B + loss_rid * micro / B).backward()
         if method == "l2":
-            l2_pull(pipe.unet, "task1").backward()
+            l2_pull(pipe.denoiser, "task1").backward()
         torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
         optimizer.step()
         if rid:
@@ -375,7 +421,7 @@ def main():
     phases = args.phases.split(",")
     device, dtype = pick_device_dtype(args.device, args.dtype)
     S, K, M, B = args.ddim_steps, args.grad_steps, args.match_steps, args.batch_size
-    if not 1 <= K <= S or not 0 <= M <= S - K:
+    if K < 1 or M < 0 or (S is not None and not K + M <= S):  # S none: checked once the model's family is known
         raise UserError("need 1 <= --grad_steps <= --ddim_steps and 0 <= --match_steps <= ddim_steps - grad_steps")
     if B < 1 or args.grad_accum < 1 or B % args.grad_accum:
         raise UserError(f"--batch_size ({B}) must be a positive multiple of --grad_accum ({args.grad_accum})")
@@ -389,8 +435,14 @@ def main():
         return
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    arch = args.model in ("sd15-arch", "sdxl-arch")
+    arch = args.model in ("sd15-arch", "sdxl-arch", "sd35-arch")
     pipe = arch_pipe(args.model, device, dtype) if arch else load_pipeline(args.model, device, dtype)
+    check_eta(pipe, args.eta)
+    args.ddim_steps = args.ddim_steps or DEFAULTS[pipe.family][0]
+    args.guidance_scale = DEFAULTS[pipe.family][1] if args.guidance_scale is None else args.guidance_scale
+    S, K = args.ddim_steps, args.grad_steps
+    if not 1 <= K <= S or not 0 <= M <= S - K:
+        raise UserError("need 1 <= --grad_steps <= --ddim_steps and 0 <= --match_steps <= ddim_steps - grad_steps")
     reward_name = args.reward or ("aesthetic-arch" if arch else "brightness")
     name, _, path = (args.reward_path or "").partition("=")
     if args.reward_path and name != reward_name:
@@ -402,12 +454,12 @@ def main():
     H, W = image_size(pipe, args.height, args.width)
     run = build_phases(args, pipe, reward, device, dtype, H, W)
     guided, micro = args.guidance_scale > 1, B // args.grad_accum
-    print(f"model {args.model} ({sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.0f}M UNet parameters), reward "
+    print(f"model {args.model} ({sum(p.numel() for p in pipe.denoiser.parameters()) / 1e6:.0f}M UNet parameters), reward "
           f"{reward_name}, {device} {str(dtype)[6:]}, {B} images of {H}x{W}, {S} DDIM steps, guidance "
           f"{args.guidance_scale}; built in {time.perf_counter() - t0:.1f} s")
     print(f"per training step: {S * args.grad_accum} UNet calls of batch {(2 if guided else 1) * micro}, "
           f"{K * args.grad_accum} of them with grad; rid adds {(K + M) * args.grad_accum} teacher forwards and "
-          f"{M * args.grad_accum} student forwards; {sum(p.numel() for p in lora_params(pipe.unet, 'task1').values()):,} "
+          f"{M * args.grad_accum} student forwards; {sum(p.numel() for p in lora_params(pipe.denoiser, 'task1').values()):,} "
           f"trainable LoRA weights")
     gc.collect()
     resident = torch.cuda.memory_allocated() if device.startswith("cuda") else read_peak(device)

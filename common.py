@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -198,6 +199,48 @@ def atomic_dir(path):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_partial_writes(*folders):
+    """What writes that a kill interrupted left in these folders (names ending .tmpPID or .oldPID), removed."""
+    for folder in folders:
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            path = os.path.join(folder, name)
+            if re.search(r"\.(tmp|old)\d+$", name):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def load_file(path, check=lambda data: True):
+    """A tensor file rid wrote, read back with torch.load (tensors and plain data only). A missing or damaged file,
+    or one whose content fails `check`, gets one line, and the file stays as it is."""
+    if not os.path.isfile(path):
+        raise UserError(f"cannot resume: '{path}' is gone; start again with --overwrite")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        assert check(data)
+        return data
+    except Exception as e:
+        raise UserError(f"cannot resume: '{path}' is damaged ({type(e).__name__}); restore it, or start again with "
+                        f"--overwrite (which deletes the run)") from None
+
+
+def open_run_folder(out, resume, overwrite):
+    """A run folder before anything is loaded or written: an earlier run in it is refused unless --overwrite, and
+    --resume needs an unfinished one. -> its checkpoint (dict) on --resume, else None."""
+    ckpt_path, finished = os.path.join(out, "checkpoint.pt"), os.path.isfile(os.path.join(out, "results.json"))
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one")
+    if resume:
+        if not os.path.isfile(ckpt_path):
+            raise UserError(f"nothing to resume: no checkpoint.pt in '{out}'; drop --resume to start a new run")
+        if finished:
+            raise UserError(f"nothing to resume: '{out}' holds a finished run (results.json); choose another --out")
+        return load_file(ckpt_path, lambda c: isinstance(c["config"], dict) and {"task", "step", "stages"} <= set(c))
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        what = ("a finished run" if finished else
+                "an unfinished run (pass --resume to continue it)" if os.path.isfile(ckpt_path) else "files")
+        raise UserError(f"run folder '{out}' already holds {what}; choose another --out or pass --overwrite")
+    return None
 
 
 def write_text(path, text):

@@ -136,7 +136,7 @@ def evaluate(pipe, rewards, prompts, seeds, ddim_steps=50, guidance_scale=7.5, e
     generators = [torch.Generator().manual_seed(seeds[k]) for k in mine]  # latents first, then eta's noise
     latents = torch.cat([initial_latents(pipe, 1, g, height, width) for g in generators])  # (n, 4, h, w)
     images = generate(pipe, prompts_mine, latents, ddim_steps, guidance_scale, eta, batch_size, generators, progress)
-    device = pipe.unet.device
+    device = pipe.denoiser.device
     scores = {name: torch.cat([reward(images[b:b + batch_size].to(device), prompts_mine[b:b + batch_size]).float().cpu()
                                for b in range(0, len(mine), batch_size)]) for name, reward in rewards.items()}
     if world > 1:  # rewards were scored on the float images; the gathered images are 8-bit, as the structure uses
@@ -367,14 +367,14 @@ def main():
     loaded, stage_images = {}, []  # adapter folder -> adapter name; (N, 3, H, W) per stage
     for folder in dict.fromkeys(sum(adapters, [])):  # each folder once, under its own name, before any sampling
         loaded[folder] = f"eval{len(loaded)}"
-        load_lora(pipe.unet, os.path.join(args.run, folder), loaded[folder])
+        load_lora(pipe, os.path.join(args.run, folder), loaded[folder])
     weights = old["adapter_weights"]  # soup: c per adapter; 1 for the others
     for k, stage in enumerate(adapters):
         if stage:
-            pipe.unet.enable_adapters()
-            set_adapters(pipe.unet, [loaded[f] for f in stage], weights=weights[k])
+            pipe.denoiser.enable_adapters()
+            set_adapters(pipe.denoiser, [loaded[f] for f in stage], weights=weights[k])
         elif loaded:
-            pipe.unet.disable_adapters()  # the base model
+            pipe.denoiser.disable_adapters()  # the base model
         out = evaluate(pipe, scorers, prompts, seeds, **settings, base_images=stage_images[0] if k else None)
         stage_images.append(out["images"])
         new["matrix"].append([out["rewards"][n]["mean"] for n in names])

@@ -17,7 +17,7 @@ is our reconstruction (docs/method.md). r_t is the task's reward, s_t its spread
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from sample import cat_context, encode_prompts, encode_uncond, lora_params, predict_x0_eps, sample, unet_out
+from sample import cat_context, denoise, encode_prompts, encode_uncond, lora_params, predict_x0_eps, sample
 
 
 def matched_steps(generator, ddim_steps, grad_steps, match_steps):
@@ -52,28 +52,32 @@ def teacher_loss(pipe, captured, context, teacher, checkpointing=True):
     """RID's momentum distillation: the mean over matched steps of || eps_S(x_t, t, c) - sg(eps_T(x_t, t, c)) ||^2,
     over both guidance branches' outputs.
     The error is measured on eps whatever the model predicts (our choice): both raw outputs are converted first, so a
-    v-prediction model (SD 2.x) is matched on sqrt(abar_t) (v_S - v_T), not on v itself.
+    v-prediction model (SD 2.x) is matched on sqrt(abar_t) (v_S - v_T), not on v itself. SD 3 is matched on the
+    velocity it predicts, its own output (docs/method.md says why).
     x_t is data here, as the teacher sees it: the student's output is reused where x_t carries no graph (the first
     grad-window step), and recomputed on the detached x_t elsewhere (earlier steps, whose x_t the no-grad pass saved,
     and later window steps, whose x_t would otherwise pass the matching gradient back into the steps before them).
     captured: {i: (t, x_t, out)} from sample(capture=...); context: the (2B or B rows) context the sampler used.
     teacher:  {parameter name: tensor} that replace the current adapter's weights (its EMA) for the teacher,
       through torch.func.functional_call: no adapter switch, so checkpointed recomputes stay correct."""
-    from torch.func import functional_call
-    losses, abar, kind = [], pipe.scheduler.alphas_cumprod, pipe.scheduler.config.prediction_type
+    losses = []
     guided = context["encoder_hidden_states"].shape[0] == 2 * next(iter(captured.values()))[1].shape[0]
     for t, x, out in captured.values():
         x_in = torch.cat([x, x]).detach() if guided else x.detach()  # (2B or B, C, h, w)
         if x.requires_grad or not out.requires_grad:  # one more student forward, with grad, at the detached x_t
-            out = (checkpoint(unet_out, pipe.unet, x_in, t, context, use_reentrant=False) if checkpointing
-                   else unet_out(pipe.unet, x_in, t, context))
-        with torch.no_grad():  # the teacher costs one no-grad UNet forward per matched step, nothing more
-            target = functional_call(pipe.unet, teacher, (x_in.to(context["encoder_hidden_states"].dtype), t),
-                                     {**context, "return_dict": False})[0].float()
-        eps_student = predict_x0_eps(out, x_in, abar[t], kind)[1]
-        eps_teacher = predict_x0_eps(target, x_in, abar[t], kind)[1]
-        losses.append((eps_student - eps_teacher).pow(2).mean())
+            out = (checkpoint(denoise, pipe.denoiser, x_in, t, context, use_reentrant=False) if checkpointing
+                   else denoise(pipe.denoiser, x_in, t, context))
+        with torch.no_grad():  # the teacher costs one no-grad forward per matched step, nothing more
+            target = denoise(pipe.denoiser, x_in, t, context, weights=teacher)
+        losses.append((matched_space(pipe, out, x_in, t) - matched_space(pipe, target, x_in, t)).pow(2).mean())
     return torch.stack(losses).mean()
+
+
+def matched_space(pipe, out, x_t, t):
+    """The space RID matches in: eps for the DDIM families (whatever they predict), the velocity for SD 3."""
+    if pipe.flow:
+        return out
+    return predict_x0_eps(out, x_t, pipe.scheduler.alphas_cumprod[t], pipe.scheduler.config.prediction_type)[1]
 
 
 def unet_calls_per_step(ddim_steps, grad_steps, match_steps, rid, checkpointing):

@@ -1,16 +1,18 @@
 """
-sample.py: the sampler core of rid. Loads a Stable-Diffusion-format model (SD 1.x, 2.x or SDXL, read from the
-folder's model_index.json), encodes prompts, draws the initial noise, runs the one DDIM sampler that training,
-evaluation and this CLI all use, decodes to images in [0, 1], and handles the LoRA adapters (add, freeze, activate,
-save in diffusers' format, load back). The losses of a training step live in losses.py.
+sample.py: the sampler core of rid. Loads a model in diffusers' format (SD 1.x, 2.x, SDXL or SD 3.5, the family
+read from the folder's model_index.json), encodes prompts, draws the initial noise, runs the one sampler that
+training, evaluation and this CLI all use (DDIM for the UNet families, the flow-matching Euler sampler for SD 3.5),
+decodes to images in [0, 1], and handles the LoRA adapters (add, freeze, activate, save in diffusers' format, load
+back). The losses of a training step live in losses.py.
 
 The sampler is differentiable: the last `grad_steps` (K) denoising steps keep their autograd graph (DRaFT-K /
-AlignProp), each UNet call there under activation checkpointing, and the VAE decode keeps its graph too, so a
+AlignProp), each denoiser call there under activation checkpointing, and the VAE decode keeps its graph too, so a
 reward on the images can be backpropagated into LoRA weights.
 
 Run it (offline, on the shipped toy model, a few seconds on a laptop CPU):
     python sample.py --model toy --prompt "a green triangle on a yellow background" --out out/green
-Stable Diffusion 1.5 (or SDXL with --model stabilityai/stable-diffusion-xl-base-1.0) on a GPU, with an adapter:
+Stable Diffusion 1.5 (or --model stabilityai/stable-diffusion-xl-base-1.0, stabilityai/stable-diffusion-3.5-medium)
+on a GPU, with an adapter:
     python sample.py --prompt "a photo of a cat" --prompt "a red bicycle" --out out/cats \
         --lora runs/rid/adapters/task1_aesthetic
 Import it:
@@ -29,29 +31,41 @@ from common import (UserError, atomic_dir, check_seed, hub_unreachable, image_gr
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_model")
-# LoRA on the attention projections of the UNet, as diffusers' own LoRA training examples do.
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# LoRA on the attention projections, as diffusers' own LoRA training examples do (SD 3.5: the image and the text
+# stream's projections of each joint attention block, as train_dreambooth_lora_sd3.py targets them).
+LORA_TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0"],
+                "transformer": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                                "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]}
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' save/load_lora_weights use
-SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-XL_PARTS = SD_PARTS + ("text_encoder_2", "tokenizer_2")
+PARTS = {"sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),  # what a folder of each family holds
+         "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+         "sd3": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")}
+DEFAULTS = {"sd": (50, 7.5), "sdxl": (50, 7.5), "sd3": (28, 7.0)}  # sampling steps and guidance (SD3: its pipeline's)
 
 # -----------------------------------------------------------------------------
-# Loading: a Stable-Diffusion-format folder or hub id -> frozen UNet, VAE, text encoder(s), tokenizer(s)
+# Loading: a folder or hub id in diffusers' format -> frozen denoiser, VAE, text encoder(s), tokenizer(s)
 
 @dataclass
 class Pipe:
-    unet: torch.nn.Module
+    family: str  # "sd" (1.x, 2.x), "sdxl" or "sd3" (SD 3 and 3.5: flow matching)
+    denoiser: torch.nn.Module  # the UNet2DConditionModel, or SD 3's SD3Transformer2DModel (MMDiT)
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
-    scheduler: object  # a DDIMScheduler: we take its time grid and alphas_cumprod, never its step()
-    text_encoder_2: torch.nn.Module = None  # SDXL only: CLIPTextModelWithProjection, gives the pooled embedding
+    scheduler: object  # DDIMScheduler or FlowMatchEulerDiscreteScheduler: we take its time grid, never its step()
+    text_encoder_2: torch.nn.Module = None  # SDXL, SD 3: CLIPTextModelWithProjection, gives the pooled embedding
     tokenizer_2: object = None
+    text_encoder_3: torch.nn.Module = None  # SD 3: T5 (optional: None gives zeros in its place, as diffusers does)
+    tokenizer_3: object = None
     zero_uncond: bool = False  # SDXL's force_zeros_for_empty_prompt: the unconditional branch is all zeros
 
     @property
     def xl(self):
-        return self.text_encoder_2 is not None
+        return self.family == "sdxl"
+
+    @property
+    def flow(self):  # sampled with the flow-matching Euler sampler instead of DDIM
+        return self.family == "sd3"
 
     @property
     def vae_scale(self):  # 8 for SD: each latent pixel covers vae_scale x vae_scale image pixels
@@ -59,7 +73,7 @@ class Pipe:
 
     @property
     def size(self):  # default (height, width) in pixels, as diffusers derives it (sample_size: an int or [h, w])
-        s = self.unet.config.sample_size
+        s = self.denoiser.config.sample_size
         h, w = (s, s) if isinstance(s, int) else s
         return h * self.vae_scale, w * self.vae_scale
 
@@ -69,85 +83,121 @@ def resolve_model(model):
     return TOY_MODEL if model == "toy" else model
 
 
+def model_family(model):
+    """"sd", "sdxl" or "sd3", from model_index.json (a local file, or a few hundred bytes from the hub)."""
+    from diffusers import DiffusionPipeline
+    from safetensors import SafetensorError
+    path = resolve_model(model)
+    if not os.path.isdir(path):
+        hub_unreachable()  # no network: the loaders read the cache or fail at once, instead of retrying
+    try:
+        index = DiffusionPipeline.load_config(path)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise UserError(model_load_error(model, e, os.path.isdir(path))) from None
+    return "sd3" if "transformer" in index else "sdxl" if "text_encoder_2" in index else "sd"
+
+
 def check_model(model):
-    """Cheap checks before loading anything: a local path must be an SD or SDXL folder."""
+    """Cheap checks before loading anything: a local path must be a folder of one of the families."""
     path = resolve_model(model)
     looks_local = os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1
     if not looks_local:
         return  # a hub id "owner/name": only from_pretrained can tell whether it is reachable
     if not os.path.isdir(path):
         raise UserError(f"model folder '{model}' does not exist; pass a Stable Diffusion folder or a hub id")
-    parts = XL_PARTS if os.path.isdir(os.path.join(path, "text_encoder_2")) else SD_PARTS
-    missing = [p for p in ("model_index.json", *parts) if not os.path.exists(os.path.join(path, p))]
+    family = "sd3" if os.path.isdir(os.path.join(path, "transformer")) else (
+        "sdxl" if os.path.isdir(os.path.join(path, "text_encoder_2")) else "sd")
+    missing = [p for p in ("model_index.json", *PARTS[family]) if not os.path.exists(os.path.join(path, p))]
     if missing:
         raise UserError(f"'{model}' is not a Stable Diffusion folder (missing {', '.join(missing)}); "
-                        f"pass a folder saved by StableDiffusionPipeline.save_pretrained or a hub id")
+                        f"pass a folder saved by a diffusers pipeline's save_pretrained, or a hub id")
 
 
 def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
-    """Load the parts of an SD or SDXL pipeline with the real from_pretrained code; all weights frozen, in `dtype`.
-    The family comes from model_index.json: SDXL's lists a second text encoder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+    """Load the parts of a pipeline with the real from_pretrained code; all weights frozen, in `dtype`."""
+    import diffusers
+    import transformers
     from safetensors import SafetensorError
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     check_model(model)
-    path = resolve_model(model)
-    local = os.path.isdir(path)
-    if not local:
-        hub_unreachable()  # no network: the loaders read the cache or fail at once, instead of retrying
+    family, path = model_family(model), resolve_model(model)
+    part = lambda lib, cls, name, **kw: getattr(lib, cls).from_pretrained(path, subfolder=name, **kw)
+    clip = "CLIPTextModelWithProjection"  # SDXL's second and both of SD 3's CLIP encoders: with the projection
     try:
-        index = DiffusionPipeline.load_config(path)  # model_index.json (a few hundred bytes from the hub)
-        xl = "text_encoder_2" in index
-        part = lambda cls, name, **kw: cls.from_pretrained(path, subfolder=name, **kw)
+        index = diffusers.DiffusionPipeline.load_config(path)
+        t5 = family == "sd3" and (index.get("text_encoder_3") or [None])[0] is not None  # [null, null]: saved without
         pipe = Pipe(
-            unet=part(UNet2DConditionModel, "unet", torch_dtype=dtype),
-            vae=part(AutoencoderKL, "vae", torch_dtype=dtype),
-            text_encoder=part(CLIPTextModel, "text_encoder", dtype=dtype),
-            tokenizer=part(CLIPTokenizer, "tokenizer"),
+            family=family,
+            denoiser=part(diffusers, "SD3Transformer2DModel" if family == "sd3" else "UNet2DConditionModel",
+                          "transformer" if family == "sd3" else "unet", torch_dtype=dtype),
+            vae=part(diffusers, "AutoencoderKL", "vae", torch_dtype=dtype),
+            text_encoder=part(transformers, clip if family == "sd3" else "CLIPTextModel", "text_encoder", dtype=dtype),
+            tokenizer=part(transformers, "CLIPTokenizer", "tokenizer"),
             # SD 1.5 ships a PNDM config and SDXL an Euler one; DDIM reads the same betas, offsets and spacing.
-            scheduler=part(DDIMScheduler, "scheduler"),
-            text_encoder_2=part(CLIPTextModelWithProjection, "text_encoder_2", dtype=dtype) if xl else None,
-            tokenizer_2=part(CLIPTokenizer, "tokenizer_2") if xl else None,
-            zero_uncond=xl and index.get("force_zeros_for_empty_prompt", True))
+            scheduler=part(diffusers, "FlowMatchEulerDiscreteScheduler" if family == "sd3" else "DDIMScheduler",
+                           "scheduler"),
+            text_encoder_2=part(transformers, clip, "text_encoder_2", dtype=dtype) if family != "sd" else None,
+            tokenizer_2=part(transformers, "CLIPTokenizer", "tokenizer_2") if family != "sd" else None,
+            text_encoder_3=part(transformers, "T5EncoderModel", "text_encoder_3", dtype=dtype) if t5 else None,
+            tokenizer_3=part(transformers, "T5TokenizerFast", "tokenizer_3") if t5 else None,
+            zero_uncond=family == "sdxl" and index.get("force_zeros_for_empty_prompt", True))
     except (OSError, ValueError, SafetensorError) as e:  # a damaged weight file raises the last
-        raise UserError(model_load_error(model, e, local)) from None
+        raise UserError(model_load_error(model, e, os.path.isdir(path))) from None
     config = pipe.scheduler.config
-    if config.thresholding:
+    if not pipe.flow and config.thresholding:
         raise UserError(f"model '{model}': dynamic thresholding in the scheduler config is not supported")
-    if config.prediction_type not in ("epsilon", "v_prediction", "sample"):
+    if not pipe.flow and config.prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise UserError(f"model '{model}': unknown prediction_type '{config.prediction_type}' in its scheduler config")
-    if config.get("rescale_betas_zero_snr") and config.prediction_type == "epsilon":  # x_0 = (x_T - eps) / 0
+    if not pipe.flow and config.get("rescale_betas_zero_snr") and config.prediction_type == "epsilon":
         raise UserError(f"model '{model}': zero terminal SNR (rescale_betas_zero_snr) needs v_prediction or sample "
-                        f"prediction; an epsilon model cannot predict x_0 at the first step")
+                        f"prediction; an epsilon model cannot predict x_0 at the first step")  # x_0 = (x_T - eps) / 0
     if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; its config asks for fp32, as diffusers does
-    for net in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+    for net in (pipe.denoiser, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if net is not None:
             net.requires_grad_(False).eval().to(device)
     return pipe
 
 
+def check_eta(pipe, eta):
+    """DDIM's noise is defined for the DDIM families only: the flow sampler is deterministic (one line otherwise)."""
+    if pipe.flow and eta > 0:
+        raise UserError(f"--eta {eta}: SD 3's flow-matching Euler sampler is deterministic; drop --eta (or pass 0)")
+
+
 # -----------------------------------------------------------------------------
-# Prompts and noise. A "context" is the UNet's conditioning as its keyword arguments, B rows:
+# Prompts and noise. A "context" is the denoiser's conditioning as its keyword arguments, B rows:
 #   SD 1.x/2.x: {"encoder_hidden_states": (B, 77, D)}
 #   SDXL:       the same with D = 768 + 1280, plus {"added_cond_kwargs": {"text_embeds": (B, 1280), "time_ids": (B, 6)}}
+#   SD 3:       {"encoder_hidden_states": (B, 77 + 256, 4096), "pooled_projections": (B, 768 + 1280)}
 
-def tokenize(tokenizer, prompts):
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+def tokenize(tokenizer, prompts, max_length=None):
+    return tokenizer(prompts, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
 
 
 def encode_prompts(pipe, prompts, size=None):
     """The context of `prompts`, as diffusers' pipelines encode them. SD: the CLIP text embeddings, padded to 77
     tokens. SDXL: the penultimate hidden states of both text encoders side by side, the second one's pooled
-    projection, and the time ids (original size, crop top-left, target size) of images of `size` (H, W)."""
-    if not pipe.xl:
+    projection, and the time ids (original size, crop top-left, target size) of images of `size` (H, W).
+    SD 3: both CLIPs' penultimate hidden states side by side, zero-padded to T5's width, then T5's 256 tokens (zeros
+    without T5) after them; the two pooled projections side by side."""
+    if pipe.family == "sd":
         ids = tokenize(pipe.tokenizer, prompts)
         return {"encoder_hidden_states": pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]}  # frozen: no graph
-    hidden = []
+    hidden, pooled = [], []
     for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-        out = encoder(tokenize(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
+        length = pipe.tokenizer.model_max_length if pipe.flow else None  # SD 3: both at the first one's length
+        out = encoder(tokenize(tokenizer, prompts, length).to(encoder.device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
+        pooled.append(out[0])
+    if pipe.flow:
+        if pipe.text_encoder_3 is not None:
+            t5 = pipe.text_encoder_3(tokenize(pipe.tokenizer_3, prompts, 256).to(pipe.text_encoder_3.device))[0]
+        else:
+            t5 = hidden[0].new_zeros(len(prompts), 256, pipe.denoiser.config.joint_attention_dim)
+        clip = torch.cat(hidden, -1)  # (B, 77, 768 + 1280)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"encoder_hidden_states": torch.cat([clip, t5], -2), "pooled_projections": torch.cat(pooled, -1)}
     h, w = size or pipe.size
     time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=out[0].dtype, device=out[0].device).repeat(len(prompts), 1)
     return {"encoder_hidden_states": torch.cat(hidden, -1),
@@ -155,8 +205,8 @@ def encode_prompts(pipe, prompts, size=None):
 
 
 def encode_uncond(pipe, n, size=None):
-    """The unconditional branch of classifier-free guidance for n images: the context of "" (SD), or zeros where
-    SDXL's config asks for them (force_zeros_for_empty_prompt), as diffusers does with no negative prompt."""
+    """The unconditional branch of classifier-free guidance for n images: the context of "" (SD, SD 3), or zeros
+    where SDXL's config asks for them (force_zeros_for_empty_prompt), as diffusers does with no negative prompt."""
     context = encode_prompts(pipe, [""] * n, size)
     if pipe.zero_uncond:
         context["encoder_hidden_states"] = torch.zeros_like(context["encoder_hidden_states"])
@@ -165,7 +215,7 @@ def encode_uncond(pipe, n, size=None):
 
 
 def cat_context(*contexts):
-    """Contexts stacked along the batch: cat_context(uncond, cond) feeds both guidance branches in one UNet call."""
+    """Contexts stacked along the batch: cat_context(uncond, cond) feeds both guidance branches in one call."""
     if isinstance(contexts[0], dict):
         return {k: cat_context(*[c[k] for c in contexts]) for k in contexts[0]}
     return torch.cat(contexts)
@@ -184,8 +234,8 @@ def initial_latents(pipe, n, generator, height=None, width=None):
     diffusers' pipeline given that generator, so images can be compared one for one. Drawn on the CPU always,
     so a seed gives the same images on every device."""
     height, width = height or pipe.size[0], width or pipe.size[1]
-    shape = (n, pipe.unet.config.in_channels, height // pipe.vae_scale, width // pipe.vae_scale)
-    return torch.randn(shape, generator=generator) * pipe.scheduler.init_noise_sigma
+    shape = (n, pipe.denoiser.config.in_channels, height // pipe.vae_scale, width // pipe.vae_scale)
+    return torch.randn(shape, generator=generator) * getattr(pipe.scheduler, "init_noise_sigma", 1.0)
 
 
 def randn_like(x, generator):
@@ -231,67 +281,94 @@ def ddim_step(x0_pred, eps, alpha_t, alpha_prev, eta=0.0, noise=None):
     return x_prev
 
 
-def unet_out(unet, x, t, context):
-    """One UNet call in the compute dtype (that of the text embeddings: diffusers' `unet.dtype` walks every
-    submodule, ~2 ms a call); the raw output (eps, v or x_0) comes back in fp32 for the DDIM arithmetic."""
-    dtype = context["encoder_hidden_states"].dtype
-    return unet(x.to(dtype), t, **context, return_dict=False)[0].float()
+def flow_schedule(pipe, steps, latents):
+    """SD 3's grid: sigma_1 = 1 > ... > sigma_S, then 0, and the timesteps 1000 sigma the transformer sees, from the
+    model's FlowMatchEulerDiscreteScheduler config (its shift; with use_dynamic_shifting, mu from the image's
+    token count, as StableDiffusion3Pipeline computes it). x_sigma = (1 - sigma) x_0 + sigma noise: the model
+    predicts the velocity v = noise - x_0 (rectified flow; Esser et al. 2024)."""
+    config, mu, patch = pipe.scheduler.config, None, pipe.denoiser.config.patch_size
+    if config.get("use_dynamic_shifting"):
+        tokens = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
+        slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+        mu = config.base_shift + slope * (tokens - config.base_image_seq_len)
+    pipe.scheduler.set_timesteps(steps, mu=mu)
+    return pipe.scheduler.timesteps, pipe.scheduler.sigmas  # (S,), (S + 1,)
+
+
+def denoise(net, x, t, context, weights=None):
+    """One call of the denoiser (UNet or MMDiT) in the compute dtype (that of the text embeddings: diffusers'
+    `unet.dtype` walks every submodule, ~2 ms a call); the raw output (eps, v or x_0; SD 3: the velocity) comes back
+    in fp32 for the sampler's arithmetic. weights: {name: tensor} to call it with instead of its own parameters
+    (RID's teacher, through torch.func.functional_call)."""
+    kwargs = {"timestep": t.expand(len(x)), **context, "return_dict": False}
+    x = x.to(context["encoder_hidden_states"].dtype)
+    if weights is None:
+        return net(x, **kwargs)[0].float()
+    from torch.func import functional_call
+    return functional_call(net, weights, (x,), kwargs)[0].float()
 
 
 def decode(pipe, latents, checkpointing=False):
-    """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], differentiable unless the caller disables grad.
+    """Latents (B, C, h, w) -> images (B, 3, 8h, 8w) in [0, 1], differentiable unless the caller disables grad.
     checkpointing: recompute each decoder block in backward (diffusers' own per-block checkpointing); with K = 1
     the decoder's backward is the memory peak (docs/speed_and_memory.md)."""
-    vae = pipe.vae
+    vae, config = pipe.vae, pipe.vae.config
     if checkpointing:
         vae.enable_gradient_checkpointing()
     else:
         vae.disable_gradient_checkpointing()
-    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
-    if mean is not None and std is not None:  # some SDXL-family VAEs standardise each latent channel
-        view = lambda v: torch.tensor(v, device=latents.device).view(1, -1, 1, 1)
-        latents = latents * view(std) / vae.config.scaling_factor + view(mean)  # as StableDiffusionXLPipeline
+    if config.get("latents_mean") is not None and config.get("latents_std") is not None:  # some SDXL-family VAEs
+        view = lambda v: torch.tensor(v, device=latents.device).view(1, -1, 1, 1)  # standardise each channel
+        latents = latents * view(config.latents_std) / config.scaling_factor + view(config.latents_mean)
     else:
-        latents = latents / vae.config.scaling_factor
+        latents = latents / config.scaling_factor + (config.get("shift_factor") or 0.0)  # SD 3's VAE is shifted
     x = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return (x.float() / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1], as diffusers' image processor does
 
 
 def sample(pipe, cond, uncond, latents, ddim_steps=50, guidance_scale=7.5, eta=0.0, grad_steps=0,
            checkpointing=True, checkpoint_decode=False, generator=None, capture=(), progress=False):
-    """Guided DDIM from x_T = latents (B, C, h, w) to images (B, 3, H, W) in [0, 1].
+    """Guided sampling from x_T = latents (B, C, h, w) to images (B, 3, H, W) in [0, 1]: DDIM, or for SD 3 the
+    Euler steps of the flow ODE, with the same grad window.
 
     cond, uncond: contexts (encode_prompts, encode_uncond) of the prompts and of the unconditional branch.
+    ddim_steps:   S, the number of denoising steps (DDIM or Euler).
     grad_steps:   K; only the last K steps (and the decode) build an autograd graph. 0: no graph at all.
-    checkpointing: recompute each grad-window UNet call in backward instead of storing its activations.
+    checkpointing: recompute each grad-window denoiser call in backward instead of storing its activations.
     generator:    the noise source for eta > 0: one generator, or one per image (see randn_like).
-    capture:      step indices i at which to return (t, x_t, UNet output); used by RID's teacher matching.
-    Returns (images, captured) with captured = {i: (t, x_t, raw UNet output (2B or B, C, h, w))}; inside the grad
+    capture:      step indices i at which to return (t, x_t, raw output); used by RID's teacher matching.
+    Returns (images, captured) with captured = {i: (t, x_t, raw output (2B or B, C, h, w))}; inside the grad
     window both keep their graph.
     """
     assert 0 <= grad_steps <= ddim_steps, f"grad_steps {grad_steps} must be in [0, ddim_steps={ddim_steps}]"
-    ts, alphas, alphas_prev = ddim_schedule(pipe.scheduler, ddim_steps)
+    if pipe.flow:
+        ts, sigmas = flow_schedule(pipe, ddim_steps, latents)
+    else:
+        ts, alphas, alphas_prev = ddim_schedule(pipe.scheduler, ddim_steps)
+        config = pipe.scheduler.config
+        clip = config.clip_sample_range if config.clip_sample else None  # SD's configs: False
     guided = guidance_scale > 1.0  # as diffusers: guidance 1 means no unconditional branch at all
-    context = cat_context(uncond, cond) if guided else cond  # 2B rows: one batched UNet call per step
-    config = pipe.scheduler.config
-    clip = config.clip_sample_range if config.clip_sample else None  # SD's configs: False
+    context = cat_context(uncond, cond) if guided else cond  # 2B rows: one batched call per step
     x, captured = latents.float(), {}
-    for i, t in enumerate(tqdm(ts, desc="ddim", leave=False, disable=not progress)):
+    for i, t in enumerate(tqdm(ts, desc="sampling steps", leave=False, disable=not progress)):
         # The grad window: steps before the last K run with no graph, so memory does not grow with the
         # number of steps; inside it every step keeps its graph for the reward gradient (DRaFT-K).
         with torch.set_grad_enabled(i >= ddim_steps - grad_steps):
             x_in = torch.cat([x, x]) if guided else x
             if checkpointing and torch.is_grad_enabled():
-                # Store only the UNet's inputs, re-run it during backward: memory per window step drops from
-                # the UNet's activations (GBs for SD at 512 px) to one latent. use_reentrant=False is needed
+                # Store only the denoiser's inputs, re-run it during backward: memory per window step drops from
+                # its activations (GBs for SD at 512 px) to one latent. use_reentrant=False is needed
                 # because x_in of the first window step does not require grad.
-                out = checkpoint(unet_out, pipe.unet, x_in, t, context, use_reentrant=False)
+                out = checkpoint(denoise, pipe.denoiser, x_in, t, context, use_reentrant=False)
             else:
-                out = unet_out(pipe.unet, x_in, t, context)
+                out = denoise(pipe.denoiser, x_in, t, context)
             if i in capture:
                 captured[i] = (t, x, out)  # x keeps its graph inside the window (teacher_loss detaches it)
             out_uncond, out_cond = out.chunk(2) if guided else (out, out)
             out = out_uncond + guidance_scale * (out_cond - out_uncond)  # classifier-free guidance, on the raw output
+            if pipe.flow:  # Euler step of dx/dsigma = v, from sigma_i down to sigma_{i+1}
+                x = x + (sigmas[i + 1] - sigmas[i]) * out
+                continue
             x0_pred, eps = predict_x0_eps(out, x, alphas[i], config.prediction_type)
             if clip:
                 x0_pred = x0_pred.clamp(-clip, clip)
@@ -307,7 +384,7 @@ def generate(pipe, prompts, latents, ddim_steps=50, guidance_scale=7.5, eta=0.0,
     """No-grad images (N, 3, H, W) in [0, 1] for N prompts and N initial latents, in batches.
     generator: per-step noise for eta > 0, one generator (the one that drew the latents, to match diffusers) or a
     list of N (one per image: then the images do not depend on batch_size)."""
-    device, images = pipe.unet.device, []
+    device, images = pipe.denoiser.device, []
     size = tuple(s * pipe.vae_scale for s in latents.shape[-2:])
     for b in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress):
         p = prompts[b:b + batch_size]
@@ -321,40 +398,46 @@ def generate(pipe, prompts, latents, ddim_steps=50, guidance_scale=7.5, eta=0.0,
 # -----------------------------------------------------------------------------
 # LoRA adapters: one per task, on top of diffusers' peft integration
 
-def add_lora(unet, name, rank=4, alpha=4.0):
-    """Add a new LoRA adapter called `name` (B = 0, so the model is unchanged) and return its config."""
+def add_lora(net, name, rank=4, alpha=4.0):
+    """Add a new LoRA adapter called `name` to the denoiser (B = 0, so the model is unchanged); -> its config."""
     from peft import LoraConfig
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
-    unet.add_adapter(config, adapter_name=name)
-    for p in lora_params(unet, name).values():
-        p.data = p.data.float()  # trainable weights in fp32 even when the UNet runs in bf16 (peft casts inputs)
+    targets = LORA_TARGETS["transformer" if hasattr(net.config, "joint_attention_dim") else "unet"]
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+    net.add_adapter(config, adapter_name=name)
+    for p in lora_params(net, name).values():
+        p.data = p.data.float()  # trainable weights in fp32 even when the network runs in bf16 (peft casts inputs)
     return config
 
 
-def lora_params(unet, name):
+def lora_params(net, name):
     """The parameters of one adapter, by their full module path (what torch.func.functional_call expects)."""
-    return {k: p for k, p in unet.named_parameters() if ".lora_" in k and k.split(".")[-2] == name}
+    return {k: p for k, p in net.named_parameters() if ".lora_" in k and k.split(".")[-2] == name}
 
 
-def set_adapters(unet, names, trainable=None, weights=None):
+def set_adapters(net, names, trainable=None, weights=None):
     """Make exactly `names` active (their LoRA deltas summed, W0 + w_1 A_1 + ... + w_t A_t; weights default 1) and
     only `trainable` trainable. diffusers' set_adapters marks every active adapter trainable again: re-freeze."""
-    unet.set_adapters(list(names), weights=list(weights) if weights is not None else None)
-    for k, p in unet.named_parameters():
+    net.set_adapters(list(names), weights=list(weights) if weights is not None else None)
+    for k, p in net.named_parameters():
         p.requires_grad_(".lora_" in k and k.split(".")[-2] == trainable)
 
 
-def save_lora(unet, name, config, out_dir, xl=False):
-    """Save one adapter in diffusers' LoRA format (loadable by pipe.load_lora_weights), atomically.
-    The config goes in as metadata: without it diffusers assumes lora_alpha = rank."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def save_lora(pipe, name, out_dir):
+    """Save one adapter of the denoiser in diffusers' LoRA format (what pipe.load_lora_weights reads), atomically.
+    Its config goes in as metadata: without it diffusers assumes lora_alpha = rank."""
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    state = get_peft_model_state_dict(unet, adapter_name=name)
+    state = get_peft_model_state_dict(pipe.denoiser, adapter_name=name)
     state = convert_state_dict_to_diffusers({k: v.detach().float().cpu().contiguous() for k, v in state.items()})
+    metadata = pipe.denoiser.peft_config[name].to_dict()
     with atomic_dir(out_dir) as tmp:
-        (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).save_lora_weights(
-            tmp, unet_lora_layers=state, unet_lora_adapter_metadata=config.to_dict())
+        if pipe.flow:
+            diffusers.StableDiffusion3Pipeline.save_lora_weights(
+                tmp, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata)
+        else:
+            (diffusers.StableDiffusionXLPipeline if pipe.xl else diffusers.StableDiffusionPipeline).save_lora_weights(
+                tmp, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
 
 
 def check_lora(path):
@@ -363,20 +446,21 @@ def check_lora(path):
                         f"pass a folder written by train_rid.py or save_lora_weights")
 
 
-def load_lora(unet, path, name):
-    """Load an adapter saved by save_lora (or any diffusers SD LoRA folder) under the name `name`, frozen. A file
-    that is damaged, or holds no LoRA for this UNet, gets one line (UserError)."""
+def load_lora(pipe, path, name):
+    """Load an adapter saved by save_lora (or any diffusers LoRA folder of this family) under the name `name`,
+    frozen. A file that is damaged, or holds no LoRA for this denoiser, gets one line (UserError)."""
     from safetensors import SafetensorError
     check_lora(path)
-    file = os.path.join(path, LORA_WEIGHTS)
+    file, net = os.path.join(path, LORA_WEIGHTS), pipe.denoiser
     try:
-        unet.load_lora_adapter(path, prefix="unet", adapter_name=name, weight_name=LORA_WEIGHTS)
+        net.load_lora_adapter(path, prefix="transformer" if pipe.flow else "unet", adapter_name=name,
+                              weight_name=LORA_WEIGHTS)
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"'{file}' cannot be loaded as a LoRA of this model ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]}); pass an adapter folder written for this model") from None
-    params = lora_params(unet, name)
-    if not params:  # diffusers only warns when no key matches the UNet
-        raise UserError(f"'{file}' holds no LoRA weights for this model's UNet; pass an adapter written for it")
+    params = lora_params(net, name)
+    if not params:  # diffusers only warns when no key matches the denoiser
+        raise UserError(f"'{file}' holds no LoRA weights for this model's denoiser; pass an adapter written for it")
     for p in params.values():
         p.data = p.data.float()
         p.requires_grad_(False)
@@ -386,18 +470,20 @@ def load_lora(unet, path, name):
 # CLI: prompts in, DIR/000.png ... and DIR/grid.png out
 
 def main():
-    parser = one_line_errors(argparse.ArgumentParser(description="Sample images with rid's DDIM sampler."))
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, SD/SDXL folder, or 'toy' (shipped model)")
+    parser = one_line_errors(argparse.ArgumentParser(description="Sample images with rid's sampler."))
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, SD/SDXL/SD 3 folder, or 'toy' (shipped model)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for more images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial latents of the whole batch, as "
                         "diffusers' generator takes it (0 to 2^64 - 1; torch's CPU generator reads its low 32 bits)")
-    parser.add_argument("--ddim_steps", type=int, default=50, help="number of DDIM denoising steps")
-    parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance; 1 = none")
+    parser.add_argument("--ddim_steps", type=int, default=None, help="sampling steps (DDIM; SD 3: Euler); none = the "
+                        "family's default (50; SD 3: 28)")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance; 1 = none; "
+                        "none = the family's default (7.5; SD 3: 7.0)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
     parser.add_argument("--lora", action="append", default=[], help="diffusers LoRA folder; repeat to stack adapters")
     parser.add_argument("--height", type=int, default=None, help="image height in pixels; none = the model's default")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels; none = the model's default")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per UNet batch (memory, not results)")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per denoiser batch (memory, not results)")
     parser.add_argument("--device", default=None, help="cuda or cpu; none = cuda when available")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="compute dtype; none = bfloat16 on cuda (float16 where unsupported), float32 on cpu")
@@ -407,9 +493,9 @@ def main():
     # Validate everything before loading a model.
     if not args.prompt:
         raise UserError("no prompt given; pass at least one --prompt \"...\"")
-    if args.ddim_steps < 1 or args.batch_size < 1:
+    if (args.ddim_steps is not None and args.ddim_steps < 1) or args.batch_size < 1:
         raise UserError("--ddim_steps and --batch_size must be at least 1")
-    if not 0 <= args.eta <= 1 or args.guidance_scale < 0:
+    if not 0 <= args.eta <= 1 or (args.guidance_scale or 0) < 0:
         raise UserError("--eta must be in [0, 1] and --guidance_scale at least 0")
     if any(v is not None and v < 1 for v in (args.height, args.width)):
         raise UserError("--height and --width must be positive numbers of pixels")
@@ -421,15 +507,17 @@ def main():
     check_model(args.model)
     device, dtype = pick_device_dtype(args.device, args.dtype)
     pipe = load_pipeline(args.model, device, dtype)
+    check_eta(pipe, args.eta)
+    steps, guidance = args.ddim_steps or DEFAULTS[pipe.family][0], args.guidance_scale
+    guidance = DEFAULTS[pipe.family][1] if guidance is None else guidance
     for k, path in enumerate(args.lora):
-        load_lora(pipe.unet, path, f"lora{k}")
+        load_lora(pipe, path, f"lora{k}")
     if args.lora:
-        set_adapters(pipe.unet, [f"lora{k}" for k in range(len(args.lora))])
+        set_adapters(pipe.denoiser, [f"lora{k}" for k in range(len(args.lora))])
     height, width = image_size(pipe, args.height, args.width)
     generator = torch.Generator().manual_seed(args.seed)  # latents first, then eta's noise: diffusers' order
     latents = initial_latents(pipe, len(args.prompt), generator, height, width)
-    images = generate(pipe, args.prompt, latents, args.ddim_steps, args.guidance_scale, args.eta,
-                      args.batch_size, generator)
+    images = generate(pipe, args.prompt, latents, steps, guidance, args.eta, args.batch_size, generator)
     with atomic_dir(args.out) as tmp:  # the whole folder appears at once, or not at all
         for k, image in enumerate(images):
             to_pil(image).save(os.path.join(tmp, f"{k:03d}.png"))

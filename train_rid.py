@@ -37,7 +37,6 @@ import argparse
 import importlib
 import json
 import os
-import re
 import resource
 import shutil
 import signal
@@ -50,13 +49,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from common import (Tracker, UserError, atomic_dir, atomic_file, check_seed, hub_unreachable, one_line_errors,
-                    pick_device_dtype, seed_for, to_pil, to_uint8, write_json)
+from common import (Tracker, UserError, atomic_dir, atomic_file, check_seed, hub_unreachable, load_file, one_line_errors,
+                    open_run_folder, pick_device_dtype, remove_partial_writes, seed_for, to_pil, to_uint8, write_json)
 from eval import clip_at_hand, draw_grid, eval_set, evaluate, is_toy, ril_metrics, side_by_side, write_report
 from losses import ema_update, l2_pull, matched_steps, step_losses, unet_calls_per_step
 from rewards import TOY as WEIGHT_FREE, check_reward_name, load_reward
-from sample import (DEFAULT_MODEL, add_lora, check_model, image_size, initial_latents, load_pipeline, lora_params, save_lora,
-                    set_adapters)
+from sample import (DEFAULT_MODEL, DEFAULTS, add_lora, check_model, image_size, initial_latents, load_pipeline, lora_params,
+                    model_family, save_lora, set_adapters)
 from toy import TOY_REWARDS, all_captions
 
 # -----------------------------------------------------------------------------
@@ -72,10 +71,12 @@ parser.add_argument("--reward_path", action="append", default=[], help="NAME=PAT
 parser.add_argument("--method", default="rid", choices=METHODS, help="see the docstring")
 parser.add_argument("--prompts", default=None, help="training prompts, one per line; none = built-in list")
 # sampling (DDIM, classifier-free guidance)
-parser.add_argument("--ddim_steps", type=int, default=None, help="DDIM steps S per sampled image (default 50; 20 with --model toy)")
+parser.add_argument("--ddim_steps", type=int, default=None, help="sampling steps S per image, DDIM (SD 3: Euler); default "
+                    "50 (SD 3: 28, its pipeline's; 20 with --model toy)")
 parser.add_argument("--grad_steps", type=int, default=1, help="K: last steps that keep the graph (DRaFT-K)")
 parser.add_argument("--random_grad_steps", action="store_true", help="draw K in [1, grad_steps] per step (AlignProp)")
-parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance; 1 = none")
+parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance; 1 = none (default 7.5; "
+                    "SD 3: 7.0, its pipeline's)")
 parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
 parser.add_argument("--height", type=int, default=None, help="image height in px; none = the model's default")
 parser.add_argument("--width", type=int, default=None, help="image width in px; none = the model's default")
@@ -120,9 +121,13 @@ parser.add_argument("--baseline", default=None, choices=["none"] + METHODS, help
 parser.add_argument("--log", default="none", choices=["none", "tensorboard", "wandb"],
                     help="also log to an experiment tracker (log.jsonl is always written)")
 args = parser.parse_args()
-# Defaults that depend on the model: SD 1.5's by default; with --model toy, a run that ends in minutes on a CPU.
+# Defaults that depend on the model: SD 1.5's by default, the steps and guidance of the family's own pipeline (read
+# from the model's model_index.json); with --model toy, a run that ends in minutes on a CPU.
+check_model(args.model)
+family = model_family(args.model)
 for flag, sd, toy in (("rewards", "aesthetic,hps", TOY_REWARDS), ("iters", 100, 20), ("batch_size", 4, 8),
-                      ("ddim_steps", 50, 20), ("eval_batch_size", 8, 64), ("baseline", "none", "naive")):
+                      ("ddim_steps", DEFAULTS[family][0], 20), ("guidance_scale", DEFAULTS[family][1], 7.5),
+                      ("eval_batch_size", 8, 64), ("baseline", "none", "naive")):
     if getattr(args, flag) is None:
         setattr(args, flag, toy if is_toy(args.model) else sd)
 MAX_NONFINITE = 5  # stop after this many non-finite steps in a row (a NaN loss, an inf gradient)
@@ -163,6 +168,8 @@ if not 0 <= args.match_steps <= args.ddim_steps - args.grad_steps:
     raise UserError(f"--match_steps must be between 0 and ddim_steps - grad_steps ({args.ddim_steps - args.grad_steps})")
 if args.guidance_scale < 0 or not 0 <= args.eta <= 1:
     raise UserError("--guidance_scale must be at least 0 and --eta in [0, 1]")
+if family == "sd3" and args.eta > 0:
+    raise UserError(f"--eta {args.eta}: SD 3's flow-matching Euler sampler is deterministic; drop --eta (or pass 0)")
 if not 0 <= args.ema_momentum <= 1 or args.rid_lambda < 0 or args.lr <= 0:
     raise UserError("--ema_momentum must be in [0, 1], --rid_lambda at least 0, --lr positive")
 if args.l2_weight < 0 or args.soup_weight <= 0:
@@ -189,45 +196,20 @@ else:  # our own simple subjects, in the spirit of DDPO's animal prompts, and ev
         "a lighthouse on a rocky coast", "a street market at dusk", "a snowy mountain cabin", "a vase of tulips",
         "a sailboat on a calm lake", "a city skyline at night", "a cottage garden in spring",
         "a bookshelf in a cosy library", "a plate of pasta", "an old train station", "a forest path in autumn"]
-check_model(args.model)
 
 # The run folder: refuse to touch an earlier run unless asked; resume only a run with the same settings.
 ckpt_path = os.path.join(args.out, "checkpoint.pt")
-IGNORED_ON_RESUME = {"out", "resume", "overwrite", "save_every", "eval_batch_size", "device", "log", "baseline"}
 config = dict(vars(args))
-ckpt = None
-if args.resume and args.overwrite:
-    raise UserError("--resume and --overwrite contradict each other; pass one")
-if args.resume:
-    if not os.path.isfile(ckpt_path):
-        raise UserError(f"nothing to resume: no checkpoint.pt in '{args.out}'; drop --resume to start a new run")
-    if os.path.isfile(os.path.join(args.out, "results.json")):
-        raise UserError(f"nothing to resume: '{args.out}' holds a finished run (results.json); choose another --out")
-    try:  # tensors and plain data only; a damaged file gets one line and stays as it is
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        saved = ckpt["config"]
-        assert isinstance(saved, dict) and {"task", "step", "stages", "adapters"} <= set(ckpt)
-    except Exception as e:
-        raise UserError(f"cannot resume: '{ckpt_path}' is damaged ({type(e).__name__}); restore it, or start again "
-                        f"with --overwrite (which deletes the run)")
-    differ = sorted(k for k in config if k not in IGNORED_ON_RESUME and saved.get(k) != config[k])
+ckpt = open_run_folder(args.out, args.resume, args.overwrite)  # the checkpoint on --resume, else None
+if ckpt is not None:
+    ignored = {"out", "resume", "overwrite", "save_every", "eval_batch_size", "device", "log", "baseline"}  # no effect
+    differ = sorted(k for k in config if k not in ignored and ckpt["config"].get(k) != config[k])
     if differ:
-        was = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
+        was = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in differ)
         raise UserError(f"--resume with settings that differ from the checkpoint's ({was}); pass the same flags")
     for k in range(len(ckpt["stages"])):  # the evaluated images the structure metrics compare against
-        path = os.path.join(args.out, "samples", f"stage{k}.pt")
-        if not os.path.isfile(path):
-            raise UserError(f"cannot resume '{args.out}': samples/stage{k}.pt is gone; start again with --overwrite")
-        try:
-            images = torch.load(path, weights_only=True)
-            assert images.dtype == torch.uint8 and images.dim() == 4 and len(images) == args.eval_n
-        except Exception as e:
-            raise UserError(f"cannot resume: '{path}' is damaged ({type(e).__name__}); restore it, or start again "
-                            f"with --overwrite")
-elif os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-    what = ("a finished run" if os.path.isfile(os.path.join(args.out, "results.json")) else
-            "an unfinished run (pass --resume to continue it)" if os.path.isfile(ckpt_path) else "files")
-    raise UserError(f"run folder '{args.out}' already holds {what}; choose another --out or pass --overwrite")
+        load_file(os.path.join(args.out, "samples", f"stage{k}.pt"),
+                  lambda x: x.dtype == torch.uint8 and x.dim() == 4 and len(x) == args.eval_n)
 
 # -----------------------------------------------------------------------------
 # Processes and devices: torchrun starts one process per GPU; a plain `python` run is a world of one.
@@ -271,7 +253,7 @@ if master:
     print(f"{T} tasks: {' -> '.join(tasks)} | method {args.method} | {world} process(es) x {args.grad_accum} "
           f"micro-batches x {micro} images = {args.batch_size} images per step | {height}x{width} px, {S} DDIM steps, "
           f"K={K}{' (random)' if args.random_grad_steps else ''}, {dtype} on {device}"
-          f"{' with a loss scaler' if scaler.is_enabled() else ''}{' | SDXL' if pipe.xl else ''}")
+          f"{' with a loss scaler' if scaler.is_enabled() else ''} | {pipe.family}")
 assert micro >= 1 and micro * world * args.grad_accum == args.batch_size
 unet_calls = unet_calls_per_step(S, K, M, rid, not args.no_checkpointing)  # per image and step
 if master:
@@ -338,7 +320,7 @@ def save_checkpoint(t, step):
     far. Written to a temporary name and renamed, so a kill leaves the previous checkpoint intact."""
     state = {"config": config, "task": t, "step": step, "stages": stages, "train": train_log,
              "reward_scales": reward_scales, "nonfinite_run": nonfinite_run, "tracker_id": tracker.id,
-             "adapters": {n: {k: p.detach().cpu() for k, p in lora_params(pipe.unet, n).items()}
+             "adapters": {n: {k: p.detach().cpu() for k, p in lora_params(pipe.denoiser, n).items()}
                           for n in adapters_made},
              "ema": None if ema is None else {k: v.cpu() for k, v in ema.items()},
              "optimizer": None if optimizer is None else optimizer.state_dict(), "scaler": scaler.state_dict()}
@@ -425,21 +407,15 @@ if ckpt is not None:
     reward_scales, nonfinite_run = ckpt["reward_scales"], ckpt["nonfinite_run"]
     scaler.load_state_dict(ckpt["scaler"])
     for name, state in ckpt["adapters"].items():
-        add_lora(pipe.unet, name, args.lora_rank, args.lora_alpha)
+        add_lora(pipe.denoiser, name, args.lora_rank, args.lora_alpha)
         with torch.no_grad():
-            for k, p in lora_params(pipe.unet, name).items():
+            for k, p in lora_params(pipe.denoiser, name).items():
                 p.copy_(state[k])
         adapters_made.append(name)
     if master:
         print(f"resuming {args.out} at task {start_task + 1}, step {start_step}")
-if master and args.resume:  # leftovers of writes that a kill interrupted (see atomic_file and atomic_dir)
-    for folder in (args.out, os.path.join(args.out, "adapters"), os.path.join(args.out, "samples")):
-        for f in os.listdir(folder) if os.path.isdir(folder) else []:
-            path = os.path.join(folder, f)
-            if re.search(r"\.(tmp|old)\d+$", f) and os.path.isdir(path):
-                shutil.rmtree(path)
-            elif re.search(r"\.(tmp|old)\d+$", f):
-                os.remove(path)
+if master and args.resume:
+    remove_partial_writes(args.out, os.path.join(args.out, "adapters"), os.path.join(args.out, "samples"))
 tracker = Tracker(args.log if master else "none", args.out, config, ckpt.get("tracker_id") if ckpt else None)
 if not stages:
     stages.append(run_eval(0))
@@ -470,13 +446,13 @@ for t in range(start_task, T):
     reward_fn, name = rewards[tasks[t]], adapter_name(t)
     if name not in adapters_made:  # a new adapter starts with B = 0: the model is unchanged by adding it
         torch.manual_seed(seed_for("lora", args.seed, t))  # its random A: a function of (seed, task), as all else
-        add_lora(pipe.unet, name, args.lora_rank, args.lora_alpha)
+        add_lora(pipe.denoiser, name, args.lora_rank, args.lora_alpha)
         adapters_made.append(name)
     # soup trains each adapter from the base model alone; the others keep earlier adapters active and frozen
-    set_adapters(pipe.unet, [name] if soup else adapters_made, trainable=name)
-    params = lora_params(pipe.unet, name)  # {full name: fp32 parameter}
+    set_adapters(pipe.denoiser, [name] if soup else adapters_made, trainable=name)
+    params = lora_params(pipe.denoiser, name)  # {full name: fp32 parameter}
     assert all(p.dtype == torch.float32 and p.requires_grad for p in params.values())
-    assert sum(p.requires_grad for p in pipe.unet.parameters()) == len(params)
+    assert sum(p.requires_grad for p in pipe.denoiser.parameters()) == len(params)
     # The reward's scale s_t: its standard deviation over the base model's evaluation images (our choice), so that
     # -r / s_t is about unit-sized for every reward. Measured once, from stage 0, and kept in the checkpoint.
     if len(reward_scales) <= t:
@@ -522,7 +498,7 @@ for t in range(start_task, T):
             scaler.scale(loss_reward + args.rid_lambda * loss_rid).backward()
             stats[:3] += torch.tensor([r.detach().sum().item(), loss_reward.item(), loss_rid.item()])
         if args.method == "l2":  # once per step; each process adds 1/world of it, the all-reduce sums them
-            loss_l2 = l2_pull(pipe.unet, name)
+            loss_l2 = l2_pull(pipe.denoiser, name)
             scaler.scale(args.l2_weight * loss_l2 / world).backward()
             stats[3] = loss_l2.item() / world
         stats[4] = float(stop_requested)
@@ -549,9 +525,9 @@ for t in range(start_task, T):
     bar.close()
     # Task done: its adapter (diffusers LoRA format), then the evaluation of every reward, then a checkpoint.
     if master:
-        save_lora(pipe.unet, name, pipe.unet.peft_config[name], os.path.join(args.out, adapter_dir(t)), xl=pipe.xl)
+        save_lora(pipe, name, os.path.join(args.out, adapter_dir(t)))
     if soup:  # the soup after task t: every adapter so far, each with weight c
-        set_adapters(pipe.unet, adapters_made, weights=stage_adapters(t)[1])
+        set_adapters(pipe.denoiser, adapters_made, weights=stage_adapters(t)[1])
     stages.append(run_eval(t + 1))
     ema, optimizer = None, None
     if master:

@@ -116,6 +116,53 @@ def build_tiny_sdxl(folder, seed=0):
     return folder
 
 
+def build_tiny_sd3(folder, t5=True, seed=0):
+    """Random-weight SD 3 pipeline in the hub layout: an SD3Transformer2DModel (patch 2, 16 latent channels, dual
+    attention in block 0, RMS QK norm, as SD 3.5), two CLIPTextModelWithProjection, T5 (a small Unigram tokenizer:
+    transformers 5 rebuilds T5TokenizerFast as Unigram on load) or none, a 16-channel AutoencoderKL with a shift and no
+    quant convs, FlowMatchEulerDiscreteScheduler(shift=3.0). T5's width is the joint attention width, at least the two
+    CLIP widths summed (the pipeline zero-pads the CLIP states up to it). 32x32 images."""
+    import string
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(os.path.join(folder, "_tok"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(os.path.join(folder, "_tok"), pad_token="!", model_max_length=16)
+    common = dict(vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, hidden_act="gelu", hidden_size=32, projection_dim=32)
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**common)) for _ in range(2)]
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+        pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm")
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=32, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    t5_encoder = t5_tokenizer = None
+    if t5:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+        from transformers import T5TokenizerFast
+        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [
+            (p + c, -2.0) for c in string.ascii_lowercase + string.digits + "!.,'" for p in ("", "\u2581")]
+        tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        t5_tokenizer = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                       extra_ids=0)
+        t5_encoder = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=64, d_ff=64, d_kv=16, num_layers=1,
+                                             num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    with torch.no_grad():  # structure in the images (see build_tiny_pipeline)
+        vae.decoder.conv_out.weight.mul_(2)
+        transformer.proj_out.weight.mul_(5)
+    StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, tokenizer=tokenizer,
+        text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer_2=tokenizer_2, text_encoder_3=t5_encoder,
+        tokenizer_3=t5_tokenizer).save_pretrained(folder)
+    return folder
+
+
 def shared(tmp_path_factory, worker_id, name, make):
     """make(folder) -> str, done once per test session however many pytest-xdist workers ask for it: the first
     builds it under a file lock in the folder that all workers share, the others wait and reuse it.
@@ -139,6 +186,18 @@ def shared(tmp_path_factory, worker_id, name, make):
 def tiny_sdxl(tmp_path_factory, worker_id):
     """Path of a tiny SDXL-format model folder (built once per test session)."""
     return str(shared(tmp_path_factory, worker_id, "tiny_sdxl", lambda f: build_tiny_sdxl(str(f)))[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory, worker_id):
+    """Path of a tiny SD 3 folder with a T5 encoder (built once per test session)."""
+    return str(shared(tmp_path_factory, worker_id, "tiny_sd3", lambda f: build_tiny_sd3(str(f)))[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_no_t5(tmp_path_factory, worker_id):
+    """Path of a tiny SD 3 folder saved without T5 (model_index.json lists text_encoder_3 as null)."""
+    return str(shared(tmp_path_factory, worker_id, "tiny_sd3_no_t5", lambda f: build_tiny_sd3(str(f), t5=False))[0])
 
 
 @pytest.fixture(scope="session")

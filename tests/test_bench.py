@@ -41,6 +41,19 @@ def test_arch_models_have_the_published_sizes():
     assert 690e6 < big_g < 700e6  # OpenCLIP ViT-bigG/14's text tower with its projection: ~695M
 
 
+def test_sd35_medium_arch_has_its_published_shapes():
+    """SD 3.5 Medium from its published configs, as bench.py builds it (on the meta device: no memory): the MMDiT-X
+    (24 blocks of width 1536, dual attention in the first 13, QK norm) 2,243,171,520 parameters (the model card says
+    2.5B for the model), T5-XXL's encoder 4,762,310,656, the 16-channel VAE without quant convs 83,819,683, CLIP-L
+    with its projection 123,650,304, CLIP-G's text tower ~695M; 1024 px by default."""
+    pipe = bench.arch_pipe("sd35-arch", "meta", torch.bfloat16)
+    n = lambda net: sum(p.numel() for p in net.parameters())
+    assert n(pipe.denoiser) == 2_243_171_520 and 2.2e9 < n(pipe.denoiser) < 2.6e9
+    assert n(pipe.text_encoder_3) == 4_762_310_656
+    assert n(pipe.vae) == 83_819_683 and n(pipe.text_encoder) == 123_650_304 and 690e6 < n(pipe.text_encoder_2) < 700e6
+    assert pipe.flow and pipe.size == (1024, 1024) and pipe.denoiser.config.in_channels == 16
+
+
 def test_random_weights_fills_every_tensor():
     from transformers import CLIPTextConfig, CLIPTextModel
     config = dict(bench.CLIP_L14_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -97,6 +110,17 @@ def test_bench_tiny_sdxl_bf16(tiny_sdxl, tmp_path):
     # Both samplers ran in bf16: in fp32 their images are equal (the test above), here they are not. They still
     # agree with each other (mean 0.04 here) far better than either agrees with fp32 on this random model (0.2).
     assert figures["max_abs_diff_a_b"] > 0 and figures["mean_abs_diff_a_b"] < 0.1
+
+
+@pytest.mark.slow
+def test_bench_tiny_sd3(tiny_sd3, tmp_path):
+    """The flow path: StableDiffusion3Pipeline as the reference (same images in fp32), RID's step on the transformer."""
+    out = tmp_path / "bench.json"
+    r = run_bench("--model", tiny_sd3, "--batch_size", "2", "--ddim_steps", "3", "--phases", "sample,diffusers,rid",
+                  "--warmup", "0", "--repeats", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    figures = check_figures(out, r.stdout, ("sample", "diffusers", "rid"))
+    assert figures["max_abs_diff_a_b"] <= 1e-5
 
 
 def test_sweep_command_lines_parse_back():

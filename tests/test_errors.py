@@ -164,5 +164,5 @@ def test_an_earlier_run_is_never_clobbered_and_resume_checks_settings(workdir, t
     os.remove(workdir / "run" / "samples" / "stage0.pt")
     before = listing(workdir)
     code, stderr = train_in_process([*flags, "--resume"], workdir, monkeypatch, capsys)
-    assert code == 2 and "stage0.pt is gone" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert code == 2 and "stage0.pt' is gone" in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert listing(workdir) == before

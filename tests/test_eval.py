@@ -248,14 +248,14 @@ def fake_run(tiny_sd, tmp_path_factory):
     adapters = [[]]
     for k, name in enumerate(names):
         torch.manual_seed(SEED + k)  # A's init and B below: the same run in every process, whatever ran before
-        lora = sample.add_lora(pipe.unet, f"task{k + 1}", rank=4, alpha=8.0)
+        sample.add_lora(pipe.denoiser, f"task{k + 1}", rank=4, alpha=8.0)
         with torch.no_grad():
-            for key, p in sample.lora_params(pipe.unet, f"task{k + 1}").items():
+            for key, p in sample.lora_params(pipe.denoiser, f"task{k + 1}").items():
                 if "lora_B" in key:  # B = 0 at init would leave the model unchanged
                     p.normal_(0, 0.3)
-        sample.save_lora(pipe.unet, f"task{k + 1}", lora, os.path.join(run, "adapters", f"task{k + 1}_{name}"))
+        sample.save_lora(pipe, f"task{k + 1}", os.path.join(run, "adapters", f"task{k + 1}_{name}"))
         adapters.append(adapters[-1] + [f"adapters/task{k + 1}_{name}"])
-        sample.set_adapters(pipe.unet, [f"task{j + 1}" for j in range(k + 1)])
+        sample.set_adapters(pipe.denoiser, [f"task{j + 1}" for j in range(k + 1)])
         stages.append(evaluate(pipe, rewards, prompts, seeds, base_images=stages[0]["images"], **kw))
     assert not torch.allclose(stages[2]["images"], stages[0]["images"], atol=0.05), "adapters must change images"
     results = {"model": tiny_sd, "method": "adapters", "rewards": names, "config": config,

@@ -30,7 +30,7 @@ def sampled(pipe, capture, grad_steps=1, steps=5):
 
 def perturbed_ema(pipe, seed=2):
     g = torch.Generator().manual_seed(seed)
-    return {k: p.detach() + 0.1 * torch.randn(p.shape, generator=g) for k, p in sample.lora_params(pipe.unet, "task2").items()}
+    return {k: p.detach() + 0.1 * torch.randn(p.shape, generator=g) for k, p in sample.lora_params(pipe.denoiser, "task2").items()}
 
 
 def test_teacher_loss_equals_a_forward_with_the_ema_swapped_in(pipe):
@@ -39,13 +39,13 @@ def test_teacher_loss_equals_a_forward_with_the_ema_swapped_in(pipe):
     ema = perturbed_ema(pipe)
     _, captured, context = sampled(pipe, capture={2, 4})
     loss = losses.teacher_loss(pipe, captured, context, ema)
-    params = sample.lora_params(pipe.unet, "task2")
+    params = sample.lora_params(pipe.denoiser, "task2")
     saved = {k: p.detach().clone() for k, p in params.items()}
     with torch.no_grad():
-        students = [sample.unet_out(pipe.unet, torch.cat([x, x]), t, context) for t, x, _ in captured.values()]
+        students = [sample.denoise(pipe.denoiser, torch.cat([x, x]), t, context) for t, x, _ in captured.values()]
         for k, p in params.items():
             p.copy_(ema[k])
-        targets = [sample.unet_out(pipe.unet, torch.cat([x, x]), t, context) for t, x, _ in captured.values()]
+        targets = [sample.denoise(pipe.denoiser, torch.cat([x, x]), t, context) for t, x, _ in captured.values()]
         for k, p in params.items():
             p.copy_(saved[k])
     direct = torch.stack([(s - t).pow(2).mean() for s, t in zip(students, targets)]).mean()
@@ -60,30 +60,30 @@ def lora_pipe(folder, seed=0):
     p = sample.load_pipeline(folder)
     torch.manual_seed(seed)
     for name in ("task1", "task2"):
-        sample.add_lora(p.unet, name, 4, 8.0)
+        sample.add_lora(p.denoiser, name, 4, 8.0)
         with torch.no_grad():
-            for k, w in sample.lora_params(p.unet, name).items():
+            for k, w in sample.lora_params(p.denoiser, name).items():
                 if "lora_B" in k:
                     w.normal_(0, 0.3)
-    sample.set_adapters(p.unet, ["task1", "task2"], trainable="task2")
+    sample.set_adapters(p.denoiser, ["task1", "task2"], trainable="task2")
     return p
 
 
 def by_hand(pipe, captured, context, ema, kind):
     """RID's loss written out: at each matched step, the student and the teacher (EMA copied into the adapter) at
     the detached x_t, both outputs turned into eps by hand, the squared error averaged over elements and steps."""
-    params = sample.lora_params(pipe.unet, "task2")
+    params = sample.lora_params(pipe.denoiser, "task2")
     saved = {k: p.detach().clone() for k, p in params.items()}
     steps = [(t, torch.cat([x, x]).detach()) for t, x, _ in captured.values()]
     with torch.no_grad():  # teachers first: copying weights in place must not touch a graph that is still needed
         for k, p in params.items():
             p.copy_(ema[k])
-        teachers = [sample.unet_out(pipe.unet, x_in, t, context) for t, x_in in steps]
+        teachers = [sample.denoise(pipe.denoiser, x_in, t, context) for t, x_in in steps]
         for k, p in params.items():
             p.copy_(saved[k])
     losses = []
     for (t, x_in), teacher in zip(steps, teachers):
-        student = sample.unet_out(pipe.unet, x_in, t, context)
+        student = sample.denoise(pipe.denoiser, x_in, t, context)
         a = pipe.scheduler.alphas_cumprod[t]
         eps = {"epsilon": lambda out: out, "v_prediction": lambda v: a.sqrt() * v + (1 - a).sqrt() * x_in}[kind]
         losses.append((eps(student) - eps(teacher)).pow(2).mean())
@@ -99,7 +99,7 @@ def test_teacher_loss_is_on_eps_for_every_prediction_type(kind, tiny_sd, tmp_pat
     folder = variant(tiny_sd, tmp_path, scheduler={"prediction_type": kind})
     p = lora_pipe(folder)
     ema = perturbed_ema(p)
-    params = sample.lora_params(p.unet, "task2")
+    params = sample.lora_params(p.denoiser, "task2")
     _, captured, context = sampled(p, capture={1, 3, 4}, grad_steps=2)  # one step before the window, both in it
     assert captured[4][1].requires_grad  # the second window step's x_t carries the first one's graph
     loss = losses.teacher_loss(p, captured, context, ema)
@@ -113,13 +113,13 @@ def test_teacher_loss_is_on_eps_for_every_prediction_type(kind, tiny_sd, tmp_pat
     for k, w in params.items():
         torch.testing.assert_close(ours[k], w.grad, rtol=1e-4, atol=1e-9)
     if kind == "v_prediction":  # the raw-output loss is a different number
-        raw = torch.stack([(sample.unet_out(p.unet, torch.cat([x, x]), t, context).detach() - 0).pow(2).mean()
+        raw = torch.stack([(sample.denoise(p.denoiser, torch.cat([x, x]), t, context).detach() - 0).pow(2).mean()
                            for t, x, _ in captured.values()])
         assert not torch.allclose(hand.detach(), raw.mean())
 
 
 def test_ema_update_formula_and_no_gradient_reaches_the_ema(pipe):
-    params = sample.lora_params(pipe.unet, "task2")
+    params = sample.lora_params(pipe.denoiser, "task2")
     ema = perturbed_ema(pipe, seed=3)
     before = {k: v.clone() for k, v in ema.items()}
     # a full training step's forward and backward: the EMA takes part in the teacher loss only
@@ -144,11 +144,11 @@ def test_ema_update_formula_and_no_gradient_reaches_the_ema(pipe):
 
 def test_l2_penalty_is_the_squared_norm_of_the_dense_weight_change(pipe):
     total = 0.0
-    for name, module in pipe.unet.named_modules():
+    for name, module in pipe.denoiser.named_modules():
         if hasattr(module, "lora_A") and "task2" in module.lora_A:
             delta = module.scaling["task2"] * module.lora_B["task2"].weight @ module.lora_A["task2"].weight
             total = total + delta.pow(2).sum()
-    ours = losses.l2_pull(pipe.unet, "task2")
+    ours = losses.l2_pull(pipe.denoiser, "task2")
     assert ours > 0 and ours.requires_grad
     torch.testing.assert_close(ours.detach(), total.detach(), rtol=1e-5, atol=0)
 
@@ -173,8 +173,8 @@ def test_teacher_loss_in_a_real_run_and_the_ema_after_one_step(trained, tiny_sd,
         assert (ckpt["task"], ckpt["step"]) == (0, 1)
         fresh = sample.load_pipeline(tiny_sd)
         torch.manual_seed(seed_for("lora", 0, 0))
-        sample.add_lora(fresh.unet, "task1", 4, 8.0)  # RUN's --lora_alpha 8
-        a0 = {k: p.detach() for k, p in sample.lora_params(fresh.unet, "task1").items()}
+        sample.add_lora(fresh.denoiser, "task1", 4, 8.0)  # RUN's --lora_alpha 8
+        a0 = {k: p.detach() for k, p in sample.lora_params(fresh.denoiser, "task1").items()}
         a1 = ckpt["adapters"]["task1"]
         for k, v in ckpt["ema"].items():
             torch.testing.assert_close(v, float(m) * a0[k] + (1 - float(m)) * a1[k], rtol=1e-6, atol=1e-8)

@@ -130,18 +130,18 @@ def test_a_sample_size_given_as_height_and_width(tiny_sd, tmp_path):
 def lora_pipe(tiny_sd, rank=4, alpha=8.0, seed=0):
     """Tiny pipe with one trainable adapter whose B is random (a fresh adapter has B = 0 and changes nothing)."""
     pipe = sample.load_pipeline(tiny_sd)
-    config = sample.add_lora(pipe.unet, "task0", rank, alpha)
-    sample.set_adapters(pipe.unet, ["task0"], trainable="task0")
+    config = sample.add_lora(pipe.denoiser, "task0", rank, alpha)
+    sample.set_adapters(pipe.denoiser, ["task0"], trainable="task0")
     torch.manual_seed(seed)
     with torch.no_grad():
-        for k, p in sample.lora_params(pipe.unet, "task0").items():
+        for k, p in sample.lora_params(pipe.denoiser, "task0").items():
             if "lora_B" in k:
                 p.normal_(0, 0.3)
     return pipe, config
 
 
 def grad_of_loss(pipe, grad_steps, checkpointing, steps=6):
-    for p in pipe.unet.parameters():
+    for p in pipe.denoiser.parameters():
         p.grad = None
     cond, uncond = sample.encode_prompts(pipe, PROMPTS[:2]), sample.encode_prompts(pipe, ["", ""])
     latents = sample.initial_latents(pipe, 2, torch.Generator().manual_seed(0))
@@ -151,12 +151,12 @@ def grad_of_loss(pipe, grad_steps, checkpointing, steps=6):
         assert not images.requires_grad
         return {}
     (images * torch.linspace(0, 1, 32)).mean().backward()  # any non-trivial function of the pixels
-    return {k: p.grad.clone() for k, p in pipe.unet.named_parameters() if p.grad is not None}
+    return {k: p.grad.clone() for k, p in pipe.denoiser.named_parameters() if p.grad is not None}
 
 
 def test_gradients_reach_only_trainable_lora_weights(tiny_sd):
     pipe, _ = lora_pipe(tiny_sd)
-    trainable = sample.lora_params(pipe.unet, "task0")
+    trainable = sample.lora_params(pipe.denoiser, "task0")
     assert all(p.dtype == torch.float32 for p in trainable.values())
     grads = grad_of_loss(pipe, grad_steps=2, checkpointing=True)
     assert set(grads) == set(trainable), "exactly the trainable LoRA weights get gradients"
@@ -165,9 +165,9 @@ def test_gradients_reach_only_trainable_lora_weights(tiny_sd):
     assert grad_of_loss(pipe, grad_steps=0, checkpointing=True) == {}
     # After one optimiser step from a fresh adapter (B = 0, so A gets no gradient at first), all are non-zero.
     fresh = sample.load_pipeline(tiny_sd)
-    sample.add_lora(fresh.unet, "t", 4, 4.0)
-    sample.set_adapters(fresh.unet, ["t"], trainable="t")
-    params = list(sample.lora_params(fresh.unet, "t").values())
+    sample.add_lora(fresh.denoiser, "t", 4, 4.0)
+    sample.set_adapters(fresh.denoiser, ["t"], trainable="t")
+    params = list(sample.lora_params(fresh.denoiser, "t").values())
     opt = torch.optim.AdamW(params, lr=1e-2)
     first = grad_of_loss(fresh, 1, True)
     assert all(first[k].abs().sum() == 0 for k in first if "lora_A" in k)  # B = 0 at the start
@@ -213,7 +213,7 @@ def test_lora_round_trip_in_stock_pipeline(tiny_sd, tmp_path):
     and gives the images sample.py gives with --lora."""
     pipe, config = lora_pipe(tiny_sd, rank=4, alpha=12.0)
     lora_dir = str(tmp_path / "lora")
-    sample.save_lora(pipe.unet, "task0", config, lora_dir)
+    sample.save_lora(pipe, "task0", lora_dir)
     out = tmp_path / "imgs"
     r = run_sample_cli("--model", tiny_sd, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--seed", "0",
                        "--ddim_steps", "10", "--lora", lora_dir, "--out", str(out))
@@ -232,23 +232,23 @@ def test_lora_round_trip_in_stock_pipeline(tiny_sd, tmp_path):
 def test_two_adapters_compose_and_reload(tiny_sd, tmp_path):
     """W0 + A_1 + A_2: two adapters saved and loaded back into a fresh UNet give the same UNet output."""
     pipe, config = lora_pipe(tiny_sd, seed=1)
-    sample.add_lora(pipe.unet, "task1", 4, 2.0)
-    sample.set_adapters(pipe.unet, ["task0", "task1"], trainable="task1")
+    sample.add_lora(pipe.denoiser, "task1", 4, 2.0)
+    sample.set_adapters(pipe.denoiser, ["task0", "task1"], trainable="task1")
     with torch.no_grad():
-        for k, p in sample.lora_params(pipe.unet, "task1").items():
+        for k, p in sample.lora_params(pipe.denoiser, "task1").items():
             p.normal_(0, 0.2)
-    assert {k for k, p in pipe.unet.named_parameters() if p.requires_grad} == set(sample.lora_params(pipe.unet, "task1"))
+    assert {k for k, p in pipe.denoiser.named_parameters() if p.requires_grad} == set(sample.lora_params(pipe.denoiser, "task1"))
     for name in ("task0", "task1"):
-        sample.save_lora(pipe.unet, name, pipe.unet.peft_config[name], str(tmp_path / name))
+        sample.save_lora(pipe, name, str(tmp_path / name))
     fresh = sample.load_pipeline(tiny_sd)
     for name in ("task0", "task1"):
-        sample.load_lora(fresh.unet, str(tmp_path / name), name)
-    sample.set_adapters(fresh.unet, ["task0", "task1"])
+        sample.load_lora(fresh, str(tmp_path / name), name)
+    sample.set_adapters(fresh.denoiser, ["task0", "task1"])
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor(500), {"encoder_hidden_states": torch.randn(2, 16, 32)}
     with torch.no_grad():
-        torch.testing.assert_close(sample.unet_out(fresh.unet, x, t, ctx), sample.unet_out(pipe.unet, x, t, ctx))
-        sample.set_adapters(fresh.unet, ["task0"])
-        assert not torch.allclose(sample.unet_out(fresh.unet, x, t, ctx), sample.unet_out(pipe.unet, x, t, ctx))
+        torch.testing.assert_close(sample.denoise(fresh.denoiser, x, t, ctx), sample.denoise(pipe.denoiser, x, t, ctx))
+        sample.set_adapters(fresh.denoiser, ["task0"])
+        assert not torch.allclose(sample.denoise(fresh.denoiser, x, t, ctx), sample.denoise(pipe.denoiser, x, t, ctx))
 
 
 @pytest.mark.slow
@@ -345,15 +345,15 @@ def test_sdxl_lora_round_trip_in_stock_pipeline(tiny_sdxl, tmp_path):
     """An adapter on the SDXL UNet, saved by us, loads in a stock StableDiffusionXLPipeline and reproduces our images."""
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
     pipe = sample.load_pipeline(tiny_sdxl)
-    config = sample.add_lora(pipe.unet, "task0", 4, 8.0)
+    sample.add_lora(pipe.denoiser, "task0", 4, 8.0)
     torch.manual_seed(0)
     with torch.no_grad():
-        for k, p in sample.lora_params(pipe.unet, "task0").items():
+        for k, p in sample.lora_params(pipe.denoiser, "task0").items():
             if "lora_B" in k:
                 p.normal_(0, 0.3)
-    sample.set_adapters(pipe.unet, ["task0"])
+    sample.set_adapters(pipe.denoiser, ["task0"])
     lora_dir = str(tmp_path / "lora")
-    sample.save_lora(pipe.unet, "task0", config, lora_dir, xl=True)
+    sample.save_lora(pipe, "task0", lora_dir)
     g = torch.Generator().manual_seed(0)
     ours = sample.generate(pipe, PROMPTS[:2], sample.initial_latents(pipe, 2, g), 5, 7.5, progress=False)
     ref_pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)

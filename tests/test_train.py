@@ -155,15 +155,11 @@ def test_stop_at_the_last_step_of_a_task_then_resume_equals_uninterrupted(method
     same_results(ref, out)
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(trained, tiny_sd, tmp_path):
-    """Kill the run with SIGKILL at random moments (twice), resume each time: the final results and adapters equal
-    the uninterrupted run's bit for bit (all randomness is a function of seed, task and step, and the checkpoint
-    holds weights, EMA teacher and optimiser state)."""
-    ref_out, _ = trained("rid", *METHOD_FLAGS["rid"])
-    out = tmp_path / "killed"
+def kill_twice_and_resume(model, out, flags):
+    """Run train_rid.py, SIGKILL it at random moments inside training (twice), resume each time. -> the folder."""
     rng = random.Random(0)
     kills = 0
-    proc = train(tiny_sd, out, *METHOD_FLAGS["rid"], wait=False)
+    proc = train(model, out, *flags, wait=False)
     while kills < 2:
         deadline = time.time() + 120  # wait until the run is inside training (log lines exist), then kill
         while time.time() < deadline and proc.poll() is None:
@@ -177,12 +173,38 @@ def test_resume_after_sigkill_equals_uninterrupted_run(trained, tiny_sd, tmp_pat
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
-        proc = train(tiny_sd, out, *METHOD_FLAGS["rid"], "--resume", wait=False)
+        proc = train(model, out, *flags, "--resume", wait=False)
     assert proc.wait(timeout=300) == 0
     assert kills == 2, "the run finished before it could be killed twice"
-    same_results(ref_out, out)
     leftovers = [f for d in ("", "adapters", "samples") for f in os.listdir(out / d) if ".tmp" in f or ".old" in f]
     assert not leftovers  # what interrupted writes left behind is cleaned up on resume
+    return out
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(trained, tiny_sd, tmp_path):
+    """Kill the run with SIGKILL at random moments (twice), resume each time: the final results and adapters equal
+    the uninterrupted run's bit for bit (all randomness is a function of seed, task and step, and the checkpoint
+    holds weights, EMA teacher and optimiser state)."""
+    ref_out, _ = trained("rid", *METHOD_FLAGS["rid"])
+    same_results(ref_out, kill_twice_and_resume(tiny_sd, tmp_path / "killed", METHOD_FLAGS["rid"]))
+
+
+def test_sd3_run_writes_results_adapters_and_pictures_and_resumes_after_sigkill(tiny_sd3, tmp_path):
+    """train_rid.py --method rid on a tiny SD 3 folder (flow matching, T5): results, adapters and pictures, with the
+    teacher matched on the velocity (0 at each task's first step); killed twice and resumed, it ends bit for bit where
+    the uninterrupted run does."""
+    ref = tmp_path / "sd3"
+    r = train(tiny_sd3, ref, "--match_steps", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| sd3" in r.stdout
+    res = json.load(open(ref / "results.json"))
+    assert res["adapters"][-1] == ["adapters/task1_brightness", "adapters/task2_saturation"]
+    assert all(np.isfinite(res["matrix"]).flatten()) and res["matrix"][1][0] > res["matrix"][0][0]
+    for f in ("results.md", "grid.png", "heatmap.png", "samples/stage2/003.png"):
+        assert (ref / f).is_file(), f
+    log = [json.loads(line) for line in open(ref / "log.jsonl")]
+    assert [row["loss_rid"] == 0 for row in log] == [True, False, False] * 2
+    same_results(ref, kill_twice_and_resume(tiny_sd3, tmp_path / "killed", ["--match_steps", "1"]))
 
 
 def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path):
@@ -246,7 +268,7 @@ def test_sdxl_run_writes_results_adapters_and_pictures(tiny_sdxl, tmp_path):
     out = tmp_path / "xl"
     r = train(tiny_sdxl, out, "--match_steps", "1")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "SDXL" in r.stdout
+    assert "| sdxl" in r.stdout
     res = json.load(open(out / "results.json"))
     for f in ("results.md", "grid.png", "heatmap.png", "adapters/task2_saturation/pytorch_lora_weights.safetensors"):
         assert (out / f).is_file(), f
