@@ -73,6 +73,8 @@ parser.add_argument("--seed", type=int, default=0, help="seed of the latents and
 parser.add_argument("--json", default="", help="also write every figure to this file; '' = none")
 parser.add_argument("--sweep", action="store_true", help="instead: the rid step as given and with each memory lever "
                     "flipped, each in a fresh process")
+parser.add_argument("--quickstart", action="store_true", help="instead: run the README's quick start (train_rid.py "
+                    "--model toy, into a temporary folder) and time its parts: load, each evaluation, each task")
 
 # -----------------------------------------------------------------------------
 # The -arch models: the published configurations (unet/, vae/, text_encoder(_2)/config.json of stable-diffusion-v1-5
@@ -277,6 +279,27 @@ def sweep(args, device, dtype):
         print(f"| {lever} | {setting} | {s:.3f} | x{s / s0:.2f} | {m / 2**30:.2f} GiB | {(m - m0) / 2**30:+.2f} GiB |")
     return {"sweep": results}
 
+def quickstart():
+    """`python train_rid.py --model toy` as the README runs it (rid, with naive beside it in its own process), timed
+    as a whole and, from both runs' results.json, part by part."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_rid.py"),
+                            "--model", "toy", "--out", os.path.join(tmp, "rid")], capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise UserError(f"the quick start failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        runs = {name: json.load(open(os.path.join(tmp, *path, "results.json")))["train"]
+                for name, path in (("rid", ["rid"]), ("naive (beside)", ["rid", "baseline_naive"]))}
+    rows = [("load model and rewards", "load_seconds", None)]
+    rows += [(f"evaluation, stage {k}", "evaluation_seconds", k) for k in range(len(runs["rid"]["evaluation_seconds"]))]
+    rows += [(f"task {k + 1}, training", "seconds_total", k) for k in range(len(runs["rid"]["seconds_total"]))]
+    print("| part | " + " | ".join(runs) + " |\n|---|" + "---|" * len(runs))
+    for label, key, k in rows:
+        print(f"| {label} | " + " | ".join(f"{v[key] if k is None else v[key][k]:.1f} s" for v in runs.values()) + " |")
+    print(f"| the whole command, wall clock | {wall:.1f} s |")
+    return {"wall_seconds": wall, "runs": runs, "cpu": f"{os.cpu_count()} cores"}
+
 # -----------------------------------------------------------------------------
 # The phases, each a function of no arguments that does one round of its work.
 
@@ -428,6 +451,11 @@ def main():
     if args.repeats < 1 or args.warmup < 0 or not set(phases) <= set(PHASES):
         raise UserError(f"need --repeats >= 1, --warmup >= 0 and --phases from {','.join(PHASES)}")
     check_seed("--seed", args.seed)
+    if args.quickstart:
+        figures = quickstart()
+        if args.json:
+            write_json(args.json, figures)
+        return
     if args.sweep:
         figures = sweep(args, device, dtype)
         if args.json:

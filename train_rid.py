@@ -40,7 +40,6 @@ import os
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -49,7 +48,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from common import (Tracker, UserError, atomic_dir, atomic_file, check_seed, hub_unreachable, load_file, one_line_errors,
+from common import (SideRun, Tracker, UserError, atomic_dir, atomic_file, check_seed, hub_unreachable, load_file, one_line_errors,
                     open_run_folder, pick_device_dtype, remove_partial_writes, seed_for, to_pil, to_uint8, write_json)
 from eval import clip_at_hand, draw_grid, eval_set, evaluate, is_toy, ril_metrics, side_by_side, write_report
 from losses import ema_update, l2_pull, matched_steps, step_losses, unet_calls_per_step
@@ -105,6 +104,8 @@ parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "fl
                     help="compute dtype of the frozen networks; none = bfloat16 on cuda (float16 where the GPU lacks "
                     "bf16; trained with a loss scaler), float32 on cpu")
 parser.add_argument("--device", default=None, help="cuda or cpu; none = cuda when available")
+parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser's forward (opt-in: its compile "
+                    "time pays back on long runs; docs/speed_and_memory.md)")
 # evaluation
 parser.add_argument("--eval_n", type=int, default=64, help="images in the fixed evaluation set (one per prompt/seed)")
 parser.add_argument("--eval_batch_size", type=int, default=None,
@@ -136,6 +137,9 @@ DIST_TIMEOUT = timedelta(minutes=60)  # a process waits this long for the others
 # and the global step during which the run sends itself SIGTERM (through the real handler).
 FAULT_NAN_STEPS = {int(s) for s in os.environ.get("RID_FAULT_NAN_STEPS", "").split(",") if s.strip()}
 FAULT_SIGNAL_STEP = int(os.environ.get("RID_FAULT_SIGNAL_STEP", 0))
+# Set by the run that trains this one beside it (the quick start's baseline): its folder, whose stage 0 we take, and
+# its process id, whose end stops us as Ctrl-C would.
+BASE_STAGE, PARENT_PID = os.environ.get("RID_BASE_STAGE"), int(os.environ.get("RID_PARENT_PID", 0))
 
 # -----------------------------------------------------------------------------
 # Validation: every mistake we can see is reported now, in one line, before a model is loaded or a file written.
@@ -200,9 +204,13 @@ else:  # our own simple subjects, in the spirit of DDPO's animal prompts, and ev
 # The run folder: refuse to touch an earlier run unless asked; resume only a run with the same settings.
 ckpt_path = os.path.join(args.out, "checkpoint.pt")
 config = dict(vars(args))
-ckpt = open_run_folder(args.out, args.resume, args.overwrite)  # the checkpoint on --resume, else None
+finished = lambda folder: os.path.isfile(os.path.join(folder, "results.json"))
+beside = (os.path.join(args.out, f"baseline_{args.baseline}") if args.baseline not in ("none", args.method) and
+          int(os.environ.get("WORLD_SIZE", 1)) == 1 else None)  # the baseline's run folder (the toy quick start's)
+only_beside = args.resume and finished(args.out) and beside is not None and not finished(beside)
+ckpt = None if only_beside else open_run_folder(args.out, args.resume, args.overwrite)  # the checkpoint on --resume
 if ckpt is not None:
-    ignored = {"out", "resume", "overwrite", "save_every", "eval_batch_size", "device", "log", "baseline"}  # no effect
+    ignored = {"out", "resume", "overwrite", "save_every", "eval_batch_size", "device", "log", "baseline", "compile"}
     differ = sorted(k for k in config if k not in ignored and ckpt["config"].get(k) != config[k])
     if differ:
         was = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in differ)
@@ -210,6 +218,48 @@ if ckpt is not None:
     for k in range(len(ckpt["stages"])):  # the evaluated images the structure metrics compare against
         load_file(os.path.join(args.out, "samples", f"stage{k}.pt"),
                   lambda x: x.dtype == torch.uint8 and x.dim() == 4 and len(x) == args.eval_n)
+
+
+
+def launch_beside():
+    """The baseline: the same flags, its own process beside ours (its stage 0 is ours: RID_BASE_STAGE)."""
+    flags = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+    flags += ["--method", args.baseline, "--out", beside, "--baseline", "none"]
+    if os.path.isfile(os.path.join(beside, "checkpoint.pt")):
+        flags.append("--resume")
+    elif os.path.isdir(beside):  # stopped before its first checkpoint: nothing trained to keep
+        flags.append("--overwrite")
+    print(f"baseline: {args.baseline} with the same settings, beside this run in {beside} (its output: {beside}.log)")
+    return SideRun(os.path.abspath(__file__), flags, beside, len(tasks) * args.iters,
+                   {"RID_BASE_STAGE": os.path.abspath(args.out)})
+
+
+def finish_beside(side, table):
+    """Wait for the baseline, then print this run's table, the baseline's, and draw both grids side by side in
+    OUT/compare.png. -> the exit code (130: stopped, both resumable with --resume; 1: the baseline failed)."""
+    code = side.wait() if side is not None else 0
+    print(table, end="")
+    if code == 130 or stop_requested:
+        print(f"interrupted: the baseline saved its checkpoint; continue both with: python {' '.join(sys.argv)}"
+              f"{'' if args.resume else ' --resume'}")
+        return 130
+    if not finished(beside):
+        print(f"the baseline failed; its own error is at the end of {beside}.log")
+        return 1
+    print(f"\nbaseline: {args.baseline} with the same settings, into {beside}")
+    print(open(os.path.join(beside, "results.md")).read(), end="")
+    side_by_side([os.path.join(beside, "grid.png"), os.path.join(args.out, "grid.png")],
+                 [f"{args.baseline} (baseline)", f"{args.method} (this run)"], os.path.join(args.out, "compare.png"))
+    print(f"wrote {args.out}/compare.png: {args.baseline} (left) and {args.method} (right), the same prompts and noise")
+    return 0
+
+
+stop_requested, side = False, None  # Ctrl-C or SIGTERM seen; the baseline's process beside this one
+if only_beside:  # this run is finished and its baseline was stopped: continue the baseline alone
+    side = launch_beside()
+    signal.signal(signal.SIGINT, lambda signum, frame: side.signal(signum))
+    signal.signal(signal.SIGTERM, lambda signum, frame: side.signal(signum))
+    sys.exit(finish_beside(side, open(os.path.join(args.out, "results.md")).read()))
 
 # -----------------------------------------------------------------------------
 # Processes and devices: torchrun starts one process per GPU; a plain `python` run is a world of one.
@@ -232,6 +282,7 @@ if world > 1:
 # -----------------------------------------------------------------------------
 # Models: the frozen SD pipeline and the task rewards (loaded once, in the compute dtype).
 
+t_load = time.time()
 pipe = load_pipeline(args.model, device, dtype)
 height, width = image_size(pipe, args.height, args.width)
 if any(name not in WEIGHT_FREE for name in tasks):
@@ -243,6 +294,9 @@ for name in dict.fromkeys(tasks):
     except ValueError as e:
         raise UserError(str(e))
 eval_prompts, eval_seeds = eval_set(args.model, args.eval_n)
+if args.compile:  # the hot function only, as gpt-fast does; each adapter set and batch shape compiles once
+    pipe.denoiser.compile()
+load_seconds = round(time.time() - t_load, 1)  # the model and the rewards
 S, K, M, T = args.ddim_steps, args.grad_steps, args.match_steps, len(tasks)
 rid, soup = args.method == "rid", args.method == "soup"
 # fp16 (GPUs without bf16): a gradient scaler keeps the small reward gradients (x ~0.01 per DDIM step at K = 1) from
@@ -301,10 +355,11 @@ def stage_images(stage):  # (N, 3, H, W) in [0, 1]: the evaluation images of a s
 def run_eval(stage):
     """Evaluate the current model (every process samples its share of the set) and save its images (rank 0)."""
     base = stage_images(0) if stage > 0 and master else None  # the saved pixels, so a resumed run compares the same
+    t0 = time.time()
     out = evaluate(pipe, rewards, eval_prompts, eval_seeds, S, args.guidance_scale, args.eta, args.eval_batch_size,
                    height=height, width=width, base_images=base, toy=is_toy(args.model),
                    clip_model=clip_at_hand(rewards), rank=rank, world=world, progress=master)
-    images = out.pop("images")
+    images, out["seconds"] = out.pop("images"), round(time.time() - t0, 1)
     if master:
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
         with atomic_file(os.path.join(args.out, "samples", f"stage{stage}.pt")) as tmp:
@@ -313,6 +368,17 @@ def run_eval(stage):
             for k, image in enumerate(images):
                 to_pil(image).save(os.path.join(tmp, f"{k:03d}.png"))
     return out
+
+
+def adopt_stage0(run):
+    """Stage 0 (the base model's evaluation) of the run we train beside: the same model, prompts and noise, so its
+    images and scores are ours. Copied into our folder, which then holds all that eval.py --run and --resume read."""
+    stage0 = load_file(os.path.join(run, "checkpoint.pt"))["stages"][0]
+    if master:
+        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+        shutil.copyfile(os.path.join(run, "samples", "stage0.pt"), os.path.join(args.out, "samples", "stage0.pt"))
+        shutil.copytree(os.path.join(run, "samples", "stage0"), os.path.join(args.out, "samples", "stage0"))
+    return {**stage0, "seconds": 0.0}  # evaluated by the other run
 
 
 def save_checkpoint(t, step):
@@ -388,6 +454,8 @@ def end_of_step(bar, t, done, stop):
         save_checkpoint(t, done)  # also at done == iters when stopping: the resume then finishes the task
     if stop:
         bar.close()
+        if side is not None:
+            side.wait()  # the baseline saves its checkpoint too
         if master:
             again = " ".join(["python", *sys.argv] + ([] if args.resume else ["--resume"]))
             print(f"\ninterrupted: checkpoint saved at task {t + 1}, step {done}. Continue with:\n  {again}")
@@ -418,22 +486,24 @@ if master and args.resume:
     remove_partial_writes(args.out, os.path.join(args.out, "adapters"), os.path.join(args.out, "samples"))
 tracker = Tracker(args.log if master else "none", args.out, config, ckpt.get("tracker_id") if ckpt else None)
 if not stages:
-    stages.append(run_eval(0))
+    stages.append(adopt_stage0(BASE_STAGE) if BASE_STAGE else run_eval(0))
     if master:
         save_checkpoint(0, 0)
     if world > 1:
         dist.barrier()
+if beside is not None and not finished(beside):  # the baseline trains beside us from here on, one thread each
+    side = launch_beside()
+    torch.set_num_threads(side.threads)
 
 # Ctrl-C or SIGTERM (a preempted job): finish the current step, save a checkpoint, exit. A second Ctrl-C kills.
-stop_requested, baseline_run = False, None
 
 
 def request_stop(signum, frame):
     global stop_requested
     stop_requested = True
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    if baseline_run is not None and baseline_run.poll() is None:
-        baseline_run.send_signal(signum)  # the baseline's process has its own session: it hears what we pass on
+    if side is not None:
+        side.signal(signum)  # the baseline's process has its own session: it hears what we pass on
 
 
 signal.signal(signal.SIGINT, request_stop)
@@ -501,6 +571,8 @@ for t in range(start_task, T):
             loss_l2 = l2_pull(pipe.denoiser, name)
             scaler.scale(args.l2_weight * loss_l2 / world).backward()
             stats[3] = loss_l2.item() / world
+        if PARENT_PID and os.getppid() != PARENT_PID:  # the run we train beside is gone: stop as on Ctrl-C
+            stop_requested = True
         stats[4] = float(stop_requested)
         (reward_sum, loss_r, loss_d, loss_w, stop), reduced_finite = all_reduce(params, stats)
         finite, overflow = unscale_and_check(optimizer, params, reduced_finite, (reward_sum, loss_r, loss_d, loss_w))
@@ -521,6 +593,8 @@ for t in range(start_task, T):
         log_step(bar, task_log, t, step, finite, {"reward": reward_sum / args.batch_size, "loss_reward": loss_r,
                                                   "loss_rid": loss_d, "loss_l2": loss_w, "grad_norm": grad_norm,
                                                   "seconds": round(seconds, 4)})
+        if side is not None:
+            side.poll()  # the baseline's bar
         end_of_step(bar, t, step + 1, stop)
     bar.close()
     # Task done: its adapter (diffusers LoRA format), then the evaluation of every reward, then a checkpoint.
@@ -552,33 +626,15 @@ if master:
         "train": {"seconds_per_step": [sorted(l["seconds"])[len(l["seconds"]) // 2] for l in train_log],
                   "seconds_total": [round(sum(l["seconds"]), 1) for l in train_log],
                   "skipped_steps": [l["skipped"] for l in train_log], "reward_scales": reward_scales,
-                  "unet_calls_per_image_step": unet_calls, "peak_memory_bytes": peak},
+                  "unet_calls_per_image_step": unet_calls, "peak_memory_bytes": peak, "load_seconds": load_seconds,
+                  "evaluation_seconds": [s.get("seconds") for s in stages]},
     }
     table = write_report(args.out, results, [stage_images(s) for s in range(T + 1)])
-    print(table)
-    print(f"wrote {args.out}/results.json, results.md, grid.png, heatmap.png and {T} adapters")
-
-# -----------------------------------------------------------------------------
-# The baseline beside this run (the toy quick start: naive next to rid): the same flags in a fresh process.
-
-if master and args.baseline not in ("none", args.method) and world == 1:
-    base_out = os.path.join(args.out, f"baseline_{args.baseline}")
-    done = os.path.isfile(os.path.join(base_out, "results.json"))
-    if not done:
-        flags = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
-        flags += ["--method", args.baseline, "--out", base_out, "--baseline", "none"]
-        flags += ["--resume"] if os.path.isfile(os.path.join(base_out, "checkpoint.pt")) else []
-        print(f"\nbaseline: {args.baseline} with the same settings, into {base_out}", flush=True)
-        baseline_run = subprocess.Popen([sys.executable, os.path.abspath(__file__), *flags], start_new_session=True)
-        code = baseline_run.wait()
-        if code == 130 or stop_requested:  # stopped by Ctrl-C or SIGTERM: it saved its checkpoint
-            tracker.close()
-            sys.exit(130)
-        done = code == 0
-    if done:
-        side_by_side([os.path.join(base_out, "grid.png"), os.path.join(args.out, "grid.png")],
-                     [f"{args.baseline} (baseline)", f"{args.method} (this run)"], os.path.join(args.out, "compare.png"))
-        print(f"wrote {args.out}/compare.png: {args.baseline} (left) and {args.method} (right), the same prompts and noise")
+    table += f"\nwrote {args.out}/results.json, results.md, grid.png, heatmap.png and {T} adapters\n"
+    if beside is None:
+        print(table, end="")
 tracker.close()
 if world > 1:
     dist.destroy_process_group()
+if master and beside is not None:  # the baseline beside this run: both tables, then compare.png
+    sys.exit(finish_beside(side, table))

@@ -42,7 +42,7 @@ NOT_WALKED = {
     "--model": "every run (tiny SD, tiny SDXL, a v-prediction copy)", "--out": "a folder, not a computation",
     "--device": "cpu only here", "--overwrite": "test_toy.py, test_errors.py",
     "--resume": "test_train.py (SIGKILL, stop at a task's end)", "--baseline": "test_train.py::test_toy_model_defaults",
-    "--log": "test_train.py (tensorboard, wandb)",
+    "--log": "test_train.py (tensorboard, wandb)", "--compile": "bench.py --compile (docs/speed_and_memory.md)",
 }  # --dtype float16 (with its loss scaler) runs in test_train.py::test_fp16_trains_with_a_loss_scaler
 
 

@@ -224,6 +224,36 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path):
     assert ckpt["task"] == 0 and ckpt["step"] >= 2
 
 
+def test_ctrl_c_during_a_run_and_its_baseline_beside_it_leaves_both_resumable(tiny_sd, tmp_path):
+    """--baseline naive trains beside the run in its own process (the toy quick start's layout). Ctrl-C to the run
+    while both train: both save a checkpoint, the run exits 130 and says how to resume; --resume continues both to
+    their results and compare.png. The baseline took the run's stage 0 (the same images) instead of evaluating it."""
+    out = tmp_path / "pair"
+    cmd = [sys.executable, os.path.join(ROOT, "train_rid.py"), "--model", tiny_sd, "--out", str(out), *RUN,
+           "--iters", "25", "--save_every", "100", "--baseline", "naive"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    logs = [out / "log.jsonl", out / "baseline_naive" / "log.jsonl"]
+    deadline = time.time() + 120
+    while not all(f.exists() and open(f).read().count("\n") >= 2 for f in logs):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in stdout and "Traceback" not in stderr, stderr[-2000:]
+    for run in (out, out / "baseline_naive"):
+        ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+        assert (ckpt["task"], ckpt["step"]) >= (0, 2) and not (run / "results.json").exists()
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "compare.png").is_file() and (out / "baseline_naive" / "results.json").is_file()
+    assert "baseline: naive with the same settings" in r.stdout and r.stdout.count("| base |") == 2
+    for k in range(4):  # the baseline's stage 0 is the run's own, image for image
+        a, b = (np.asarray(Image.open(run / "samples" / "stage0" / f"{k:03d}.png")) for run in (out, out / "baseline_naive"))
+        assert np.array_equal(a, b)
+    assert json.load(open(out / "baseline_naive" / "results.json"))["train"]["evaluation_seconds"][0] == 0.0
+
+
 def test_nonfinite_steps_are_skipped_counted_and_the_count_survives_a_resume(trained, tiny_sd, tmp_path):
     out, _ = trained(*ADAPTERS_NAN, env=NAN_STEPS)
     res = json.load(open(out / "results.json"))
