@@ -178,11 +178,15 @@ class SideRun:
     processes do more work than one two-thread process (measured in docs/speed_and_memory.md). Its progress is a
     second bar here, read from its log.jsonl."""
 
+    @staticmethod
+    def threads():
+        return max(1, (os.cpu_count() or 1) // 2)
+
     def __init__(self, script, argv, folder, steps, env=None):
         import subprocess
         from tqdm.auto import tqdm
-        self.folder, self.threads = folder, max(1, (os.cpu_count() or 1) // 2)
-        env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": str(self.threads), "RID_PARENT_PID": str(os.getpid())}
+        self.folder = folder
+        env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": str(self.threads()), "RID_PARENT_PID": str(os.getpid())}
         os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
         with open(f"{folder}.log", "a") as log:
             self.proc = subprocess.Popen([sys.executable, script, *argv], stdout=log, stderr=subprocess.STDOUT,
