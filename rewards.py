@@ -165,20 +165,20 @@ def _load_error(name, what, err, hint):
            f"{type(err).__name__}: missing, unreadable or not the expected file")
     return ValueError(f"reward {name!r}: cannot load {what} ({why}); pass a local copy with --reward_path {name}={hint}")
 
-def load_aesthetic(path, device, dtype):
-    # path: a folder with a CLIP ViT-L/14 snapshot (config.json + weights) and aesthetic-model.pth,
-    # or just the .pth file (CLIP then comes from the hub).
+def load_aesthetic(path, device, dtype, name="aesthetic"):
+    # path: a folder with a CLIP snapshot (config.json + weights) and aesthetic-model.pth, or just the .pth file
+    # (CLIP ViT-L/14 then comes from the hub). The head's width is the CLIP's embedding width (768 for ViT-L/14).
     from transformers import CLIPModel
     folder = path if path and os.path.isdir(path) else None
     pth = os.path.join(folder, "aesthetic-model.pth") if folder else path
-    head = aesthetic_mlp()
     try:
         model = CLIPModel.from_pretrained(folder or CLIP_L14, dtype=torch.float32)  # CLIPReward casts the tower
         sd = torch.load(pth or _hub_file("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"),
                         map_location="cpu", weights_only=True)  # the file is a plain MLP state dict
+        head = aesthetic_mlp(model.config.projection_dim)
         head.load_state_dict({k.removeprefix("layers."): v for k, v in sd.items()})  # strict
     except LOAD_ERRORS as e:
-        raise _load_error("aesthetic", f"{folder or CLIP_L14} + {pth or 'trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth'}",
+        raise _load_error(name, f"{folder or CLIP_L14} + {pth or 'trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth'}",
                           e, "/path/to/folder (CLIP snapshot + aesthetic-model.pth)") from None
     return CLIPReward(model, head=head, dtype=dtype).to(device)
 
@@ -388,6 +388,14 @@ def load_toy(name):
     return lambda path, device, dtype: ImageReward(TOY[name])
 
 # -----------------------------------------------------------------------------
+# The toy world's learned rewards, trained by toy.py and shipped in toy_model/ (docs/toy_world.md): toyclip, a tiny
+# CLIP whose cosine of image and prompt stands for "the image shows its caption"; toypref, a tiny CLIP image tower
+# with the aesthetic predictor's head, trained on pairs ranked by a hidden rule (toy.preference_truth). Each has a
+# ground truth computed from the pixels by rule, so that hacking them shows (eval.py).
+TOY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_model")
+LEARNED_TOY = ("toyclip", "toypref")
+
+# -----------------------------------------------------------------------------
 # Registry: name -> loader(path, device, dtype). Looking a name up costs nothing; loading happens on call.
 REWARDS = {
     "aesthetic": load_aesthetic,
@@ -395,6 +403,10 @@ REWARDS = {
     "pickscore": load_clip_like("pickscore", "yuvalkirstain/PickScore_v1", LAION_H14, scaled=True),
     "clip": load_clip_like("clip", CLIP_L14, CLIP_L14, scaled=False),
     "imagereward": load_imagereward,
+    "toyclip": load_clip_like("toyclip", os.path.join(TOY_MODEL_DIR, "toyclip"), os.path.join(TOY_MODEL_DIR, "toyclip"),
+                              scaled=False),
+    "toypref": lambda path, device, dtype: load_aesthetic(path or os.path.join(TOY_MODEL_DIR, "toypref"), device,
+                                                          dtype, "toypref"),
     **{name: load_toy(name) for name in TOY},
 }
 

@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import UserError, atomic_dir, one_line_errors, to_pil
+from common import UserError, atomic_dir, atomic_file, one_line_errors, to_pil
 from sample import generate, initial_latents, load_pipeline
 
 # ---------------------------------------------------------------------------------------------------
@@ -51,6 +51,12 @@ parser.add_argument("--unet_lr", type=float, default=1e-3, help="peak AdamW lear
 parser.add_argument("--warmup", type=int, default=100, help="linear LR warmup steps (both stages), then cosine decay to 0")
 parser.add_argument("--caption_dropout", type=float, default=0.1, help="fraction of captions replaced by '' (for classifier-free guidance)")
 parser.add_argument("--log_every", type=int, default=100, help="print a loss line every this many steps")
+# the learned toy rewards (toyclip, toypref), trained after the model or alone with --only_rewards
+parser.add_argument("--only_rewards", action="store_true", help="train only the two learned rewards into --out (an "
+                    "existing model folder), leaving the model as it is")
+parser.add_argument("--reward_steps", type=int, default=800, help="optimiser steps of each learned reward")
+parser.add_argument("--reward_batch", type=int, default=64, help="images per reward step (distinct captions)")
+parser.add_argument("--reward_lr", type=float, default=2e-3, help="peak AdamW learning rate of the rewards")
 # evaluation (the numbers in docs/toy_world.md)
 parser.add_argument("--eval_n", type=int, default=256, help="held-out captions to sample and check (0 = skip)")
 parser.add_argument("--eval_seed", type=int, default=1234, help="seed of the held-out captions and of the initial latents")
@@ -173,7 +179,7 @@ def classify(images):
                          inside & ((u - 0.5).abs() <= v / 2)], 1)[torch.arange(B), shape]  # (B, H, W), as render() draws
     iou = (ideal & mask).sum((1, 2)) / (ideal | mask).sum((1, 2)).clamp(min=1)
     shape = torch.where(iou >= 0.7, shape, -1)
-    return {"colour": colour, "shape": shape, "background": background}
+    return {"colour": colour, "shape": shape, "background": background, "mask": mask}
 
 
 def check_captions(images, captions):
@@ -189,6 +195,44 @@ def check_captions(images, captions):
 
 def match_rates(images, captions):
     return {k: v.float().mean().item() for k, v in check_captions(images, captions).items()}
+
+# ---------------------------------------------------------------------------------------------------
+# Ground truths of the two learned rewards, by rule from the pixels (no network): what toyclip and toypref stand
+# for, so that a rise of the learned score without a rise of its truth can be seen (reward hacking).
+
+def caption_truth(images, captions):
+    """toyclip's truth: the fraction of the caption's three parts (shape, its colour, the background) that the
+    checker finds in the image, (B,) in {0, 1/3, 2/3, 1}."""
+    ok = check_captions(images, captions)
+    return (ok["shape"].float() + ok["colour"].float() + ok["background"].float()) / 3
+
+
+def preference_truth(images):
+    """toypref's hidden rule (our choice): a large, centred shape that stands out from its background. (B,) in
+    [0, 1]: the mean of its area (full marks at 40% of the image), its centredness (1 - the distance of its centroid
+    from the centre over the centre's distance to a corner) and the distance of its colour from the background's in
+    the palette (over the cube's diagonal, sqrt 3). 0 where the checker finds no shape colour."""
+    got = classify(images)
+    mask = got["mask"].float()  # (B, H, W) pixels of the shape's colour
+    B, H, W = mask.shape
+    area = mask.sum((1, 2)) / (H * W)
+    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    n = mask.sum((1, 2)).clamp(min=1)
+    cy, cx = (mask * ys).sum((1, 2)) / n, (mask * xs).sum((1, 2)) / n
+    centred = 1 - ((cy - H / 2) ** 2 + (cx - W / 2) ** 2).sqrt() / math.hypot(H / 2, W / 2)
+    fg, bg = PALETTE[got["colour"].clamp(min=0)], PALETTE[got["background"]]
+    stand_out = (fg - bg).norm(dim=1) / math.sqrt(3)
+    truth = ((area / 0.4).clamp(max=1) + centred + stand_out) / 3
+    return torch.where(got["colour"] >= 0, truth, torch.zeros_like(truth))
+
+
+def degrade(images, g):
+    """What a generated image looks like next to a rendered one: edges blurred by a random amount, a little noise."""
+    B = len(images)
+    a = torch.rand(B, 1, 1, 1, generator=g) * 0.8
+    blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    noise = torch.randn(images.shape, generator=g) * torch.rand(B, 1, 1, 1, generator=g) * 0.04
+    return ((1 - a) * images + a * blurred + noise).clamp(0, 1)
 
 # ---------------------------------------------------------------------------------------------------
 # Sampling a toy model for evaluation, and a captioned grid for humans.
@@ -362,6 +406,113 @@ def train_denoiser(args, vae, step_seed):
     return tokenizer, text_encoder.eval(), unet.eval(), scheduler
 
 
+def tiny_clip(tokenizer, text_layers=2):
+    """A CLIPModel the size of the toy world: 32x32 images in 4x4 patches, width 64, 32-dim embeddings."""
+    from transformers import CLIPConfig, CLIPModel
+    layers = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    return CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), num_hidden_layers=text_layers, bos_token_id=tokenizer.bos_token_id,
+                         max_position_embeddings=tokenizer.model_max_length, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **layers),
+        vision_config=dict(image_size=32, patch_size=4, num_hidden_layers=3, **layers), projection_dim=32))
+
+
+def train_rewards(args, step_seed, out, model_dir):
+    """Stage 3: the two learned rewards, in the folders load_reward reads (out/toyclip, out/toypref).
+    toyclip: a tiny CLIP trained contrastively (InfoNCE both ways) on rendered images, blurred and noised as generated
+    ones are, against their captions; each batch has distinct captions. toypref: a tiny CLIP image tower with the
+    aesthetic predictor's head (the same MLP), trained on the pairs of a batch ranked by preference_truth
+    (Bradley-Terry, pairs closer than 0.05 skipped). Both see images through rewards.clip_preprocess, as they will.
+    -> their held-out agreement with their truths (agreement(), also on model_dir's samples)."""
+    import rewards
+    from tqdm import tqdm
+    tokenizer, pool = build_tokenizer(), all_captions("train") + all_captions("heldout")
+    clip, pref = tiny_clip(tokenizer), tiny_clip(tokenizer, text_layers=1)
+    head = rewards.aesthetic_mlp(32)
+    print(f"toyclip: {nparams(clip) / 1e6:.2f}M params; toypref: {(nparams(pref) + nparams(head)) / 1e6:.2f}M params; "
+          f"{args.reward_steps} steps x {args.reward_batch} images each")
+    embed = lambda model, x: F.normalize(model.get_image_features(pixel_values=rewards.clip_preprocess(x, 32)).pooler_output,
+                                         dim=-1)
+    opt = torch.optim.AdamW([*clip.parameters(), *pref.parameters(), *head.parameters()], lr=args.reward_lr)
+    bar = tqdm(range(args.reward_steps), desc="rewards", unit="step")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.reward_steps, args.reward_lr, args.warmup)
+        seed = step_seed(3, step)
+        g = torch.Generator().manual_seed(seed)
+        captions = [pool[i] for i in torch.randperm(len(pool), generator=g)[:args.reward_batch].tolist()]
+        x = degrade(render(captions, seed), g)  # (B, 3, 32, 32)
+        tok = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+        txt = F.normalize(clip.get_text_features(**tok).pooler_output, dim=-1)
+        logits = clip.logit_scale.exp() * embed(clip, x) @ txt.T  # (B, B): image i against caption j
+        target = torch.arange(len(captions))
+        loss_clip = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        score, truth = head(embed(pref, x)).squeeze(-1), preference_truth(x)
+        better = truth[:, None] - truth[None, :] > 0.05  # (B, B): image i preferred to image j
+        loss_pref = F.softplus(-(score[:, None] - score[None, :]))[better].mean()
+        opt.zero_grad(set_to_none=True)
+        (loss_clip + loss_pref).backward()
+        opt.step()
+        bar.set_postfix(clip=f"{loss_clip.item():.3f}", pref=f"{loss_pref.item():.3f}")
+        if step % args.log_every == 0 or step == args.reward_steps - 1:
+            tqdm.write(f"rewards step {step:5d} | clip {loss_clip.item():.4f} | pref {loss_pref.item():.4f}")
+    with atomic_dir(os.path.join(out, "toyclip")) as tmp:
+        clip.eval().save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    with atomic_dir(os.path.join(out, "toypref")) as tmp:  # the aesthetic predictor's layout: a CLIP and its head
+        pref.eval().save_pretrained(tmp)
+        torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, os.path.join(tmp, "aesthetic-model.pth"))
+    return agreement(args, out, model_dir)
+
+
+def agreement(args, out, model_dir):
+    """Each learned reward against its truth, on 512 fresh rendered images (blurred and noised) and on 64 images the
+    toy model in model_dir samples for held-out captions. toyclip: how often it scores the caption the checker reads
+    in the image above the same caption with one part (shape, colour or background) changed. toypref: how often it
+    orders a pair as preference_truth does (pairs closer than 0.05 left out), and the rank correlation. -> {...}"""
+    import rewards
+    clip, pref = (rewards.load_reward(name, os.path.join(out, name)) for name in ("toyclip", "toypref"))
+    g = torch.Generator().manual_seed(args.eval_seed + 3)
+    rendered = degrade(render(toy_captions(512, args.eval_seed + 3, "heldout"), args.eval_seed + 3), g)
+    held = toy_captions(64, args.eval_seed + 4, split="heldout")
+    generated = sample_toy(model_dir, held, args.eval_seed + 4, 20)
+    spearman = lambda a, b: float(torch.corrcoef(torch.stack([a.argsort().argsort().float(), b.argsort().argsort().float()]))[0, 1])
+    result = {}
+    for kind, x in (("rendered", rendered), ("generated", generated)):
+        got = classify(x)
+        keep = (got["colour"] >= 0) & (got["shape"] >= 0)  # the checker reads a whole caption
+        x, got = x[keep], {k: v[keep] for k, v in got.items()}
+        if len(x) < 2:  # a model that draws no caption yet (a remake of a few steps): nothing to agree on
+            result[kind] = {"images": len(x), "toyclip_right_caption_first": None, "toypref_pairs_ordered_as_truth": None,
+                            "toypref_spearman": None}
+            continue
+        read = [f"a {NAMES[c]} {SHAPES[s]} on a {NAMES[b]} background"
+                for c, s, b in zip(got["colour"].tolist(), got["shape"].tolist(), got["background"].tolist())]
+        wrong = [change_one_part(c, k) for k, c in enumerate(read)]
+        with torch.no_grad():
+            right_scores, wrong_scores = clip(x, read), clip(x, wrong)
+            score, truth = pref(x, [""] * len(x)), preference_truth(x)
+        pairs = (truth[:, None] - truth[None, :]).abs() > 0.05
+        agree = ((score[:, None] > score[None, :]) == (truth[:, None] > truth[None, :]))[pairs]
+        result[kind] = {"images": len(x), "toyclip_right_caption_first": (right_scores > wrong_scores).float().mean().item(),
+                        "toypref_pairs_ordered_as_truth": agree.float().mean().item(),
+                        "toypref_spearman": spearman(score, truth)}
+    return result
+
+
+def change_one_part(caption, k):
+    """The caption with its shape, its colour or its background (the k-th image's choice, cycling) changed to
+    another valid one."""
+    c, s, b = parse_caption(caption)
+    part = k % 3
+    if part == 0:
+        s = SHAPES[(SHAPES.index(s) + 1 + k // 3 % 2) % 3]
+    else:
+        other = [n for n in NAMES if n not in (c, b)]
+        c, b = (other[k // 3 % len(other)], b) if part == 1 else (c, other[k // 3 % len(other)])
+    return f"a {c} {s} on a {b} background"
+
+
 def measure(args, out):
     """The acceptance numbers: the checker on procedural images, then its rates on held-out (never trained) captions."""
     real = toy_captions(4096, args.eval_seed + 1, split="heldout")
@@ -383,7 +534,9 @@ def main(args):
     # Bad input first, before the heavy imports and any work: refuse before spending half an hour, not after.
     if args.eval_only and not os.path.isdir(out):
         raise UserError(f"--eval_only needs a model folder, and '{args.out}' does not exist; pass --out DIR")
-    if not args.eval_only and os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+    if args.only_rewards and not os.path.isfile(os.path.join(out, "model_index.json")):
+        raise UserError(f"--only_rewards trains the rewards of a model in --out, and '{args.out}' holds none")
+    if not (args.eval_only or args.only_rewards) and os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         raise UserError(f"'{args.out}' exists and is not empty; choose another --out or pass --overwrite")
     for flag in ("seed", "eval_seed"):  # the recipe packs seed, stage and step into one 64-bit generator seed
         if not 0 <= getattr(args, flag) < 2**32:
@@ -392,10 +545,21 @@ def main(args):
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}")
     t_start = time.time()
-    if not args.eval_only:
+    step_seed = lambda stage, step: args.seed * 1_000_003 + stage * 100_000 + step  # distinct data per step
+    if args.only_rewards:  # the rewards of the model already in --out, each folder replaced as a whole
+        torch.manual_seed(args.seed + 3)
+        agree = train_rewards(args, step_seed, out, out)
+        with open(os.path.join(out, "toy.json")) as f:
+            record = json.load(f)
+        record["rewards"] = {"args": {k: getattr(args, k) for k in ("seed", "reward_steps", "reward_batch", "reward_lr",
+                                                                    "warmup")}, "train_seconds": round(time.time() - t_start),
+                             "held_out_agreement": agree}
+        with atomic_file(os.path.join(out, "toy.json")) as tmp, open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"held-out agreement: {json.dumps(agree)}")
+    elif not args.eval_only:
         from diffusers import StableDiffusionPipeline
         torch.manual_seed(args.seed)
-        step_seed = lambda stage, step: args.seed * 1_000_003 + stage * 100_000 + step  # distinct data per step
         vae, rec_rates = train_autoencoder(args, step_seed)
         tokenizer, text_encoder, unet, scheduler = train_denoiser(args, vae, step_seed)
         train_s = time.time() - t_start
@@ -406,12 +570,17 @@ def main(args):
                                        requires_safety_checker=False)
         with atomic_dir(out) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
+            torch.manual_seed(args.seed + 3)
+            t_rewards = time.time()
+            agree = train_rewards(args, step_seed, tmp, tmp)  # the rewards, on the model just made
             with open(os.path.join(tmp, "toy.json"), "w") as f:  # provenance; from_pretrained ignores it
                 recipe = {k: v for k, v in vars(args).items() if k not in ("out", "grid", "overwrite", "eval_only")}
                 json.dump({"args": recipe, "train_seconds": round(train_s), "threads": torch.get_num_threads(),
-                           "checker_on_vae_reconstructions": rec_rates}, f, indent=2)
-        print(f"saved {out} after {train_s:.0f} s of training")
-    if args.eval_n:
+                           "checker_on_vae_reconstructions": rec_rates,
+                           "rewards": {"train_seconds": round(time.time() - t_rewards), "held_out_agreement": agree}},
+                          f, indent=2)
+        print(f"saved {out} after {time.time() - t_start:.0f} s of training")
+    if args.eval_n and not args.only_rewards:
         measure(args, out)
     print(f"total {time.time() - t_start:.0f} s")
 
