@@ -173,6 +173,8 @@ def structure_of(images, prompts, base_images=None, toy=False, clip_model=None, 
 
 def ril_metrics(matrix, tol=1e-6, scale=None):
     """-> {"gain": (T+1) x T, "forgetting": [F_1..F_T], "average": [A_1..A_T], "warnings": [str]}.
+    A 2 x T matrix with T > 1 is a joint run (train_rid.py --method joint: base, then one model trained on every task
+    at once): it has no row of its own per task, so its gains need `scale`; F is None and A the mean final gain.
     scale: None = the paper-style normaliser, each task's own gain R[j+1][j] - R[0][j]; or T fixed, method-independent
     normalisers (such as each reward's gain in a single-task reference run, see experiment.py), used instead.
     A column whose own task moved its reward by less than tol (relative to max(1, |R[0][j]|)) has no defined
@@ -180,7 +182,13 @@ def ril_metrics(matrix, tol=1e-6, scale=None):
     warning. F_1 = None (nothing learned before task 1 can be forgotten), as is any mean over no entries."""
     R = [[float(v) for v in row] for row in matrix]
     T = len(R[0])
-    assert T >= 1 and len(R) == T + 1 and all(len(row) == T for row in R), "matrix must be (T+1) x T"
+    assert T >= 1 and len(R) in (2, T + 1) and all(len(row) == T for row in R), "matrix must be (T+1) x T or 2 x T"
+    if len(R) == 2 and T > 1:  # joint
+        gain = [[None if scale is None else (R[i][j] - R[0][j]) / float(scale[j]) + 0.0 for j in range(T)] for i in (0, 1)]
+        note = [] if scale else ["joint run (every task at once): its normalised gains need each reward's gain in a "
+                                 "single-task run (experiment.py --frontier); the reward matrix holds its results"]
+        return {"gain": gain, "forgetting": [None], "average": [None if scale is None else sum(gain[1]) / T],
+                "warnings": note}
     gain, warnings = [[None] * T for _ in range(T + 1)], []
     for j in range(T):
         own = R[j + 1][j] - R[0][j] if scale is None else float(scale[j])  # the normaliser of column j
@@ -222,6 +230,8 @@ def fmt(d, digits=4):
 
 
 def stage_names(results):
+    if results.get("method") == "joint":
+        return ["base", "joint: all tasks"]
     return ["base"] + [f"{k + 1}: {name}" for k, name in enumerate(results["rewards"])]
 
 
@@ -238,6 +248,13 @@ def markdown_table(results):
         cells += [fmt(results["forgetting"][i - 1]) if i else "–", fmt(results["average"][i - 1]) if i else "–"]
         cells += [fmt(structure[i].get(k)) for k in extra]
         lines.append("| " + " | ".join([stage, *cells]) + " |")
+    if results.get("truth"):  # learned toy rewards: each beside its ground truth, and the hacking gap
+        names = list(results["truth"][0])
+        head = ["stage", *[c for n in names for c in (f"{n} truth", f"{n} hacking gap")]]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for i, stage in enumerate(stage_names(results)):
+            cells = [c for n in names for c in (fmt(results["truth"][i][n]), fmt(results["hacking_gap"][n][i], 3))]
+            lines.append("| " + " | ".join([stage, *cells]) + " |")
     return "\n".join(lines + [f"\n> warning: {w}" for w in results.get("warnings", [])]) + "\n"
 
 
@@ -293,16 +310,84 @@ def draw_heatmap(results, cell=(96, 44), label_w=130, head_h=52):
     return img
 
 
-def write_report(run_dir, results, stage_images):
-    """Adds ril_metrics to `results` (in place), writes the four files into run_dir, returns the Markdown table."""
+def write_report(run_dir, results, stage_images, stage_scores=None):
+    """Adds ril_metrics to `results` (in place), writes the four files into run_dir, returns the Markdown table.
+    stage_scores: per stage, {reward: (N,) per-image scores}; with them, a toy-world run whose tasks include a learned
+    reward also gets its ground truth, hacking gap and hacking.png (hacking())."""
     results.update(ril_metrics(results["matrix"]))
     os.makedirs(run_dir, exist_ok=True)
+    pictures = hacking(results, stage_images, stage_scores) if stage_scores else None
     table = markdown_table(results)
     write_json(os.path.join(run_dir, "results.json"), results)
     write_text(os.path.join(run_dir, "results.md"), table)
     save_png(draw_grid(results, stage_images), os.path.join(run_dir, "grid.png"))
     save_png(draw_heatmap(results), os.path.join(run_dir, "heatmap.png"))
+    if pictures is not None:
+        save_png(pictures, os.path.join(run_dir, "hacking.png"))
     return table
+
+# -----------------------------------------------------------------------------
+# Reward hacking (toy world): a learned reward beside its ground truth, computed from the pixels by rule
+
+def truths(names, images, prompts):
+    """{name: (N,) ground truth} for the learned toy rewards among names (toy.py): toyclip -> the fraction of the
+    caption's parts the checker finds, toypref -> the hidden preference rule. Measured on 8-bit images, as structure."""
+    import toy
+    rule = {"toyclip": lambda x: toy.caption_truth(x, prompts), "toypref": toy.preference_truth}
+    x = to_uint8(images).float() / 255
+    return {n: rule[n](x).float() for n in names if n in rule}
+
+
+def hacking(results, stage_images, stage_scores, ncol=8):
+    """Adds "truth" (per stage, {reward: {"mean", "se"}}), "hacking_gap" ({reward: [per stage]}) and "hacked_images"
+    ({reward: count}) to results for the learned toy rewards among its tasks; returns the picture (or None).
+    Hacking gap of reward r with truth g after stage i (our choice of formula):
+        gap_i = (mean r_i - mean r_0) / sd_0(r) - (mean g_i - mean g_0) / sd_0(g),
+    each gain in units of its spread over the base model's evaluation images (sd_0: per-image standard deviation),
+    so that a score in cosine units and a truth in [0, 1] compare. 0 = the score rose as far as its truth; > 0 =
+    it rose further (hacking); None where the base spread of either is 0. hacking.png: per learned reward, the final
+    stage's images whose score rose while their truth fell, the largest rise first, under their base images."""
+    if not is_toy(results["config"]["model"]):
+        return None
+    prompts = eval_set(results["config"]["model"], len(stage_images[0]))[0]
+    names = [n for n in dict.fromkeys(results["rewards"]) if n in ("toyclip", "toypref")]
+    if not names:
+        return None
+    per_stage = [truths(names, images, prompts) for images in stage_images]
+    results["truth"] = [{n: mean_se(t[n]) for n in names} for t in per_stage]
+    results["hacking_gap"], results["hacked_images"], columns = {}, {}, []
+    for n in names:
+        r = [s[n].double() for s in stage_scores]
+        g = [t[n].double() for t in per_stage]
+        sd_r, sd_g = r[0].std().item(), g[0].std().item()
+        results["hacking_gap"][n] = [((ri.mean() - r[0].mean()) / sd_r - (gi.mean() - g[0].mean()) / sd_g).item()
+                                     if sd_r > 0 and sd_g > 0 else None for ri, gi in zip(r, g)]
+        rose, fell = r[-1] - r[0], g[-1] - g[0]
+        hacked = ((rose > 0) & (fell < 0)).nonzero().flatten()
+        results["hacked_images"][n] = len(hacked)
+        columns += [(n, k, rose[k].item(), fell[k].item()) for k in hacked[rose[hacked].argsort(descending=True)][:ncol].tolist()]
+    return draw_hacking(columns, stage_images[0], stage_images[-1]) if columns else None
+
+
+def draw_hacking(columns, base, final, min_px=96, label_h=44):
+    """Two rows (base above, final below) of the images in columns [(reward, k, score rise, truth change)]."""
+    from PIL import Image, ImageDraw
+    H, W = base.shape[-2:]
+    scale = math.ceil(min_px / min(H, W))
+    pick = torch.stack([torch.stack([base[k], final[k]]) for _, k, _, _ in columns], 1)  # (2, n, 3, H, W)
+    ims = F.interpolate(pick.flatten(0, 1).float(), scale_factor=scale, mode="nearest")
+    grid = image_grid(ims, ncol=len(columns), pad=2)
+    out = Image.new("RGB", (grid.width + 70, grid.height + label_h), "white")
+    out.paste(grid, (70, 0))
+    draw = ImageDraw.Draw(out)
+    for i, label in enumerate(("base", "final")):
+        draw.text((6, i * (H * scale + 2) + H * scale // 2 - 8), label, fill="black", font=font())
+    for c, (name, k, rose, fell) in enumerate(columns):
+        x = 70 + c * (W * scale + 2) + 2
+        draw.text((x, grid.height + 2), f"{name} #{k}", fill="black", font=font(11))
+        draw.text((x, grid.height + 16), f"score {rose:+.3g}", fill=(30, 90, 210), font=font(11))
+        draw.text((x, grid.height + 30), f"truth {fell:+.2f}", fill=(200, 40, 40), font=font(11))
+    return out
 
 # -----------------------------------------------------------------------------
 # CLI: rebuild every stage of a finished run from its saved adapters and recompute its results
@@ -319,7 +404,8 @@ def read_run(run):
         missing = [k for k in ("model", "eval_n", "eval_batch_size", "ddim_steps", "guidance_scale",
                                "eta") if k not in config]
         assert not missing, f"config lacks {', '.join(missing)}"
-        assert len(adapters) == len(names) + 1 and not adapters[0], "adapters must list base + one stage per task"
+        stages = 2 if old.get("method") == "joint" else len(names) + 1
+        assert len(adapters) == stages and not adapters[0], "adapters must list base + one stage per task (joint: one)"
     except (ValueError, KeyError, TypeError, AssertionError) as e:
         raise UserError(f"'{path}' is not a train_rid.py results file ({type(e).__name__}: {e})")
     for folder in dict.fromkeys(sum(adapters, [])):
@@ -364,7 +450,7 @@ def main():
                     clip_model=clip_model)
     # The recomputed results: the training-time record with the measured keys replaced (ril_metrics re-added).
     new = {**old, "matrix": [], "matrix_se": [], "structure": [], "recomputed_from": os.path.abspath(args.run)}
-    loaded, stage_images = {}, []  # adapter folder -> adapter name; (N, 3, H, W) per stage
+    loaded, stage_images, stage_scores = {}, [], []  # adapter folder -> adapter name; (N, 3, H, W) per stage
     for folder in dict.fromkeys(sum(adapters, [])):  # each folder once, under its own name, before any sampling
         loaded[folder] = f"eval{len(loaded)}"
         load_lora(pipe, os.path.join(args.run, folder), loaded[folder])
@@ -377,10 +463,11 @@ def main():
             pipe.denoiser.disable_adapters()  # the base model
         out = evaluate(pipe, scorers, prompts, seeds, **settings, base_images=stage_images[0] if k else None)
         stage_images.append(out["images"])
+        stage_scores.append(out["scores"])
         new["matrix"].append([out["rewards"][n]["mean"] for n in names])
         new["matrix_se"].append([out["rewards"][n]["se"] for n in names])
         new["structure"].append(out["structure"])
-    print(write_report(out_dir, new, stage_images))
+    print(write_report(out_dir, new, stage_images, stage_scores))
     diff = max(abs(a - b) for ra, rb in zip(new["matrix"], old["matrix"]) for a, b in zip(ra, rb))
     print(f"wrote results.json, results.md, grid.png, heatmap.png to {out_dir}")
     print(f"largest absolute difference to the training-time reward matrix: {diff:.3g}")

@@ -19,6 +19,10 @@ The measures, from each run's results.json (definitions in docs/method.md):
   F_T, A_T       forgetting and average gain after the last task on the reference-normalised gains; the paper-style
                  ones (normalised by each task's own gain) are reported beside them, labelled "own"
   final gain     the final model's reference-normalised gains summed over all tasks
+  hacking gap    for learned toy rewards (toyclip, toypref): the final model's gain in the reward minus that in its
+                 ground truth, each in units of its base spread (eval.hacking), averaged over them; > 0 = hacked
+  joint          (--method joint) every task at once with the same total budget: a point on the final-gain panels,
+                 and each method's distance to it
   SSIM, caption  structure after the last task against the base model's images (caption: toy world only)
 The reference gain of a reward is its gain from the base model in a single-task run with the same budget and the
 same seeds (train_rid.py --rewards NAME, each seed), run once and cached in OUT/reference/: it does not depend on the
@@ -43,8 +47,9 @@ FRONTIER = {
     "soup": ("soup_weight", [0.33, 1.0]),        # each adapter's weight in the soup; 1 = the sum
     "rid": ("rid_lambda", [1, 3, 10]),           # lambda 0 would be `adapters`
     "adapters": ("iters", [6, 20]),              # rid's lambda = 0, stopped early or not
-}
-FRONTIER_DEFAULT = "naive,adapters,l2,soup,rid"
+    "joint": (None, [None]),                     # every task at once, the same total budget: one point, the upper
+}                                                # reference on the final-gain panels
+FRONTIER_DEFAULT = "naive,adapters,l2,soup,rid,joint"
 
 parser = one_line_errors(argparse.ArgumentParser(description="Compare RIL methods over seeds."))
 parser.add_argument("--out", default="runs/experiment", help="folder for all runs and the comparison")
@@ -90,7 +95,7 @@ for item in args.flags:
         raise UserError(f"--flags '{item}': '{name}' is not a curve; add it with --knob {name}=KEY:v1,v2,...")
     fixed[name] = flags.split()
 for name in curves:
-    if name.split("/")[0] not in ("naive", "adapters", "rid", "l2", "soup"):
+    if name.split("/")[0] not in ("naive", "adapters", "rid", "l2", "soup", "joint"):
         raise UserError(f"curve '{name}': the part before '/' must be a train_rid.py --method")
 reference_dir = args.reference or os.path.join(args.out, "reference")
 variants = [(None, None)]
@@ -157,9 +162,12 @@ def measures(res, ref=None):
     """ref: the reference gains of the sequence's rewards (None: raw reward units, no normalised measures)."""
     from eval import ril_metrics
     R, T, last = res["matrix"], len(res["rewards"]), res["structure"][-1]
-    scale = ref or [1.0] * T
-    out = {"new task": statistics.mean((R[t][t - 1] - R[t - 1][t - 1]) / scale[t - 1] for t in range(1, T + 1)),
+    scale, joint = ref or [1.0] * T, res.get("method") == "joint"  # joint: base and one final row, no task of its own
+    gaps = [v[-1] for v in (res.get("hacking_gap") or {}).values() if v[-1] is not None]
+    out = {"new task": None if joint else statistics.mean((R[t][t - 1] - R[t - 1][t - 1]) / scale[t - 1]
+                                                         for t in range(1, T + 1)),
            "F own": res["forgetting"][-1] if T > 1 else None, "A own": res["average"][-1],
+           "hacking gap": statistics.mean(gaps) if gaps else None,
            "SSIM": last["ssim"]["mean"], "caption": last.get("caption", {}).get("mean"),
            "s/step": statistics.mean(res["train"]["seconds_per_step"]),
            "train s": sum(res["train"]["seconds_total"])}
@@ -168,6 +176,8 @@ def measures(res, ref=None):
     if ref:
         m = ril_metrics(R, scale=ref)
         out.update({"F": m["forgetting"][-1] if T > 1 else None, "A": m["average"][-1], "final gain": sum(m["gain"][-1])})
+    else:
+        out["final gain"] = None
     return out
 
 
@@ -238,7 +248,8 @@ def curve_runs(rewards, out, plan=None):
     for name, (key, values) in curves.items():
         for value in values:
             flags = [*fixed.get(name, []), *([f"--{key}", str(value)] if key else [])]
-            runs.setdefault(name, []).append((value, [run(os.path.join(out, name, f"{key}={value}", f"seed{s}"), rewards,
+            point = f"{key}={value}" if key else "default"  # a curve without a knob (joint): one point
+            runs.setdefault(name, []).append((value, [run(os.path.join(out, name, point, f"seed{s}"), rewards,
                                                           name.split("/")[0], s, flags, plan) for s in seeds]))
     return runs
 
@@ -253,17 +264,18 @@ def frontier_mode(rewards, out):
     lines = [header(rewards, first),
              "Reference gains (single-task runs): " + ", ".join(f"{n} {g:+.4f}" for n, g in zip(rewards.split(","), ref)),
              "", "| method | knob | new-task gain | F_T | F_T own | A_T | final gain | SSIM to base | caption match | "
-             "UNet calls per image and step | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "hacking gap | UNet calls per image and step | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    knob = lambda method, value: f"{curves[method][0]}={value}" if curves[method][0] else "–"
     for method, row in points.items():
-        key = curves[method][0]
         for value, s in row:  # (method here is the curve's name)
-            lines.append(f"| {method} | {key}={value} | {cell(s['new task'])} | {cell(s['F'])} | {cell(s['F own'])} | "
-                         f"{cell(s['A'])} | {cell(s['final gain'])} | {cell(s['SSIM'])} | {cell(s['caption'])} | "
-                         f"{cell(s['UNet calls'], 0).split(' ±')[0]} | {cell(s['train s'], 0)} |")
+            lines.append(f"| {method} | {knob(method, value)} | {cell(s['new task'])} | {cell(s['F'])} | "
+                         f"{cell(s['F own'])} | {cell(s['A'])} | {cell(s['final gain'])} | {cell(s['SSIM'])} | "
+                         f"{cell(s['caption'])} | {cell(s['hacking gap'])} | {cell(s['UNet calls'], 0).split(' ±')[0]} | "
+                         f"{cell(s['train s'], 0)} |")
     verdicts = []
     if "naive" in points:
         naive = sorted(((s["new task"][0], s) for _, s in points["naive"]), key=lambda p: p[0])  # ties: keep order
-        for method in [m for m in points if m != "naive"]:
+        for method in [m for m in points if m not in ("naive", "joint")]:
             for value, s in points[method]:
                 x = s["new task"][0]
                 diff = {k: (None if interpolate([(a, b[k][0]) for a, b in naive], x) is None else
@@ -279,13 +291,21 @@ def frontier_mode(rewards, out):
                   "least 0.1 lower and caption match and SSIM at least 0.05 higher:", "",
                   "| method | knob | new-task gain | F_T - naive's | caption - naive's | SSIM - naive's | wins |",
                   "|---|---|---|---|---|---|---|", *verdicts]
+    if "joint" in points:  # how far each final model is from training on every task at once
+        ref_point = points["joint"][0][1]
+        away = lambda s, k: "–" if s[k][0] is None or ref_point[k][0] is None else f"{s[k][0] - ref_point[k][0]:+.3f}"
+        lines += ["", "Each final model against joint training (every task at once, the same total budget; final gain "
+                  f"{cell(ref_point['final gain'])}):", "",
+                  "| method | knob | final gain - joint's | caption - joint's | SSIM - joint's |", "|---|---|---|---|---|"]
+        lines += [f"| {m} | {knob(m, value)} | {away(s, 'final gain')} | {away(s, 'caption')} | {away(s, 'SSIM')} |"
+                  for m, row in points.items() if m != "joint" for value, s in row]
     return "\n".join(lines) + "\n", {"reference_gains": ref, "points": points}
 
 
 PANELS = [("new task", "F", "new-task gain", "forgetting F_T"), ("final gain", "caption", "final gain (sum)",
           "caption match"), ("final gain", "SSIM", "final gain (sum)", "SSIM to base")]
 COLOURS = {"naive": (200, 40, 40), "adapters": (240, 150, 30), "l2": (120, 80, 180), "soup": (40, 150, 60),
-           "rid": (30, 90, 210)}
+           "rid": (30, 90, 210), "joint": (0, 0, 0)}
 MORE = [(0, 170, 200), (120, 120, 120), (200, 60, 160), (110, 70, 20)]  # variants' curves, in order
 colour_of = lambda name: COLOURS.get(name) or MORE[[n for n in curves if n not in COLOURS].index(name) % len(MORE)]
 
@@ -333,7 +353,8 @@ def draw_frontier(figures, path, panel=(330, 260), margin=(56, 34, 14, 40)):
                     draw.line([(px(s[xk][0] - s[xk][1]), y), (px(s[xk][0] + s[xk][1]), y)], fill=colour)
                     draw.line([(x, py(s[yk][0] - s[yk][1])), (x, py(s[yk][0] + s[yk][1]))], fill=colour)
                     draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-                    draw.text((x + 4, y - 12), str(value), fill=colour, font=font(10))  # the knob's value
+                    if value is not None:
+                        draw.text((x + 4, y - 12), str(value), fill=colour, font=font(10))  # the knob's value
     save_png(img, path)
 
 

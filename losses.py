@@ -111,3 +111,9 @@ def l2_pull(unet, name):
         scale = unet.get_submodule(k.rsplit(".lora_A.", 1)[0]).scaling[name]  # alpha / r
         total = total + scale ** 2 * ((b.T @ b) * (a @ a.T)).sum()
     return total
+
+
+def joint_reward(rewards, scales):
+    """--method joint's reward: the mean over all tasks of each reward divided by its scale s_t, one (B,) score, so
+    that one adapter is trained on every task at once (the upper reference of continual learning, docs/method.md)."""
+    return lambda images, prompts: sum(r(images, prompts).float() / s for r, s in zip(rewards, scales)) / len(rewards)

@@ -15,6 +15,8 @@ Methods (--method; docs/method.md):
   l2        adapters + an L2 pull of the current adapter's weight change towards zero: + w * ||dW_t||^2
   soup      rewarded soups: each adapter trained from the base model alone; the model after task t is
             W0 + c * (A_1 + ... + A_t), c = --soup_weight (1: the sum)
+  joint     not sequential: one adapter trained on the mean of all tasks' rewards (each / s_t) at once, for the same
+            total budget (T x iters steps), evaluated once: the upper reference that continual learning is judged by
 
 Run it:
   python train_rid.py --model toy                       # CPU, minutes: contrast -> saturation -> brightness
@@ -51,7 +53,7 @@ from tqdm.auto import tqdm
 from common import (SideRun, Tracker, UserError, atomic_dir, atomic_file, check_seed, hub_unreachable, load_file, one_line_errors,
                     open_run_folder, pick_device_dtype, remove_partial_writes, seed_for, to_pil, to_uint8, write_json)
 from eval import clip_at_hand, draw_grid, eval_set, evaluate, is_toy, ril_metrics, side_by_side, write_report
-from losses import ema_update, l2_pull, matched_steps, step_losses, unet_calls_per_step
+from losses import ema_update, joint_reward, l2_pull, matched_steps, step_losses, unet_calls_per_step
 from rewards import TOY as WEIGHT_FREE, check_reward_name, load_reward
 from sample import (DEFAULT_MODEL, DEFAULTS, add_lora, check_model, image_size, initial_latents, load_pipeline, lora_params,
                     model_family, save_lora, set_adapters)
@@ -60,7 +62,7 @@ from toy import TOY_REWARDS, all_captions
 # -----------------------------------------------------------------------------
 # Settings: every knob is a flag; the defaults are for Stable Diffusion 1.5 at 512 px on one GPU.
 
-METHODS = ["naive", "adapters", "rid", "l2", "soup"]
+METHODS = ["naive", "adapters", "rid", "l2", "soup", "joint"]
 parser = one_line_errors(argparse.ArgumentParser(description="Reward incremental fine-tuning with RID."))
 # model and tasks
 parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, SD/SDXL folder, or 'toy' (the shipped model)")
@@ -300,13 +302,14 @@ if args.compile:  # the hot function only, as gpt-fast does; each adapter set an
     pipe.denoiser.compile()
 load_seconds = round(time.time() - t_load, 1)  # the model and the rewards
 S, K, M, T = args.ddim_steps, args.grad_steps, args.match_steps, len(tasks)
-rid, soup = args.method == "rid", args.method == "soup"
+rid, soup, joint = args.method == "rid", args.method == "soup", args.method == "joint"
+P, ITERS = (1, T * args.iters) if joint else (T, args.iters)  # training phases (joint: one, on every task) and their steps
 # fp16 (GPUs without bf16): a gradient scaler keeps the small reward gradients (x ~0.01 per DDIM step at K = 1) from
 # underflowing in the fp16 backward; it skips a step whose scaled gradients overflow and lowers its scale.
 # Its first scale is 2^10 (torch's default 2^16 overflows at once on a unit-sized reward loss); our choice.
 scaler = torch.amp.GradScaler(device.split(":")[0], init_scale=2.0 ** 10, enabled=dtype == torch.float16)
 if master:
-    print(f"{T} tasks: {' -> '.join(tasks)} | method {args.method} | {world} process(es) x {args.grad_accum} "
+    print(f"{T} tasks: {(' + ' if joint else ' -> ').join(tasks)} | method {args.method} | {world} process(es) x {args.grad_accum} "
           f"micro-batches x {micro} images = {args.batch_size} images per step | {height}x{width} px, {S} DDIM steps, "
           f"K={K}{' (random)' if args.random_grad_steps else ''}, {dtype} on {device}"
           f"{' with a loss scaler' if scaler.is_enabled() else ''} | {pipe.family}")
@@ -328,15 +331,19 @@ if master:
 # gets after a task, the all-reduce of a step, the optimiser step's non-finite guard.
 
 def adapter_name(t):
-    return "lora" if args.method == "naive" else f"task{t + 1}"  # naive: one adapter through all tasks
+    return {"naive": "lora", "joint": "joint"}.get(args.method, f"task{t + 1}")  # naive: one adapter through all tasks
 
 
 def adapter_dir(t):  # relative to the run folder
-    return f"adapters/task{t + 1}_{tasks[t]}"
+    return "adapters/joint" if joint else f"adapters/task{t + 1}_{tasks[t]}"
 
 
-def stage_adapters(t):  # adapter folders active after task t (t = -1: the base model), and their weights
-    folders = [] if t < 0 else [adapter_dir(t)] if args.method == "naive" else [adapter_dir(j) for j in range(t + 1)]
+def phase_name(t):  # what phase t trains on
+    return "+".join(tasks) if joint else tasks[t]
+
+
+def stage_adapters(t):  # adapter folders active after phase t (t = -1: the base model), and their weights
+    folders = [] if t < 0 else [adapter_dir(t)] if args.method in ("naive", "joint") else [adapter_dir(j) for j in range(t + 1)]
     return folders, [args.soup_weight if soup else 1.0] * len(folders)
 
 
@@ -398,15 +405,15 @@ def save_checkpoint(t, step):
 
 
 def track_stage(t):
-    """After task t (t+1 stages evaluated): the results of the tasks so far, to the tracker."""
-    names, step = tasks[:t + 1], (t + 1) * args.iters
+    """After phase t (t+1 stages evaluated): the results of the tasks so far, to the tracker."""
+    names, step = (tasks if joint else tasks[:t + 1]), (t + 1) * ITERS
     matrix = [[s["rewards"][r]["mean"] for r in names] for s in stages]
     m = ril_metrics(matrix)
     values = {f"eval/after_task{t + 1}/{r}": matrix[-1][j] for j, r in enumerate(names)}
     values.update({f"eval/{k}": v["mean"] for k, v in stages[-1]["structure"].items()})
     values.update({"eval/forgetting": m["forgetting"][-1], "eval/average_gain": m["average"][-1]})
     tracker.scalars({k: v for k, v in values.items() if v is not None}, step)
-    tracker.image("eval/grid", draw_grid({"rewards": names}, [stage_images(s) for s in range(t + 2)]), step)
+    tracker.image("eval/grid", draw_grid({"rewards": names, "method": args.method}, [stage_images(s) for s in range(t + 2)]), step)
 
 
 def all_reduce(params, stats):
@@ -440,7 +447,7 @@ def log_step(bar, task_log, t, step, finite, row):
         bar.set_postfix(reward=f"{row['reward']:+.4f}", skipped=task_log["skipped"], s_per_step=f"{row['seconds']:.2f}")
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps({"task": t + 1, "step": step + 1, **row, "finite": finite}) + "\n")
-        tracker.scalars({f"train/{k}": v for k, v in row.items() if v == v}, t * args.iters + step + 1)  # not NaN
+        tracker.scalars({f"train/{k}": v for k, v in row.items() if v == v}, t * ITERS + step + 1)  # not NaN
 
 
 def end_of_step(bar, t, done, stop):
@@ -452,7 +459,7 @@ def end_of_step(bar, t, done, stop):
         bar.close()
         raise UserError(f"stopped: {nonfinite_run} non-finite steps in a row (task {t + 1}, step {done}); lower --lr. "
                         f"The last finite weights are in {ckpt_path}")
-    if master and (stop or (done % args.save_every == 0 and done < args.iters)):
+    if master and (stop or (done % args.save_every == 0 and done < ITERS)):
         save_checkpoint(t, done)  # also at done == iters when stopping: the resume then finishes the task
     if stop:
         bar.close()
@@ -513,8 +520,17 @@ signal.signal(signal.SIGTERM, request_stop)
 # -----------------------------------------------------------------------------
 # Training: tasks one after another; within a task, DRaFT-K steps on the task's reward (+ the method's own term).
 
-for t in range(start_task, T):
-    reward_fn, name = rewards[tasks[t]], adapter_name(t)
+# The reward scales s_t: each reward's standard deviation over the base model's evaluation images (our choice), so
+# that -r / s_t is about unit-sized for every reward. Measured once, from stage 0, and kept in the checkpoint.
+for task in tasks[len(reward_scales):]:
+    spread = stages[0]["scores"][task].float().std().item() if args.eval_n > 1 else 0.0
+    reward_scales.append(1.0 if args.no_reward_norm or not spread > 0 else spread)
+
+for t in range(start_task, P):
+    name = adapter_name(t)
+    # the phase's reward, divided by its scale: the task's own, or (joint) the mean of every task's
+    reward_fn, scale = ((joint_reward([rewards[n] for n in tasks], reward_scales), 1.0) if joint else
+                        (rewards[tasks[t]], 1.0 / reward_scales[t]))
     if name not in adapters_made:  # a new adapter starts with B = 0: the model is unchanged by adding it
         torch.manual_seed(seed_for("lora", args.seed, t))  # its random A: a function of (seed, task), as all else
         add_lora(pipe.denoiser, name, args.lora_rank, args.lora_alpha)
@@ -524,12 +540,6 @@ for t in range(start_task, T):
     params = lora_params(pipe.denoiser, name)  # {full name: fp32 parameter}
     assert all(p.dtype == torch.float32 and p.requires_grad for p in params.values())
     assert sum(p.requires_grad for p in pipe.denoiser.parameters()) == len(params)
-    # The reward's scale s_t: its standard deviation over the base model's evaluation images (our choice), so that
-    # -r / s_t is about unit-sized for every reward. Measured once, from stage 0, and kept in the checkpoint.
-    if len(reward_scales) <= t:
-        spread = stages[0]["scores"][tasks[t]].float().std().item() if args.eval_n > 1 else 0.0
-        reward_scales.append(1.0 if args.no_reward_norm or not spread > 0 else spread)
-    scale = 1.0 / reward_scales[t]
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.0)
     # EMA teacher (RID): a copy of the current adapter that trails it; with B = 0 at the start of a task it is
     # exactly the model after the previous task.
@@ -540,15 +550,16 @@ for t in range(start_task, T):
         if ema is not None:
             ema = {k: v.to(device) for k, v in ckpt["ema"].items()}
     if master and first == 0:
-        print(f"task {t + 1}/{T}: {tasks[t]} | adapter '{name}' | {sum(p.numel() for p in params.values()):,} "
-              f"trainable parameters | reward scale s_t = {reward_scales[t]:.4g}")
-    bar = tqdm(range(first, args.iters), initial=first, total=args.iters, desc=f"task {t + 1} {tasks[t]}",
+        scales = ", ".join(f"{n} {s:.4g}" for n, s in zip(tasks, reward_scales)) if joint else f"{reward_scales[t]:.4g}"
+        print(f"{'joint' if joint else 'task'} {t + 1}/{P}: {phase_name(t)} | adapter '{name}' | "
+              f"{sum(p.numel() for p in params.values()):,} trainable parameters | reward scale s_t = {scales}")
+    bar = tqdm(range(first, ITERS), initial=first, total=ITERS, desc=f"{'joint' if joint else 'task'} {t + 1} {phase_name(t)}",
                disable=not master, dynamic_ncols=True)
     if len(train_log) <= t:
-        train_log.append({"task": tasks[t], "seconds": [], "skipped": 0})
+        train_log.append({"task": phase_name(t), "seconds": [], "skipped": 0})
     task_log = train_log[t]
     for step in bar:
-        t0, global_step = time.time(), t * args.iters + step + 1
+        t0, global_step = time.time(), t * ITERS + step + 1
         if global_step == FAULT_SIGNAL_STEP:
             os.kill(os.getpid(), signal.SIGTERM)  # the real handler runs; this step still finishes
         prompts, latents, k, matched = step_randomness(t, step)
@@ -622,16 +633,16 @@ if master:
         "matrix": [[s["rewards"][r]["mean"] for r in tasks] for s in stages],
         "matrix_se": [[s["rewards"][r]["se"] for r in tasks] for s in stages],
         "structure": [s["structure"] for s in stages],
-        "adapters": [stage_adapters(t)[0] for t in range(-1, T)],
-        "adapter_weights": [stage_adapters(t)[1] for t in range(-1, T)],
+        "adapters": [stage_adapters(t)[0] for t in range(-1, P)],
+        "adapter_weights": [stage_adapters(t)[1] for t in range(-1, P)],
         "train": {"seconds_per_step": [sorted(l["seconds"])[len(l["seconds"]) // 2] for l in train_log],
                   "seconds_total": [round(sum(l["seconds"]), 1) for l in train_log],
                   "skipped_steps": [l["skipped"] for l in train_log], "reward_scales": reward_scales,
                   "unet_calls_per_image_step": unet_calls, "peak_memory_bytes": peak, "load_seconds": load_seconds,
                   "evaluation_seconds": [s.get("seconds") for s in stages]},
     }
-    table = write_report(args.out, results, [stage_images(s) for s in range(T + 1)])
-    table += f"\nwrote {args.out}/results.json, results.md, grid.png, heatmap.png and {T} adapters\n"
+    table = write_report(args.out, results, [stage_images(s) for s in range(P + 1)], [s["scores"] for s in stages])
+    table += f"\nwrote {args.out}/results.json, results.md, grid.png, heatmap.png and {P} adapter{'s' * (P > 1)}\n"
     if beside is None:
         print(table, end="")
 tracker.close()

@@ -221,6 +221,45 @@ def test_write_report(tmp_path):
     write_report(str(tmp_path / "one"), fake_results(T=1), stage_images[:2])
     assert json.loads((tmp_path / "one" / "results.json").read_text())["forgetting"] == [None]
 
+def test_ril_metrics_joint():
+    # --method joint: base and one model trained on every task at once; gains only against given normalisers
+    R = [[1.0, 10.0, 0.0], [1.5, 12.0, 0.2]]
+    m = ril_metrics(R)
+    assert m["gain"] == [[None] * 3] * 2 and m["forgetting"] == [None] and m["average"] == [None]
+    assert "single-task" in m["warnings"][0]
+    m = ril_metrics(R, scale=[1.0, 4.0, 0.4])
+    assert m["gain"][1] == pytest.approx([0.5, 0.5, 0.5]) and m["gain"][0] == [0, 0, 0]
+    assert m["forgetting"] == [None] and m["average"] == [pytest.approx(0.5)]
+
+
+def test_hacking_gap_by_hand_and_the_picture(tmp_path):
+    """A learned toy reward beside its ground truth: images 0 and 1 turn into flat backgrounds (truth 0) while their
+    toypref score rises; image 4's score rises with its truth unchanged. The gap is the reward's gain minus the truth's,
+    each over its base spread; hacking.png shows images 0 and 1, the larger rise first."""
+    import toy
+    prompts = eval_set("toy", 6)[0]
+    base = toy.render(prompts, seed=5, min_half=9, max_half=11)
+    final = base.clone()
+    final[:2] = base[:2, :, :1, :1]  # each image's background colour (the corner pixel) everywhere
+    r0 = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    r1 = r0 + torch.tensor([0.4, 0.5, -0.1, 0.0, 0.1, 0.0])
+    results = {**fake_results(), "config": {"model": "toy"}, "rewards": ["toypref", "brightness"],
+               "matrix": [[r0.mean().item(), 0.5], [r0.mean().item(), 0.6], [r1.mean().item(), 0.7]]}
+    scores = [{"toypref": r0}, {"toypref": r0}, {"toypref": r1}]
+    table = write_report(str(tmp_path), results, [base, base, final], scores)
+    g0, g1 = toy.preference_truth(base).double(), toy.preference_truth(final).double()
+    assert g1[2:].tolist() == g0[2:].tolist() and all(g1[:2] == 0) and all(g0[:2] > 0.5)
+    want = ((r1.mean() - r0.mean()) / r0.std()).item() - ((g1.mean() - g0.mean()) / g0.std()).item()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["hacking_gap"]["toypref"] == [0.0, 0.0, pytest.approx(want, rel=1e-6)] and want > 0
+    assert saved["hacked_images"] == {"toypref": 2}
+    assert saved["truth"][2]["toypref"]["mean"] == pytest.approx(g1.mean().item(), rel=1e-6)
+    assert "toypref truth" in table and "toypref hacking gap" in table
+    picture = Image.open(tmp_path / "hacking.png")
+    assert picture.size == (70 + 2 * 98 + 2, 2 * 98 + 2 + 44)  # 2 columns of base over final, labels below
+    top_left = np.asarray(picture)[2:98, 72:168]  # image 1 (rise 0.5) first, its base image above
+    assert np.abs(top_left.astype(float) - (base[1].permute(1, 2, 0) * 255).numpy().repeat(3, 0).repeat(3, 1)).max() <= 1
+
 # -----------------------------------------------------------------------------
 # The CLI on a run folder built here the way train_rid.py builds it
 

@@ -26,7 +26,7 @@ NAN_STEPS = {"RID_FAULT_NAN_STEPS": "1,4"}
 # The shared rid run uses the largest seed torch takes as a signed 64-bit integer; test_resume_after_sigkill resumes
 # it twice (the flag walk's "large seed with resume", tests/test_flags.py).
 METHOD_FLAGS = {"rid": ("--match_steps", "1", "--seed", str(2**63 - 1)), "l2": ("--l2_weight", "0.0001"),
-                "soup": ("--soup_weight", "0.5"), "naive": (), "adapters": ()}
+                "soup": ("--soup_weight", "0.5"), "naive": (), "adapters": (), "joint": ()}
 
 
 def adapters_of(run):
@@ -100,7 +100,7 @@ def test_toy_model_defaults(tmp_path):
     assert res["structure"][0]["caption"]["mean"] >= 0.75
 
 
-@pytest.mark.parametrize("method", ["rid", "naive", "l2", "soup"])
+@pytest.mark.parametrize("method", ["rid", "naive", "l2", "soup", "joint"])
 def test_adapters_load_in_stock_pipeline_and_reproduce_evaluation(method, trained, tiny_sd):
     """The adapters of the last stage, loaded by diffusers' own load_lora_weights with the run's adapter weights,
     give the images train_rid evaluated (to 1 level of 255)."""
@@ -117,15 +117,22 @@ def test_adapters_load_in_stock_pipeline_and_reproduce_evaluation(method, traine
         names.append(f"a{k}")
     pipe.set_adapters(names, adapter_weights=res["adapter_weights"][-1])
     prompts, seeds = eval_set(tiny_sd, 4, 0)
+    last = out / "samples" / f"stage{len(res['adapters']) - 1}"
     for k, (prompt, seed) in enumerate(zip(prompts, seeds)):
         ref = np.asarray(pipe(prompt, num_inference_steps=4, guidance_scale=7.5,
                               generator=torch.Generator().manual_seed(seed)).images[0]).astype(int)
-        ours = np.asarray(Image.open(out / "samples" / "stage2" / f"{k:03d}.png")).astype(int)
+        ours = np.asarray(Image.open(last / f"{k:03d}.png")).astype(int)
         assert np.abs(ref - ours).max() <= 1
     base = np.asarray(Image.open(out / "samples" / "stage0" / "000.png")).astype(int)
-    assert np.abs(base - np.asarray(Image.open(out / "samples" / "stage2" / "000.png")).astype(int)).max() > 1
+    assert np.abs(base - np.asarray(Image.open(last / "000.png")).astype(int)).max() > 1
     if method == "soup":  # each adapter trained from the base alone, weighted 0.5 in the soup
         assert res["adapter_weights"] == [[], [0.5], [0.5, 0.5]]
+    if method == "joint":  # one adapter on both rewards at once, T x iters steps, evaluated once
+        assert res["adapters"] == [[], ["adapters/joint"]] and np.array(res["matrix"]).shape == (2, 2)
+        assert len(open(out / "log.jsonl").readlines()) == 2 * 3 and res["train"]["seconds_total"][0] > 0
+        assert res["gain"][1] == [None, None] and res["forgetting"] == [None]  # no single-task references here
+        R, s = res["matrix"], res["train"]["reward_scales"]
+        assert sum((R[1][j] - R[0][j]) / s[j] for j in range(2)) > 0  # what it trains on: the mean of r_j / s_j rose
 
 
 def test_l2_pulls_the_adapter_towards_the_previous_model(trained):
@@ -139,11 +146,11 @@ def test_l2_pulls_the_adapter_towards_the_previous_model(trained):
     assert log[0]["loss_l2"] == 0 and log[1]["loss_l2"] > 0  # B = 0 at the first step: no change yet
 
 
-@pytest.mark.parametrize("method", ["l2", "soup"])
+@pytest.mark.parametrize("method", ["l2", "soup", "joint"])
 def test_stop_at_the_last_step_of_a_task_then_resume_equals_uninterrupted(method, trained, tiny_sd, tmp_path):
-    """SIGTERM during the last step of task 1 (the fault injection sends it through the real handler): the checkpoint
-    is saved at that step, the resumed run finishes the task and ends with the uninterrupted run's results and
-    adapters, bit for bit."""
+    """SIGTERM during the last step of task 1 (joint: step 3 of its 6; the fault injection sends it through the real
+    handler): the checkpoint is saved at that step, the resumed run finishes the task and ends with the uninterrupted
+    run's results and adapters, bit for bit."""
     ref, _ = trained(method, *METHOD_FLAGS[method])
     out = tmp_path / "stopped"
     r = train(tiny_sd, out, *METHOD_FLAGS[method], method=method, env={"RID_FAULT_SIGNAL_STEP": "3"})
