@@ -20,12 +20,12 @@ def experiment(*args, cwd):
                           text=True, env=ENV, cwd=cwd)
 
 
-def fake_run(folder, matrix, ssim, caption, rewards=("brightness", "saturation"), seconds=1.0):
-    """A finished run's results.json, as train_rid.py writes it, for a given reward matrix."""
+def fake_run(folder, matrix, ssim, caption, rewards=("brightness", "saturation"), seconds=1.0, **more):
+    """A finished run's results.json, as train_rid.py writes it, for a given reward matrix (more: extra keys)."""
     os.makedirs(folder, exist_ok=True)
     T = len(rewards)
-    res = {"rewards": list(rewards), "matrix": matrix, "config": CONFIG,
-           "structure": [{}] + [{"ssim": {"mean": ssim}, "caption": {"mean": caption}}] * T,
+    res = {"rewards": list(rewards), "matrix": matrix, "config": CONFIG, **more,
+           "structure": [{}] + [{"ssim": {"mean": ssim}, "caption": {"mean": caption}}] * (len(matrix) - 1),
            "train": {"seconds_per_step": [seconds] * T, "seconds_total": [2 * seconds] * T,
                      "unet_calls_per_image_step": {"forward": 5, "backward": 1}}, **ril_metrics(matrix)}
     with open(os.path.join(folder, "results.json"), "w") as f:
@@ -43,15 +43,20 @@ def test_frontier_against_a_hand_computed_example(tmp_path):
       naive's curve at 0.6: t = (0.6 - 0.5) / 0.5625 = 0.17778: F 0.38333, SSIM 0.72889, caption 0.82889, so RID's
       F is 0.28333 lower and SSIM and caption 0.12111 higher: it wins
     rid lambda=0.1: R = [[.5,.4],[.7,.4],[.45,.8]] -> new-task gain 1.0, F_2 = 1 - (-.25) = 1.25; naive's curve at
-      1.0: F 0.91667, so +0.33333: it does not win."""
+      1.0: F 0.91667, so +0.33333: it does not win.
+    joint: R = [[.5,.4],[.66,.7]] -> final gain .16/.2 + .3/.4 = 1.55, no new-task gain or F; SSIM .7, caption .8:
+      rid lambda=1 is 0.45 below it in final gain and 0.15 above in SSIM and caption; naive iters=1 0.8 below.
+    rid lambda=1 carries a hacking gap of 0.3 after its last task."""
     out = tmp_path / "fr"
     fake_run(out / "reference" / "brightness" / "seed0", [[0.5], [0.7]], 1, 1, rewards=("brightness",))
     fake_run(out / "reference" / "saturation" / "seed0", [[0.4], [0.8]], 1, 1, rewards=("saturation",))
     fake_run(out / "naive" / "iters=1" / "seed0", [[0.5, 0.4], [0.6, 0.4], [0.55, 0.6]], 0.8, 0.9)
     fake_run(out / "naive" / "iters=2" / "seed0", [[0.5, 0.4], [0.7, 0.35], [0.5, 0.8]], 0.4, 0.5)
-    fake_run(out / "rid" / "rid_lambda=1" / "seed0", [[0.5, 0.4], [0.62, 0.4], [0.6, 0.64]], 0.85, 0.95)
+    fake_run(out / "rid" / "rid_lambda=1" / "seed0", [[0.5, 0.4], [0.62, 0.4], [0.6, 0.64]], 0.85, 0.95,
+             hacking_gap={"toyclip": [0.0, 0.1, 0.3]})
     fake_run(out / "rid" / "rid_lambda=0.1" / "seed0", [[0.5, 0.4], [0.7, 0.4], [0.45, 0.8]], 0.45, 0.5)
-    r = experiment("--frontier", "--out", str(out), "--rewards", "brightness,saturation", "--methods", "naive,rid",
+    fake_run(out / "joint" / "default" / "seed0", [[0.5, 0.4], [0.66, 0.7]], 0.7, 0.8, method="joint")
+    r = experiment("--frontier", "--out", str(out), "--rewards", "brightness,saturation", "--methods", "naive,rid,joint",
                    "--seeds", "0", "--knob", "naive=iters:1,2", "--knob", "rid=rid_lambda:1,0.1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "=== " not in r.stdout  # every run existed: nothing trained
@@ -68,6 +73,11 @@ def test_frontier_against_a_hand_computed_example(tmp_path):
     text = (out / "frontier.md").read_text()
     assert "| rid | rid_lambda=1 | 0.600 | -0.283 | +0.121 | +0.121 | yes |" in text, text
     assert "| rid | rid_lambda=0.1 | 1.000 | +0.333 |" in text and text.count("| no |") == 1
+    joint = points["joint", None]
+    assert joint["final gain"][0] == pytest.approx(1.55) and joint["new task"][0] is None and joint["F"][0] is None
+    assert "| rid | rid_lambda=1 | -0.450 | +0.150 | +0.150 |" in text and "| naive | iters=1 | -0.800 | +0.100 | +0.100 |" in text
+    assert rid1["hacking gap"][0] == pytest.approx(0.3) and naive1["hacking gap"][0] is None
+    assert "| joint | – |" in text
     from PIL import Image
     assert Image.open(out / "frontier.png").size[0] >= 900  # three panels side by side
 
