@@ -184,10 +184,13 @@ def ril_metrics(matrix, tol=1e-6, scale=None):
     T = len(R[0])
     assert T >= 1 and len(R) in (2, T + 1) and all(len(row) == T for row in R), "matrix must be (T+1) x T or 2 x T"
     if len(R) == 2 and T > 1:  # joint
-        gain = [[None if scale is None else (R[i][j] - R[0][j]) / float(scale[j]) + 0.0 for j in range(T)] for i in (0, 1)]
-        note = [] if scale else ["joint run (every task at once): its normalised gains need each reward's gain in a "
-                                 "single-task run (experiment.py --frontier); the reward matrix holds its results"]
-        return {"gain": gain, "forgetting": [None], "average": [None if scale is None else sum(gain[1]) / T],
+        ok = [scale is not None and abs(float(scale[j])) > tol * max(1.0, abs(R[0][j])) for j in range(T)]
+        gain = [[(R[i][j] - R[0][j]) / float(scale[j]) + 0.0 if ok[j] else None for j in range(T)] for i in (0, 1)]
+        note = [] if all(ok) else ["joint run (every task at once): a normalised gain needs its reward's gain in a "
+                                   "single-task run (experiment.py --frontier), and a column whose gain is missing "
+                                   "or 0 is null; the reward matrix holds its results"]
+        kept = [g for g in gain[1] if g is not None]
+        return {"gain": gain, "forgetting": [None], "average": [sum(kept) / len(kept) if kept else None],
                 "warnings": note}
     gain, warnings = [[None] * T for _ in range(T + 1)], []
     for j in range(T):
@@ -324,6 +327,8 @@ def write_report(run_dir, results, stage_images, stage_scores=None):
     save_png(draw_heatmap(results), os.path.join(run_dir, "heatmap.png"))
     if pictures is not None:
         save_png(pictures, os.path.join(run_dir, "hacking.png"))
+    elif os.path.exists(os.path.join(run_dir, "hacking.png")):  # an earlier report's, in an eval.py --out folder
+        os.remove(os.path.join(run_dir, "hacking.png"))
     return table
 
 # -----------------------------------------------------------------------------
@@ -381,7 +386,7 @@ def draw_hacking(columns, base, final, min_px=96, label_h=44):
     out.paste(grid, (70, 0))
     draw = ImageDraw.Draw(out)
     for i, label in enumerate(("base", "final")):
-        draw.text((6, i * (H * scale + 2) + H * scale // 2 - 8), label, fill="black", font=font())
+        draw.text((6, 2 + i * (H * scale + 2) + H * scale // 2 - 8), label, fill="black", font=font())
     for c, (name, k, rose, fell) in enumerate(columns):
         x = 70 + c * (W * scale + 2) + 2
         draw.text((x, grid.height + 2), f"{name} #{k}", fill="black", font=font(11))

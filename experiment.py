@@ -57,7 +57,7 @@ parser.add_argument("--model", default="toy", help="model of every run (hub id, 
 parser.add_argument("--rewards", action="append", default=None, help="a task sequence; repeat for more sequences "
                     f"(default {TOY_REWARDS})")
 parser.add_argument("--methods", default=None, help="methods to compare, comma-separated (default naive,adapters,rid; "
-                    "with --frontier naive,adapters,l2,soup,rid)")
+                    "with --frontier naive,adapters,l2,soup,rid,joint)")
 parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (evaluation set is fixed)")
 parser.add_argument("--vary", default=None, help="ablation: KEY=v1,v2,... a train_rid.py flag to sweep")
 parser.add_argument("--frontier", action="store_true", help="curves over each method's knob (see FRONTIER)")
@@ -221,7 +221,7 @@ def table_mode(rewards, out):
              "| method | F_T (lower is better) | A_T | new-task gain | vs naive | SSIM to base | caption match | s/step |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in summary.items():
-        ratio = f"{row['new task'][0] / reference:.2f}" if reference else "–"
+        ratio = f"{row['new task'][0] / reference:.2f}" if reference and row["new task"][0] is not None else "–"
         lines.append(f"| {name} | {cell(row['F own'])} | {cell(row['A own'])} | {cell(row['new task'], 4)} | {ratio} | "
                      f"{cell(row['SSIM'])} | {cell(row['caption'])} | {cell(row['s/step'], 2)} |")
     table = "\n".join(lines) + "\n"

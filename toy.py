@@ -150,7 +150,8 @@ def render(captions, seed, size=32, min_half=5, max_half=11):
 
 def classify(images):
     """images (B, 3, H, W) in [0, 1] -> dict of colour indices "colour" (-1 = no shape), "background"
-    and shape index "shape" (into SHAPES; -1 = no well-formed shape), each (B,)"""
+    and shape index "shape" (into SHAPES; -1 = no well-formed shape), each (B,), and "mask" (B, H, W): the pixels
+    of the shape's colour"""
     B, _, H, W = images.shape
     K = len(NAMES)
     pixels = images.detach().float().cpu().permute(0, 2, 3, 1).reshape(B, H * W, 3)
@@ -449,7 +450,8 @@ def train_rewards(args, step_seed, out, model_dir):
         loss_clip = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         score, truth = head(embed(pref, x)).squeeze(-1), preference_truth(x)
         better = truth[:, None] - truth[None, :] > 0.05  # (B, B): image i preferred to image j
-        loss_pref = F.softplus(-(score[:, None] - score[None, :]))[better].mean()
+        loss_pref = (F.softplus(-(score[:, None] - score[None, :]))[better].mean() if better.any()
+                     else score.sum() * 0)  # a batch without a pair 0.05 apart: nothing to rank
         opt.zero_grad(set_to_none=True)
         (loss_clip + loss_pref).backward()
         opt.step()
@@ -494,9 +496,10 @@ def agreement(args, out, model_dir):
             score, truth = pref(x, [""] * len(x)), preference_truth(x)
         pairs = (truth[:, None] - truth[None, :]).abs() > 0.05
         agree = ((score[:, None] > score[None, :]) == (truth[:, None] > truth[None, :]))[pairs]
+        rho = spearman(score, truth)
         result[kind] = {"images": len(x), "toyclip_right_caption_first": (right_scores > wrong_scores).float().mean().item(),
-                        "toypref_pairs_ordered_as_truth": agree.float().mean().item(),
-                        "toypref_spearman": spearman(score, truth)}
+                        "toypref_pairs_ordered_as_truth": agree.float().mean().item() if len(agree) else None,
+                        "toypref_spearman": rho if rho == rho else None}  # None, not NaN, in toy.json
     return result
 
 
@@ -534,6 +537,8 @@ def main(args):
     # Bad input first, before the heavy imports and any work: refuse before spending half an hour, not after.
     if args.eval_only and not os.path.isdir(out):
         raise UserError(f"--eval_only needs a model folder, and '{args.out}' does not exist; pass --out DIR")
+    if min(args.reward_steps, args.reward_batch) < 1:
+        raise UserError("--reward_steps and --reward_batch must be at least 1")
     if args.only_rewards and not os.path.isfile(os.path.join(out, "model_index.json")):
         raise UserError(f"--only_rewards trains the rewards of a model in --out, and '{args.out}' holds none")
     if not (args.eval_only or args.only_rewards) and os.path.isdir(out) and os.listdir(out) and not args.overwrite:
@@ -549,8 +554,10 @@ def main(args):
     if args.only_rewards:  # the rewards of the model already in --out, each folder replaced as a whole
         torch.manual_seed(args.seed + 3)
         agree = train_rewards(args, step_seed, out, out)
-        with open(os.path.join(out, "toy.json")) as f:
-            record = json.load(f)
+        record = {}  # the model's provenance, if it has one, gains a "rewards" entry
+        if os.path.isfile(os.path.join(out, "toy.json")):
+            with open(os.path.join(out, "toy.json")) as f:
+                record = json.load(f)
         record["rewards"] = {"args": {k: getattr(args, k) for k in ("seed", "reward_steps", "reward_batch", "reward_lr",
                                                                     "warmup")}, "train_seconds": round(time.time() - t_start),
                              "held_out_agreement": agree}

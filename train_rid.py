@@ -257,8 +257,8 @@ def finish_beside(side, table):
 
 
 stop_requested, side = False, None  # Ctrl-C or SIGTERM seen; the baseline's process beside this one
-if beside is not None and not finished(beside):  # the baseline will train beside us: half the cores each, from the
-    torch.set_num_threads(SideRun.threads())     # start, so that every number is the same as with that many alone
+if beside is not None:  # a baseline trains beside us (or did): half the cores each, from the start and on every
+    torch.set_num_threads(SideRun.threads())  # resume, so that every number is the same as with that many alone
 if only_beside:  # this run is finished and its baseline was stopped: continue the baseline alone
     side = launch_beside()
     signal.signal(signal.SIGINT, lambda signum, frame: side.signal(signum))

@@ -230,6 +230,9 @@ def test_ril_metrics_joint():
     m = ril_metrics(R, scale=[1.0, 4.0, 0.4])
     assert m["gain"][1] == pytest.approx([0.5, 0.5, 0.5]) and m["gain"][0] == [0, 0, 0]
     assert m["forgetting"] == [None] and m["average"] == [pytest.approx(0.5)]
+    m = ril_metrics(R, scale=[1.0, 0.0, 0.4])  # a reward that did not move when trained alone: its column is null
+    assert m["gain"][1] == [pytest.approx(0.5), None, pytest.approx(0.5)] and m["average"] == [pytest.approx(0.5)]
+    assert m["warnings"] and json.dumps(m, allow_nan=False)
 
 
 def test_hacking_gap_by_hand_and_the_picture(tmp_path):
