@@ -176,7 +176,9 @@ def ril_metrics(matrix, tol=1e-6, scale=None):
     A 2 x T matrix with T > 1 is a joint run (train_rid.py --method joint: base, then one model trained on every task
     at once): it has no row of its own per task, so its gains need `scale`; F is None and A the mean final gain.
     scale: None = the paper-style normaliser, each task's own gain R[j+1][j] - R[0][j]; or T fixed, method-independent
-    normalisers (such as each reward's gain in a single-task reference run, see experiment.py), used instead.
+    normalisers (such as each reward's gain in a single-task reference run, see experiment.py), used instead; a
+    column whose fixed normaliser is negative (the reward fell when trained alone: not learnable at that budget) is
+    null too, since dividing by it would turn every loss into a gain.
     A column whose own task moved its reward by less than tol (relative to max(1, |R[0][j]|)) has no defined
     normalised gain: its entries are None (null in JSON, never NaN or inf) and it is left out of F and A, with a
     warning. F_1 = None (nothing learned before task 1 can be forgotten), as is any mean over no entries."""
@@ -184,11 +186,11 @@ def ril_metrics(matrix, tol=1e-6, scale=None):
     T = len(R[0])
     assert T >= 1 and len(R) in (2, T + 1) and all(len(row) == T for row in R), "matrix must be (T+1) x T or 2 x T"
     if len(R) == 2 and T > 1:  # joint
-        ok = [scale is not None and abs(float(scale[j])) > tol * max(1.0, abs(R[0][j])) for j in range(T)]
+        ok = [scale is not None and float(scale[j]) > tol * max(1.0, abs(R[0][j])) for j in range(T)]
         gain = [[(R[i][j] - R[0][j]) / float(scale[j]) + 0.0 if ok[j] else None for j in range(T)] for i in (0, 1)]
         note = [] if all(ok) else ["joint run (every task at once): a normalised gain needs its reward's gain in a "
                                    "single-task run (experiment.py --frontier), and a column whose gain is missing "
-                                   "or 0 is null; the reward matrix holds its results"]
+                                   "or not positive is null; the reward matrix holds its results"]
         kept = [g for g in gain[1] if g is not None]
         return {"gain": gain, "forgetting": [None], "average": [sum(kept) / len(kept) if kept else None],
                 "warnings": note}
@@ -198,6 +200,10 @@ def ril_metrics(matrix, tol=1e-6, scale=None):
         if not abs(own) > tol * max(1.0, abs(R[0][j])):  # `not >` also catches NaN
             warnings.append(f"task {j + 1}: its reward moved by {own:+.3g} from the base model; its normalised "
                             f"gains are undefined (null) and left out of forgetting and average")
+            continue
+        if own < 0 and scale is not None:
+            warnings.append(f"task {j + 1}: its reference gain is negative ({own:+.3g}): not learnable at this budget; "
+                            f"its normalised gains are null and left out of forgetting and average")
             continue
         if own < 0:
             warnings.append(f"task {j + 1}: training lowered its own reward ({own:+.3g}); gains of that column "

@@ -19,6 +19,8 @@ The measures, from each run's results.json (definitions in docs/method.md):
   F_T, A_T       forgetting and average gain after the last task on the reference-normalised gains; the paper-style
                  ones (normalised by each task's own gain) are reported beside them, labelled "own"
   final gain     the final model's reference-normalised gains summed over all tasks
+                 (a reward whose reference gain is not positive is not learnable at the budget: it is left out of
+                 the normalised measures, and its raw score and hacking gap speak for it)
   hacking gap    for learned toy rewards (toyclip, toypref): the final model's gain in the reward minus that in its
                  ground truth, each in units of its base spread (eval.hacking), averaged over them; > 0 = hacked
   joint          (--method joint) every task at once with the same total budget: a point on the final-gain panels,
@@ -163,9 +165,12 @@ def measures(res, ref=None):
     from eval import ril_metrics
     R, T, last = res["matrix"], len(res["rewards"]), res["structure"][-1]
     scale, joint = ref or [1.0] * T, res.get("method") == "joint"  # joint: base and one final row, no task of its own
+    m = ril_metrics(R, scale=ref) if ref else None
+    # a reward that fell when trained alone (reference gain not positive) has no normalised gain: left out (eval.py)
+    learnable = [j for j in range(T) if m is None or m["gain"][0][j] is not None]
     gaps = [v[-1] for v in (res.get("hacking_gap") or {}).values() if v[-1] is not None]
-    out = {"new task": None if joint else statistics.mean((R[t][t - 1] - R[t - 1][t - 1]) / scale[t - 1]
-                                                         for t in range(1, T + 1)),
+    out = {"new task": None if joint or not learnable else
+           statistics.mean((R[j + 1][j] - R[j][j]) / scale[j] for j in learnable),
            "F own": res["forgetting"][-1] if T > 1 else None, "A own": res["average"][-1],
            "hacking gap": statistics.mean(gaps) if gaps else None,
            "SSIM": last["ssim"]["mean"], "caption": last.get("caption", {}).get("mean"),
@@ -174,8 +179,8 @@ def measures(res, ref=None):
     calls = res["train"].get("unet_calls_per_image_step")
     out["UNet calls"] = calls["forward"] + 2 * calls["backward"] if calls else None  # a backward ~ 2 forwards
     if ref:
-        m = ril_metrics(R, scale=ref)
-        out.update({"F": m["forgetting"][-1] if T > 1 else None, "A": m["average"][-1], "final gain": sum(m["gain"][-1])})
+        out.update({"F": m["forgetting"][-1] if T > 1 else None, "A": m["average"][-1],
+                    "final gain": sum(m["gain"][-1][j] for j in learnable)})
     else:
         out["final gain"] = None
     return out
@@ -242,6 +247,16 @@ def interpolate(curve, x):
     return None
 
 
+def versus_naive(naive, s, k, x):
+    """Point s's measure k minus naive's curve [(new-task gain, summary)] read at new-task gain x; None where
+    either is missing or x lies outside the curve."""
+    curve = [(a, b[k][0]) for a, b in naive]
+    if x is None or s[k][0] is None or any(a is None or y is None for a, y in curve):
+        return None
+    at = interpolate(curve, x)
+    return None if at is None else s[k][0] - at
+
+
 def curve_runs(rewards, out, plan=None):
     """{curve name: [(knob value, [run folder per seed])]} of one sequence."""
     runs = {}
@@ -278,19 +293,19 @@ def frontier_mode(rewards, out):
         for method in [m for m in points if m not in ("naive", "joint")]:
             for value, s in points[method]:
                 x = s["new task"][0]
-                diff = {k: (None if interpolate([(a, b[k][0]) for a, b in naive], x) is None else
-                            s[k][0] - interpolate([(a, b[k][0]) for a, b in naive], x)) for k in ("F", "caption", "SSIM")}
+                diff = {k: versus_naive(naive, s, k, x) for k in ("F", "caption", "SSIM", "hacking gap")}
                 if diff["F"] is None:
                     continue
                 wins = diff["F"] <= -0.1 and all(diff[k] is None or diff[k] >= 0.05 for k in ("caption", "SSIM"))
                 verdicts.append(f"| {method} | {curves[method][0]}={value} | {x:.3f} | {diff['F']:+.3f} | " +
-                                " | ".join("–" if diff[k] is None else f"{diff[k]:+.3f}" for k in ("caption", "SSIM")) +
+                                " | ".join("–" if diff[k] is None else f"{diff[k]:+.3f}" for k in ("caption", "SSIM",
+                                                                                                   "hacking gap")) +
                                 f" | {'yes' if wins else 'no'} |")
     if verdicts:
         lines += ["", "Against naive stopped early at the same new-task gain (naive's curve interpolated); wins = F_T at "
-                  "least 0.1 lower and caption match and SSIM at least 0.05 higher:", "",
-                  "| method | knob | new-task gain | F_T - naive's | caption - naive's | SSIM - naive's | wins |",
-                  "|---|---|---|---|---|---|---|", *verdicts]
+                  "least 0.1 lower and caption match and SSIM at least 0.05 higher (the hacking gap is shown, not judged):",
+                  "", "| method | knob | new-task gain | F_T - naive's | caption - naive's | SSIM - naive's | hacking gap - "
+                  "naive's | wins |", "|---|---|---|---|---|---|---|---|", *verdicts]
     if "joint" in points:  # how far each final model is from training on every task at once
         ref_point = points["joint"][0][1]
         away = lambda s, k: "–" if s[k][0] is None or ref_point[k][0] is None else f"{s[k][0] - ref_point[k][0]:+.3f}"

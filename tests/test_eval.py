@@ -221,6 +221,16 @@ def test_write_report(tmp_path):
     write_report(str(tmp_path / "one"), fake_results(T=1), stage_images[:2])
     assert json.loads((tmp_path / "one" / "results.json").read_text())["forgetting"] == [None]
 
+def test_ril_metrics_negative_reference_gain_is_null():
+    # a reward that fell when trained alone: dividing by its reference gain would turn losses into gains
+    R = [[1.0, 5.0], [2.0, 4.9], [1.5, 4.8]]
+    m = ril_metrics(R, scale=[1.0, -0.1])
+    assert [row[1] for row in m["gain"]] == [None, None, None] and m["gain"][2][0] == pytest.approx(0.5)
+    assert m["forgetting"][1] == pytest.approx(0.5) and m["average"][1] == pytest.approx(0.5)
+    assert "not learnable" in m["warnings"][0]
+    assert ril_metrics(R)["gain"][2][1] == pytest.approx(1.0)  # paper-style: its own fall, the whole loss kept
+
+
 def test_ril_metrics_joint():
     # --method joint: base and one model trained on every task at once; gains only against given normalisers
     R = [[1.0, 10.0, 0.0], [1.5, 12.0, 0.2]]

@@ -71,7 +71,7 @@ def test_frontier_against_a_hand_computed_example(tmp_path):
     assert rid01["F"][0] == pytest.approx(1.25)
     assert rid1["F own"][0] == pytest.approx(ril_metrics([[0.5, 0.4], [0.62, 0.4], [0.6, 0.64]])["forgetting"][-1])
     text = (out / "frontier.md").read_text()
-    assert "| rid | rid_lambda=1 | 0.600 | -0.283 | +0.121 | +0.121 | yes |" in text, text
+    assert "| rid | rid_lambda=1 | 0.600 | -0.283 | +0.121 | +0.121 | – | yes |" in text, text
     assert "| rid | rid_lambda=0.1 | 1.000 | +0.333 |" in text and text.count("| no |") == 1
     joint = points["joint", None]
     assert joint["final gain"][0] == pytest.approx(1.55) and joint["new task"][0] is None and joint["F"][0] is None
