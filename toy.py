@@ -468,22 +468,23 @@ def train_rewards(args, step_seed, out, model_dir):
 
 
 def agreement(args, out, model_dir):
-    """Each learned reward against its truth, on 512 fresh rendered images (blurred and noised) and on 64 images the
-    toy model in model_dir samples for held-out captions. toyclip: how often it scores the caption the checker reads
+    """Each learned reward against its truth, on 512 fresh rendered images (blurred and noised) and on 64 (at most
+    --eval_n) images the toy model in model_dir samples for held-out captions. toyclip: how often it scores the caption the checker reads
     in the image above the same caption with one part (shape, colour or background) changed. toypref: how often it
     orders a pair as preference_truth does (pairs closer than 0.05 left out), and the rank correlation. -> {...}"""
     import rewards
     clip, pref = (rewards.load_reward(name, os.path.join(out, name)) for name in ("toyclip", "toypref"))
     g = torch.Generator().manual_seed(args.eval_seed + 3)
     rendered = degrade(render(toy_captions(512, args.eval_seed + 3, "heldout"), args.eval_seed + 3), g)
-    held = toy_captions(64, args.eval_seed + 4, split="heldout")
-    generated = sample_toy(model_dir, held, args.eval_seed + 4, 20)
+    held = toy_captions(min(64, args.eval_n), args.eval_seed + 4, split="heldout")  # --eval_n 0: none
+    generated = sample_toy(model_dir, held, args.eval_seed + 4, 20) if held else rendered[:0]
     spearman = lambda a, b: float(torch.corrcoef(torch.stack([a.argsort().argsort().float(), b.argsort().argsort().float()]))[0, 1])
     result = {}
     for kind, x in (("rendered", rendered), ("generated", generated)):
-        got = classify(x)
-        keep = (got["colour"] >= 0) & (got["shape"] >= 0)  # the checker reads a whole caption
-        x, got = x[keep], {k: v[keep] for k, v in got.items()}
+        if len(x):
+            got = classify(x)
+            keep = (got["colour"] >= 0) & (got["shape"] >= 0)  # the checker reads a whole caption
+            x, got = x[keep], {k: v[keep] for k, v in got.items()}
         if len(x) < 2:  # a model that draws no caption yet (a remake of a few steps): nothing to agree on
             result[kind] = {"images": len(x), "toyclip_right_caption_first": None, "toypref_pairs_ordered_as_truth": None,
                             "toypref_spearman": None}
