@@ -341,12 +341,12 @@ def write_report(run_dir, results, stage_images, stage_scores=None):
 # Reward hacking (toy world): a learned reward beside its ground truth, computed from the pixels by rule
 
 def truths(names, images, prompts):
-    """{name: (N,) ground truth} for the learned toy rewards among names (toy.py): toyclip -> the fraction of the
+    """{name: (N,) ground truth} for the learned toy rewards `names` (toy.py): toyclip -> the fraction of the
     caption's parts the checker finds, toypref -> the hidden preference rule. Measured on 8-bit images, as structure."""
     import toy
     rule = {"toyclip": lambda x: toy.caption_truth(x, prompts), "toypref": toy.preference_truth}
     x = to_uint8(images).float() / 255
-    return {n: rule[n](x).float() for n in names if n in rule}
+    return {n: rule[n](x).float() for n in names}
 
 
 def hacking(results, stage_images, stage_scores, ncol=8):
@@ -360,8 +360,9 @@ def hacking(results, stage_images, stage_scores, ncol=8):
     stage's images whose score rose while their truth fell, the largest rise first, under their base images."""
     if not is_toy(results["config"]["model"]):
         return None
+    from rewards import LEARNED_TOY
     prompts = eval_set(results["config"]["model"], len(stage_images[0]))[0]
-    names = [n for n in dict.fromkeys(results["rewards"]) if n in ("toyclip", "toypref")]
+    names = [n for n in dict.fromkeys(results["rewards"]) if n in LEARNED_TOY]
     if not names:
         return None
     per_stage = [truths(names, images, prompts) for images in stage_images]

@@ -297,7 +297,7 @@ def frontier_mode(rewards, out):
                 if diff["F"] is None:
                     continue
                 wins = diff["F"] <= -0.1 and all(diff[k] is None or diff[k] >= 0.05 for k in ("caption", "SSIM"))
-                verdicts.append(f"| {method} | {curves[method][0]}={value} | {x:.3f} | {diff['F']:+.3f} | " +
+                verdicts.append(f"| {method} | {knob(method, value)} | {x:.3f} | {diff['F']:+.3f} | " +
                                 " | ".join("–" if diff[k] is None else f"{diff[k]:+.3f}" for k in ("caption", "SSIM",
                                                                                                    "hacking gap")) +
                                 f" | {'yes' if wins else 'no'} |")

@@ -303,15 +303,15 @@ if args.compile:  # the hot function only, as gpt-fast does; each adapter set an
 load_seconds = round(time.time() - t_load, 1)  # the model and the rewards
 S, K, M, T = args.ddim_steps, args.grad_steps, args.match_steps, len(tasks)
 rid, soup, joint = args.method == "rid", args.method == "soup", args.method == "joint"
-P, ITERS = (1, T * args.iters) if joint else (T, args.iters)  # training phases (joint: one, on every task) and their steps
+P, ITERS = (1, T * args.iters) if joint else (T, args.iters)  # training phases (joint: one, on all tasks), their steps
 # fp16 (GPUs without bf16): a gradient scaler keeps the small reward gradients (x ~0.01 per DDIM step at K = 1) from
 # underflowing in the fp16 backward; it skips a step whose scaled gradients overflow and lowers its scale.
 # Its first scale is 2^10 (torch's default 2^16 overflows at once on a unit-sized reward loss); our choice.
 scaler = torch.amp.GradScaler(device.split(":")[0], init_scale=2.0 ** 10, enabled=dtype == torch.float16)
 if master:
-    print(f"{T} tasks: {(' + ' if joint else ' -> ').join(tasks)} | method {args.method} | {world} process(es) x {args.grad_accum} "
-          f"micro-batches x {micro} images = {args.batch_size} images per step | {height}x{width} px, {S} DDIM steps, "
-          f"K={K}{' (random)' if args.random_grad_steps else ''}, {dtype} on {device}"
+    print(f"{T} tasks: {(' + ' if joint else ' -> ').join(tasks)} | method {args.method} | {world} process(es) x "
+          f"{args.grad_accum} micro-batches x {micro} images = {args.batch_size} images per step | {height}x{width} px, "
+          f"{S} DDIM steps, K={K}{' (random)' if args.random_grad_steps else ''}, {dtype} on {device}"
           f"{' with a loss scaler' if scaler.is_enabled() else ''} | {pipe.family}")
 assert micro >= 1 and micro * world * args.grad_accum == args.batch_size
 unet_calls = unet_calls_per_step(S, K, M, rid, not args.no_checkpointing)  # per image and step
@@ -343,7 +343,8 @@ def phase_name(t):  # what phase t trains on
 
 
 def stage_adapters(t):  # adapter folders active after phase t (t = -1: the base model), and their weights
-    folders = [] if t < 0 else [adapter_dir(t)] if args.method in ("naive", "joint") else [adapter_dir(j) for j in range(t + 1)]
+    one = args.method in ("naive", "joint")  # one adapter, saved after each phase
+    folders = [] if t < 0 else [adapter_dir(t)] if one else [adapter_dir(j) for j in range(t + 1)]
     return folders, [args.soup_weight if soup else 1.0] * len(folders)
 
 
@@ -413,7 +414,8 @@ def track_stage(t):
     values.update({f"eval/{k}": v["mean"] for k, v in stages[-1]["structure"].items()})
     values.update({"eval/forgetting": m["forgetting"][-1], "eval/average_gain": m["average"][-1]})
     tracker.scalars({k: v for k, v in values.items() if v is not None}, step)
-    tracker.image("eval/grid", draw_grid({"rewards": names, "method": args.method}, [stage_images(s) for s in range(t + 2)]), step)
+    grid = draw_grid({"rewards": names, "method": args.method}, [stage_images(s) for s in range(t + 2)])
+    tracker.image("eval/grid", grid, step)
 
 
 def all_reduce(params, stats):
@@ -551,10 +553,10 @@ for t in range(start_task, P):
             ema = {k: v.to(device) for k, v in ckpt["ema"].items()}
     if master and first == 0:
         scales = ", ".join(f"{n} {s:.4g}" for n, s in zip(tasks, reward_scales)) if joint else f"{reward_scales[t]:.4g}"
-        print(f"{'joint' if joint else 'task'} {t + 1}/{P}: {phase_name(t)} | adapter '{name}' | "
+        print(f"{args.method if joint else 'task'} {t + 1}/{P}: {phase_name(t)} | adapter '{name}' | "
               f"{sum(p.numel() for p in params.values()):,} trainable parameters | reward scale s_t = {scales}")
-    bar = tqdm(range(first, ITERS), initial=first, total=ITERS, desc=f"{'joint' if joint else 'task'} {t + 1} {phase_name(t)}",
-               disable=not master, dynamic_ncols=True)
+    bar = tqdm(range(first, ITERS), initial=first, total=ITERS, disable=not master, dynamic_ncols=True,
+               desc=f"{args.method if joint else 'task'} {t + 1} {phase_name(t)}")
     if len(train_log) <= t:
         train_log.append({"task": phase_name(t), "seconds": [], "skipped": 0})
     task_log = train_log[t]
