@@ -7,8 +7,8 @@ times, in one process, round by round (so a slow spell of a shared machine hits 
                  trained (K-step grad window, VAE decode and reward with grad, backward, clipping, AdamW)
   (d) rid        the same step with RID's EMA-teacher matching and the EMA update
   and the other methods' steps: naive and soup (one adapter active), l2 (adapters + the L2 pull).
-Every training phase calls train_rid.py's own step helpers (losses.step_losses, ema_update, l2_pull,
-matched_steps), so it times the step that training runs. It prints a markdown table (median seconds, images/s, peak
+Every training phase calls train_rid.py's own step helpers (losses.step_losses, ema_update, l2_pull), so it
+times the step that training runs. It prints a markdown table (median seconds, images/s, peak
 memory per phase) and the ratios (a)/(b), (c)/(a), (d)/(c) and each method's step over adapters'; warm-up rounds
 count neither in time nor in memory. On a CPU it adds the same from the process's CPU time, which load from other
 processes barely moves. --json FILE writes every figure.
@@ -29,7 +29,7 @@ import torch
 
 import rewards
 from common import UserError, check_seed, one_line_errors, pick_device_dtype, seed_for, write_json
-from losses import ema_update, l2_pull, matched_steps, step_losses
+from losses import ema_update, l2_pull, step_losses
 from sample import (DEFAULTS, Pipe, add_lora, check_eta, encode_prompts, encode_uncond, image_size, initial_latents,
                     load_pipeline, lora_params, sample, set_adapters)
 
@@ -53,7 +53,6 @@ parser.add_argument("--guidance_scale", type=float, default=None, help="classifi
 parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic")
 # training step
 parser.add_argument("--grad_steps", type=int, default=1, help="K: the last K DDIM steps keep their graph (DRaFT-K)")
-parser.add_argument("--match_steps", type=int, default=0, help="M: extra teacher-matched steps from the no-grad part")
 parser.add_argument("--lora_rank", type=int, default=4, help="LoRA rank r of each of the two adapters")
 # memory levers (each one's effect: --sweep)
 parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype of the frozen "
@@ -69,7 +68,7 @@ parser.add_argument("--phases", default="sample,diffusers,adapters,rid", help=f"
 parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (allocator, caches, compilation)")
 parser.add_argument("--repeats", type=int, default=5, help="timed rounds; each phase reports its median")
 parser.add_argument("--device", default=None, help="cuda or cpu; none = cuda when available")
-parser.add_argument("--seed", type=int, default=0, help="seed of the latents and of the matched-step draws")
+parser.add_argument("--seed", type=int, default=0, help="seed of the latents")
 parser.add_argument("--json", default="", help="also write every figure to this file; '' = none")
 parser.add_argument("--sweep", action="store_true", help="instead: the rid step as given and with each memory lever "
                     "flipped, each in a fresh process")
@@ -305,7 +304,7 @@ def quickstart():
 
 def build_phases(args, pipe, reward, device, dtype, H, W):
     """Adapters as in task 2 of a real run: task0 (B random, so not a no-op) and task1 (trained). -> {name: fn}."""
-    S, K, M, B = args.ddim_steps, args.grad_steps, args.match_steps, args.batch_size
+    S, K, B = args.ddim_steps, args.grad_steps, args.batch_size
     micro, prompts = B // args.grad_accum, [args.prompt] * B
     for name in ("task0", "task1"):
         add_lora(pipe.denoiser, name, args.lora_rank, args.lora_rank)
@@ -318,7 +317,6 @@ def build_phases(args, pipe, reward, device, dtype, H, W):
     ema = {k: p.detach().clone() for k, p in params.items()}  # RID's teacher: the EMA of the current adapter
     if args.compile:
         pipe.denoiser.compile()  # the UNet forward only, as gpt-fast compiles only the hot function
-    draws = torch.Generator().manual_seed(args.seed)  # the matched steps, drawn as train_rid.py draws them
 
     def run_ours():  # what diffusers' __call__ does (encode prompt and "", draw latents, S steps, decode), our way
         set_adapters(pipe.denoiser, ["task0", "task1"])
@@ -355,7 +353,7 @@ def build_phases(args, pipe, reward, device, dtype, H, W):
         for lo in range(0, B, micro):  # micro-batches; their gradients add up to that of the batch mean
             latents = initial_latents(pipe, micro, torch.Generator().manual_seed(seed_for("train", args.seed, lo)), H, W).to(device)
             r, loss_rid = step_losses(pipe, reward, prompts[lo:lo + micro], latents, S, args.guidance_scale, args.eta,
-                                      K, ema if rid else None, matched_steps(draws, S, K, M), not args.no_checkpointing,
+                                      K, ema if rid else None, not args.no_checkpointing,
                                       args.checkpoint_decode, args.checkpoint_reward)
             (-r.sum() / B + loss_rid * micro / B).backward()
         if method == "l2":
@@ -443,9 +441,9 @@ def main():
     args = parser.parse_args()
     phases = args.phases.split(",")
     device, dtype = pick_device_dtype(args.device, args.dtype)
-    S, K, M, B = args.ddim_steps, args.grad_steps, args.match_steps, args.batch_size
-    if K < 1 or M < 0 or (S is not None and not K + M <= S):  # S none: checked once the model's family is known
-        raise UserError("need 1 <= --grad_steps <= --ddim_steps and 0 <= --match_steps <= ddim_steps - grad_steps")
+    S, K, B = args.ddim_steps, args.grad_steps, args.batch_size
+    if K < 1 or (S is not None and K > S):  # S none: checked once the model's family is known
+        raise UserError("need 1 <= --grad_steps <= --ddim_steps")
     if B < 1 or args.grad_accum < 1 or B % args.grad_accum:
         raise UserError(f"--batch_size ({B}) must be a positive multiple of --grad_accum ({args.grad_accum})")
     if args.repeats < 1 or args.warmup < 0 or not set(phases) <= set(PHASES):
@@ -469,8 +467,8 @@ def main():
     args.ddim_steps = args.ddim_steps or DEFAULTS[pipe.family][0]
     args.guidance_scale = DEFAULTS[pipe.family][1] if args.guidance_scale is None else args.guidance_scale
     S, K = args.ddim_steps, args.grad_steps
-    if not 1 <= K <= S or not 0 <= M <= S - K:
-        raise UserError("need 1 <= --grad_steps <= --ddim_steps and 0 <= --match_steps <= ddim_steps - grad_steps")
+    if not 1 <= K <= S:
+        raise UserError("need 1 <= --grad_steps <= --ddim_steps")
     reward_name = args.reward or ("aesthetic-arch" if arch else "brightness")
     name, _, path = (args.reward_path or "").partition("=")
     if args.reward_path and name != reward_name:
@@ -486,8 +484,8 @@ def main():
           f"{reward_name}, {device} {str(dtype)[6:]}, {B} images of {H}x{W}, {S} DDIM steps, guidance "
           f"{args.guidance_scale}; built in {time.perf_counter() - t0:.1f} s")
     print(f"per training step: {S * args.grad_accum} UNet calls of batch {(2 if guided else 1) * micro}, "
-          f"{K * args.grad_accum} of them with grad; rid adds {(K + M) * args.grad_accum} teacher forwards and "
-          f"{M * args.grad_accum} student forwards; {sum(p.numel() for p in lora_params(pipe.denoiser, 'task1').values()):,} "
+          f"{K * args.grad_accum} of them with grad; rid adds {K * args.grad_accum} teacher forwards and "
+          f"{(K - 1) * args.grad_accum} student forwards; {sum(p.numel() for p in lora_params(pipe.denoiser, 'task1').values()):,} "
           f"trainable LoRA weights")
     gc.collect()
     resident = torch.cuda.memory_allocated() if device.startswith("cuda") else read_peak(device)

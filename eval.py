@@ -267,20 +267,25 @@ def markdown_table(results):
     return "\n".join(lines + [f"\n> warning: {w}" for w in results.get("warnings", [])]) + "\n"
 
 
-def draw_grid(results, stage_images, ncol=8, min_px=96, label_w=130):
-    """One row per stage, the same first ncol (prompt, seed) pairs in every row; tiny images upscaled (nearest)."""
+def labelled_rows(rows, labels, label_w, min_px=96, foot_h=0):
+    """Rows of images (R, n, 3, H, W) in one picture, each row's label at its left; tiny images upscaled (nearest) to
+    at least min_px. -> (the PIL picture, a drawing context on it, the upscaled image size (sH, sW))"""
     from PIL import Image, ImageDraw
-    ims = torch.stack([s[:ncol] for s in stage_images])  # (S, n, 3, H, W)
-    S, n, _, H, W = ims.shape
+    R, n, _, H, W = rows.shape
     scale = math.ceil(min_px / min(H, W))
-    ims = F.interpolate(ims.flatten(0, 1).float(), scale_factor=scale, mode="nearest")  # (S n, 3, sH, sW)
+    ims = F.interpolate(rows.flatten(0, 1).float(), scale_factor=scale, mode="nearest")  # (R n, 3, sH, sW)
     grid = image_grid(ims, ncol=n, pad=2)
-    out = Image.new("RGB", (label_w + grid.width, grid.height), "white")
+    out = Image.new("RGB", (label_w + grid.width, grid.height + foot_h), "white")
     out.paste(grid, (label_w, 0))
     draw = ImageDraw.Draw(out)
-    for i, label in enumerate(stage_names(results)):
+    for i, label in enumerate(labels):
         draw.text((6, 2 + i * (H * scale + 2) + H * scale // 2 - 8), label, fill="black", font=font())
-    return out
+    return out, draw, (H * scale, W * scale)
+
+
+def draw_grid(results, stage_images, ncol=8):
+    """One row per stage, the same first ncol (prompt, seed) pairs in every row."""
+    return labelled_rows(torch.stack([s[:ncol] for s in stage_images]), stage_names(results), label_w=130)[0]
 
 
 def side_by_side(paths, titles, out, gap=24, head_h=34):
@@ -381,24 +386,17 @@ def hacking(results, stage_images, stage_scores, ncol=8):
     return draw_hacking(columns, stage_images[0], stage_images[-1]) if columns else None
 
 
-def draw_hacking(columns, base, final, min_px=96, label_h=44):
-    """Two rows (base above, final below) of the images in columns [(reward, k, score rise, truth change)]."""
-    from PIL import Image, ImageDraw
-    H, W = base.shape[-2:]
-    scale = math.ceil(min_px / min(H, W))
+def draw_hacking(columns, base, final, label_h=44):
+    """Two rows (base above, final below) of the images in columns [(reward, k, score rise, truth change)], each
+    column's reward, score rise and truth change under it."""
     pick = torch.stack([torch.stack([base[k], final[k]]) for _, k, _, _ in columns], 1)  # (2, n, 3, H, W)
-    ims = F.interpolate(pick.flatten(0, 1).float(), scale_factor=scale, mode="nearest")
-    grid = image_grid(ims, ncol=len(columns), pad=2)
-    out = Image.new("RGB", (grid.width + 70, grid.height + label_h), "white")
-    out.paste(grid, (70, 0))
-    draw = ImageDraw.Draw(out)
-    for i, label in enumerate(("base", "final")):
-        draw.text((6, 2 + i * (H * scale + 2) + H * scale // 2 - 8), label, fill="black", font=font())
+    out, draw, (h, w) = labelled_rows(pick, ("base", "final"), label_w=70, foot_h=label_h)
+    y = out.height - label_h
     for c, (name, k, rose, fell) in enumerate(columns):
-        x = 70 + c * (W * scale + 2) + 2
-        draw.text((x, grid.height + 2), f"{name} #{k}", fill="black", font=font(11))
-        draw.text((x, grid.height + 16), f"score {rose:+.3g}", fill=(30, 90, 210), font=font(11))
-        draw.text((x, grid.height + 30), f"truth {fell:+.2f}", fill=(200, 40, 40), font=font(11))
+        x = 70 + c * (w + 2) + 2
+        draw.text((x, y + 2), f"{name} #{k}", fill="black", font=font(11))
+        draw.text((x, y + 16), f"score {rose:+.3g}", fill=(30, 90, 210), font=font(11))
+        draw.text((x, y + 30), f"truth {fell:+.2f}", fill=(200, 40, 40), font=font(11))
     return out
 
 # -----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ own code; train_rid.py's loop and bench.py both call these, so the benchmark tim
 
     L = -mean_b r_t(x_0^b) / s_t                                  every method: the reward, back through the last
                                                                   K DDIM steps (DRaFT-K) and the decode
-      + lambda * mean_i || eps_S(x_i, i) - sg(eps_T(x_i, i)) ||^2  rid: match the EMA teacher at the matched steps
+      + lambda * mean_i || eps_S(x_i, i) - sg(eps_T(x_i, i)) ||^2  rid: match the EMA teacher at the K window steps
       + w * sum_layers || (alpha / r) B A ||_F^2                  l2: pull the current adapter's change towards 0
     after optimizer.step():  A_T <- m A_T + (1 - m) A             rid: the EMA teacher follows the student
 
@@ -12,7 +12,7 @@ RID (Wang et al. 2024) names an adapter group and momentum distillation from an 
 is our reconstruction (docs/method.md). r_t is the task's reward, s_t its spread on the base model's images.
 
     from losses import step_losses, ema_update, l2_pull
-    r, loss_rid = step_losses(pipe, reward, prompts, latents, ddim_steps=20, teacher=ema, matched={19})
+    r, loss_rid = step_losses(pipe, reward, prompts, latents, ddim_steps=20, grad_steps=1, teacher=ema)
 """
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -20,23 +20,16 @@ from torch.utils.checkpoint import checkpoint
 from sample import cat_context, denoise, encode_prompts, encode_uncond, lora_params, predict_x0_eps, sample
 
 
-def matched_steps(generator, ddim_steps, grad_steps, match_steps):
-    """The step indices RID matches the teacher at: the K grad-window steps, plus M drawn from the rest of the
-    trajectory (the no-grad part, whose x_t the sampler saves)."""
-    extra = torch.randperm(ddim_steps - grad_steps, generator=generator)[:match_steps].tolist()
-    return set(range(ddim_steps - grad_steps, ddim_steps)) | set(extra)
-
-
 def step_losses(pipe, reward, prompts, latents, ddim_steps, guidance_scale=7.5, eta=0.0, grad_steps=1, teacher=None,
-                matched=(), checkpointing=True, checkpoint_decode=False, checkpoint_reward=False, generator=None):
+                checkpointing=True, checkpoint_decode=False, checkpoint_reward=False, generator=None):
     """The forward half of a training step on one micro-batch: guided DDIM from `latents` with the K-step grad window,
-    the decode, the reward, and (with a teacher) RID's matching loss at the `matched` steps. The caller weights the
+    the decode, the reward, and (with a teacher) RID's matching loss at the K window steps. The caller weights the
     terms, sums them and backpropagates. -> (rewards (B,) fp32 with graph, teacher loss (scalar; 0 without one))."""
     size = tuple(s * pipe.vae_scale for s in latents.shape[-2:])
     cond, uncond = encode_prompts(pipe, prompts, size), encode_uncond(pipe, len(prompts), size)
     images, captured = sample(pipe, cond, uncond, latents, ddim_steps, guidance_scale, eta, grad_steps=grad_steps,
                               checkpointing=checkpointing, checkpoint_decode=checkpoint_decode, generator=generator,
-                              capture=matched if teacher is not None else ())  # (B, 3, H, W) in [0, 1]
+                              capture=range(ddim_steps - grad_steps, ddim_steps) if teacher is not None else ())
     dtype = cond["encoder_hidden_states"].dtype
     if checkpoint_reward:  # keep only the images; the reward network runs again in backward (memory for time)
         r = checkpoint(reward, images.to(dtype), prompts, use_reentrant=False).float()
@@ -49,14 +42,14 @@ def step_losses(pipe, reward, prompts, latents, ddim_steps, guidance_scale=7.5, 
 
 
 def teacher_loss(pipe, captured, context, teacher, checkpointing=True):
-    """RID's momentum distillation: the mean over matched steps of || eps_S(x_t, t, c) - sg(eps_T(x_t, t, c)) ||^2,
-    over both guidance branches' outputs.
+    """RID's momentum distillation: the mean over the K grad-window steps of
+    || eps_S(x_t, t, c) - sg(eps_T(x_t, t, c)) ||^2, over both guidance branches' outputs.
     The error is measured on eps whatever the model predicts (our choice): both raw outputs are converted first, so a
     v-prediction model (SD 2.x) is matched on sqrt(abar_t) (v_S - v_T), not on v itself. SD 3 is matched on the
     velocity it predicts, its own output (docs/method.md says why).
     x_t is data here, as the teacher sees it: the student's output is reused where x_t carries no graph (the first
-    grad-window step), and recomputed on the detached x_t elsewhere (earlier steps, whose x_t the no-grad pass saved,
-    and later window steps, whose x_t would otherwise pass the matching gradient back into the steps before them).
+    grad-window step), and recomputed on the detached x_t at the later window steps, whose x_t would otherwise pass
+    the matching gradient back into the steps before them.
     captured: {i: (t, x_t, out)} from sample(capture=...); context: the (2B or B rows) context the sampler used.
     teacher:  {parameter name: tensor} that replace the current adapter's weights (its EMA) for the teacher,
       through torch.func.functional_call: no adapter switch, so checkpointed recomputes stay correct."""
@@ -64,10 +57,10 @@ def teacher_loss(pipe, captured, context, teacher, checkpointing=True):
     guided = context["encoder_hidden_states"].shape[0] == 2 * next(iter(captured.values()))[1].shape[0]
     for t, x, out in captured.values():
         x_in = torch.cat([x, x]).detach() if guided else x.detach()  # (2B or B, C, h, w)
-        if x.requires_grad or not out.requires_grad:  # one more student forward, with grad, at the detached x_t
+        if x.requires_grad:  # one more student forward, with grad, at the detached x_t
             out = (checkpoint(denoise, pipe.denoiser, x_in, t, context, use_reentrant=False) if checkpointing
                    else denoise(pipe.denoiser, x_in, t, context))
-        with torch.no_grad():  # the teacher costs one no-grad forward per matched step, nothing more
+        with torch.no_grad():  # the teacher costs one no-grad forward per window step, nothing more
             target = denoise(pipe.denoiser, x_in, t, context, weights=teacher)
         losses.append((matched_space(pipe, out, x_in, t) - matched_space(pipe, target, x_in, t)).pow(2).mean())
     return torch.stack(losses).mean()
@@ -80,13 +73,13 @@ def matched_space(pipe, out, x_t, t):
     return predict_x0_eps(out, x_t, pipe.scheduler.alphas_cumprod[t], pipe.scheduler.config.prediction_type)[1]
 
 
-def unet_calls_per_step(ddim_steps, grad_steps, match_steps, rid, checkpointing):
+def unet_calls_per_step(ddim_steps, grad_steps, rid, checkpointing):
     """UNet calls per image of one training step, as step_losses makes them: S sampling calls, the K window calls
-    once more in backward when checkpointed, and for RID K + M teacher calls and M + K - 1 student calls at detached
-    x_t (each re-run in backward when checkpointed). -> {"forward": n, "backward": n}"""
-    S, K, M, again = ddim_steps, grad_steps, match_steps, int(checkpointing)
-    student = M + K - 1
-    return {"forward": S + K * again + ((K + M) + student * (1 + again) if rid else 0),
+    once more in backward when checkpointed, and for RID K teacher calls and K - 1 student calls at detached x_t
+    (each re-run in backward when checkpointed). -> {"forward": n, "backward": n}"""
+    S, K, again = ddim_steps, grad_steps, int(checkpointing)
+    student = K - 1
+    return {"forward": S + K * again + (K + student * (1 + again) if rid else 0),
             "backward": K + (student if rid else 0)}
 
 

@@ -28,12 +28,11 @@ Run it:
 What we simplified or chose ourselves (the paper's code is not public):
   - the teacher is the student with its current adapter replaced by that adapter's EMA (over the factors A and B);
     the matching loss is on eps (the UNet's output turned into eps for v- and x_0-prediction models), both guidance
-    branches, at the K grad-window steps plus --match_steps extra steps drawn from the no-grad part of the
-    trajectory, each at its x_t taken as data (detached);
+    branches, at the K grad-window steps, each at its x_t taken as data (detached);
   - each reward is divided by its standard deviation over the base model's evaluation images (s_t), so that one
     lr, lambda and l2 weight mean the same trade-off for rewards of any scale (--no_reward_norm turns it off);
-  - a fresh AdamW per task with a constant learning rate; the per-step randomness (prompts, noise, matched
-    steps) is a function of (seed, task, step), so a resumed run repeats an uninterrupted one exactly.
+  - a fresh AdamW per task with a constant learning rate; the per-step randomness (prompts, noise, K) is a function
+    of (seed, task, step), so a resumed run repeats an uninterrupted one exactly.
 """
 import argparse
 import importlib
@@ -53,7 +52,7 @@ from tqdm.auto import tqdm
 from common import (SideRun, Tracker, UserError, atomic_dir, atomic_file, check_seed, hub_unreachable, load_file, one_line_errors,
                     open_run_folder, pick_device_dtype, remove_partial_writes, seed_for, to_pil, to_uint8, write_json)
 from eval import clip_at_hand, draw_grid, eval_set, evaluate, is_toy, ril_metrics, side_by_side, write_report
-from losses import ema_update, joint_reward, l2_pull, matched_steps, step_losses, unet_calls_per_step
+from losses import ema_update, joint_reward, l2_pull, step_losses, unet_calls_per_step
 from rewards import TOY as WEIGHT_FREE, check_reward_name, load_reward
 from sample import (DEFAULT_MODEL, DEFAULTS, add_lora, check_model, image_size, initial_latents, load_pipeline, lora_params,
                     model_family, save_lora, set_adapters)
@@ -95,7 +94,6 @@ parser.add_argument("--lora_alpha", type=float, default=4.0, help="LoRA alpha (t
 parser.add_argument("--rid_lambda", type=float, default=3.0, help="lambda: weight of the teacher-matching loss "
                     "(3: our choice from docs/experiments.md)")
 parser.add_argument("--ema_momentum", type=float, default=0.99, help="m of the EMA teacher; 1 = frozen previous model")
-parser.add_argument("--match_steps", type=int, default=0, help="M: extra matched steps from the no-grad part")
 parser.add_argument("--l2_weight", type=float, default=1.0, help="l2: weight w of ||dW_t||^2 (summed over layers)")
 parser.add_argument("--soup_weight", type=float, default=1.0, help="soup: weight c of every adapter; 1 = their sum")
 # memory and precision
@@ -170,8 +168,6 @@ check_seed("--seed", args.seed)
 if not 1 <= args.grad_steps <= args.ddim_steps:
     raise UserError(f"--grad_steps (K={args.grad_steps}) must be between 1 and --ddim_steps ({args.ddim_steps}); "
                     f"K = 0 would build no graph and train nothing")
-if not 0 <= args.match_steps <= args.ddim_steps - args.grad_steps:
-    raise UserError(f"--match_steps must be between 0 and ddim_steps - grad_steps ({args.ddim_steps - args.grad_steps})")
 if args.guidance_scale < 0 or not 0 <= args.eta <= 1:
     raise UserError("--guidance_scale must be at least 0 and --eta in [0, 1]")
 if family == "sd3" and args.eta > 0:
@@ -301,7 +297,7 @@ eval_prompts, eval_seeds = eval_set(args.model, args.eval_n)
 if args.compile:  # the hot function only, as gpt-fast does; each adapter set and batch shape compiles once
     pipe.denoiser.compile()
 load_seconds = round(time.time() - t_load, 1)  # the model and the rewards
-S, K, M, T = args.ddim_steps, args.grad_steps, args.match_steps, len(tasks)
+S, K, T = args.ddim_steps, args.grad_steps, len(tasks)
 rid, soup, joint = args.method == "rid", args.method == "soup", args.method == "joint"
 P, ITERS = (1, T * args.iters) if joint else (T, args.iters)  # training phases (joint: one, on all tasks), their steps
 # fp16 (GPUs without bf16): a gradient scaler keeps the small reward gradients (x ~0.01 per DDIM step at K = 1) from
@@ -314,7 +310,7 @@ if master:
           f"{S} DDIM steps, K={K}{' (random)' if args.random_grad_steps else ''}, {dtype} on {device}"
           f"{' with a loss scaler' if scaler.is_enabled() else ''} | {pipe.family}")
 assert micro >= 1 and micro * world * args.grad_accum == args.batch_size
-unet_calls = unet_calls_per_step(S, K, M, rid, not args.no_checkpointing)  # per image and step
+unet_calls = unet_calls_per_step(S, K, rid, not args.no_checkpointing)  # per image and step
 if master:
     print(f"UNet calls per image and step: {unet_calls['forward']} forward and {unet_calls['backward']} backward "
           f"passes ({S - K} without grad; grad window re-run in backward: {'no' if args.no_checkpointing else 'yes'})")
@@ -349,13 +345,13 @@ def stage_adapters(t):  # adapter folders active after phase t (t = -1: the base
 
 
 def step_randomness(t, step):
-    """Prompts, initial latents and matched steps of one optimiser step, for the GLOBAL batch: a function of
+    """Prompts, initial latents and K of one optimiser step, for the GLOBAL batch: a function of
     (seed, task, step) only, so every process count and every resume sees the same data."""
     g = torch.Generator().manual_seed(seed_for("train", args.seed, t, step))
     idx = torch.randint(len(train_prompts), (args.batch_size,), generator=g).tolist()
     latents = initial_latents(pipe, args.batch_size, g, height, width)  # (B, 4, h, w)
     k = int(torch.randint(1, K + 1, (1,), generator=g)) if args.random_grad_steps else K
-    return [train_prompts[i] for i in idx], latents, k, matched_steps(g, S, k, M)
+    return [train_prompts[i] for i in idx], latents, k
 
 
 def stage_images(stage):  # (N, 3, H, W) in [0, 1]: the evaluation images of a stage, as its PNGs hold them
@@ -564,14 +560,14 @@ for t in range(start_task, P):
         t0, global_step = time.time(), t * ITERS + step + 1
         if global_step == FAULT_SIGNAL_STEP:
             os.kill(os.getpid(), signal.SIGTERM)  # the real handler runs; this step still finishes
-        prompts, latents, k, matched = step_randomness(t, step)
+        prompts, latents, k = step_randomness(t, step)
         stats = torch.zeros(5, dtype=torch.float64)  # sums of rewards, loss_reward, loss_rid, loss_l2; stop flag
         for j in range(args.grad_accum):  # this process's share of the global batch, in micro-batches
             lo = (rank * args.grad_accum + j) * micro
             eta_noise = ([torch.Generator().manual_seed(seed_for("eta", args.seed, t, step, lo + i)) for i in range(micro)]
                          if args.eta > 0 else None)  # one generator per image of the global batch
             r, loss_rid = step_losses(pipe, reward_fn, prompts[lo:lo + micro], latents[lo:lo + micro].to(device), S,
-                                      args.guidance_scale, args.eta, k, ema, matched, not args.no_checkpointing,
+                                      args.guidance_scale, args.eta, k, ema, not args.no_checkpointing,
                                       args.checkpoint_decode, args.checkpoint_reward, eta_noise)  # r: (micro,)
             if global_step in FAULT_NAN_STEPS:
                 r = r * float("nan")

@@ -88,7 +88,7 @@ def check_figures(path, stdout, phases):
 def test_bench_tiny_model_every_phase(tiny_sd, tmp_path):
     out = tmp_path / "bench.json"
     r = run_bench("--model", tiny_sd, "--batch_size", "2", "--grad_accum", "2", "--ddim_steps", "3", "--grad_steps", "2",
-                  "--match_steps", "1", "--checkpoint_decode", "--checkpoint_reward", "--warmup", "0",
+                  "--checkpoint_decode", "--checkpoint_reward", "--warmup", "0",
                   "--repeats", "2", "--phases", ",".join(ALL), "--json", str(out))
     assert r.returncode == 0, r.stderr
     figures = check_figures(out, r.stdout, ALL)

@@ -35,9 +35,9 @@ def perturbed_ema(pipe, seed=2):
 
 def test_teacher_loss_equals_a_forward_with_the_ema_swapped_in(pipe):
     """functional_call with the EMA weights = copying them into the adapter and calling the UNet; the frozen first
-    adapter stays in both (the teacher is W0 + A_1 + EMA(A_2)). At a grad-window step and at an earlier one."""
+    adapter stays in both (the teacher is W0 + A_1 + EMA(A_2)). At both steps of a K = 2 grad window."""
     ema = perturbed_ema(pipe)
-    _, captured, context = sampled(pipe, capture={2, 4})
+    _, captured, context = sampled(pipe, capture={3, 4}, grad_steps=2)
     loss = losses.teacher_loss(pipe, captured, context, ema)
     params = sample.lora_params(pipe.denoiser, "task2")
     saved = {k: p.detach().clone() for k, p in params.items()}
@@ -100,7 +100,7 @@ def test_teacher_loss_is_on_eps_for_every_prediction_type(kind, tiny_sd, tmp_pat
     p = lora_pipe(folder)
     ema = perturbed_ema(p)
     params = sample.lora_params(p.denoiser, "task2")
-    _, captured, context = sampled(p, capture={1, 3, 4}, grad_steps=2)  # one step before the window, both in it
+    _, captured, context = sampled(p, capture={3, 4}, grad_steps=2)  # both steps of the window
     assert captured[4][1].requires_grad  # the second window step's x_t carries the first one's graph
     loss = losses.teacher_loss(p, captured, context, ema)
     loss.backward()
@@ -125,7 +125,7 @@ def test_ema_update_formula_and_no_gradient_reaches_the_ema(pipe):
     # a full training step's forward and backward: the EMA takes part in the teacher loss only
     r, loss_rid = losses.step_losses(pipe, lambda im, p: im.mean((1, 2, 3)), PROMPTS,
                                      sample.initial_latents(pipe, 2, torch.Generator().manual_seed(4)), 4,
-                                     teacher=ema, matched={3, 1})
+                                     grad_steps=2, teacher=ema)
     (-r.mean() + loss_rid).backward()
     assert loss_rid > 0 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
     assert all(not v.requires_grad and v.grad is None for v in ema.values())
@@ -156,13 +156,13 @@ def test_l2_penalty_is_the_squared_norm_of_the_dense_weight_change(pipe):
 @pytest.mark.slow
 def test_teacher_loss_in_a_real_run_and_the_ema_after_one_step(trained, tiny_sd, tmp_path):
     """train_rid.py --method rid: the log's teacher loss is exactly 0 at step 1 of each task (the new adapter has
-    B = 0, so the EMA teacher is the student, at the K window steps and the extra matched one), above 0 after.
+    B = 0, so the EMA teacher is the student, at the K window steps), above 0 after.
     Stopped after step 1 of task 1 (SIGTERM through the fault injection), the checkpoint's EMA is m * A_0 + (1 - m) * A_1,
     A_0 the adapter as created (rebuilt here from its seed) and A_1 the adapter after the step; with m = 1 it is A_0
     itself, whose B is 0: the previous model."""
     from conftest import train
     from test_train import METHOD_FLAGS
-    full, _ = trained("rid", *METHOD_FLAGS["rid"])  # 3 steps per task, one matched step before the window
+    full, _ = trained("rid", *METHOD_FLAGS["rid"])  # 3 steps per task
     log = [json.loads(line) for line in open(full / "log.jsonl")]
     assert [row["loss_rid"] == 0 for row in log] == [True, False, False] * 2
     for m in ("0.9", "1"):

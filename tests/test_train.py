@@ -25,7 +25,7 @@ ADAPTERS_NAN = ("adapters", "--no_reward_norm")
 NAN_STEPS = {"RID_FAULT_NAN_STEPS": "1,4"}
 # The shared rid run uses the largest seed torch takes as a signed 64-bit integer; test_resume_after_sigkill resumes
 # it twice (the flag walk's "large seed with resume", tests/test_flags.py).
-METHOD_FLAGS = {"rid": ("--match_steps", "1", "--seed", str(2**63 - 1)), "l2": ("--l2_weight", "0.0001"),
+METHOD_FLAGS = {"rid": ("--seed", str(2**63 - 1)), "l2": ("--l2_weight", "0.0001"),
                 "soup": ("--soup_weight", "0.5"), "naive": (), "adapters": (), "joint": ()}
 
 
@@ -59,9 +59,9 @@ def test_run_folder_holds_results_adapters_and_pictures(trained):
     assert res["matrix"][1][0] > res["matrix"][0][0]  # the task's reward went up on its own task
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert len(log) == 6 and all(row["finite"] for row in log)
-    # UNet calls per image and step: S + K recomputed + RID's K + M teacher forwards, and its student forwards at the
-    # detached x_t of the M earlier steps and the K - 1 later window steps (each recomputed once in backward)
-    assert res["train"]["unet_calls_per_image_step"] == {"forward": 4 + 2 + 3 + 2 * 2, "backward": 2 + 2}
+    # UNet calls per image and step: S + K recomputed + RID's K teacher forwards, and its student forwards at the
+    # detached x_t of the K - 1 later window steps (each recomputed once in backward)
+    assert res["train"]["unet_calls_per_image_step"] == {"forward": 4 + 2 + 2 + 1 * 2, "backward": 2 + 1}
 
 
 def test_reward_scales_are_the_base_images_spread(trained, tiny_sd):
@@ -201,7 +201,7 @@ def test_sd3_run_writes_results_adapters_and_pictures_and_resumes_after_sigkill(
     teacher matched on the velocity (0 at each task's first step); killed twice and resumed, it ends bit for bit where
     the uninterrupted run does."""
     ref = tmp_path / "sd3"
-    r = train(tiny_sd3, ref, "--match_steps", "1")
+    r = train(tiny_sd3, ref)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| sd3" in r.stdout
     res = json.load(open(ref / "results.json"))
@@ -211,7 +211,7 @@ def test_sd3_run_writes_results_adapters_and_pictures_and_resumes_after_sigkill(
         assert (ref / f).is_file(), f
     log = [json.loads(line) for line in open(ref / "log.jsonl")]
     assert [row["loss_rid"] == 0 for row in log] == [True, False, False] * 2
-    same_results(ref, kill_twice_and_resume(tiny_sd3, tmp_path / "killed", ["--match_steps", "1"]))
+    same_results(ref, kill_twice_and_resume(tiny_sd3, tmp_path / "killed", []))
 
 
 def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path):
@@ -303,7 +303,7 @@ def test_sdxl_run_writes_results_adapters_and_pictures(tiny_sdxl, tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
     from eval import eval_set
     out = tmp_path / "xl"
-    r = train(tiny_sdxl, out, "--match_steps", "1")
+    r = train(tiny_sdxl, out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| sdxl" in r.stdout
     res = json.load(open(out / "results.json"))
