@@ -6,7 +6,7 @@ comparison between stages is paired: image k of every stage starts from the same
     from eval import eval_set, evaluate, ril_metrics, write_report
     prompts, seeds = eval_set("toy", 64)                                     # fixed prompts and seeds
     out = evaluate(pipe, {"brightness": reward}, prompts, seeds, base_images=base["images"], toy=True)
-    write_report(run_dir, results, stage_images)  # results.json, results.md, grid.png, heatmap.png
+    write_report(run_dir, results, stage_images)  # the metrics, then results.json, results.md, grid.png, heatmap.png
 
 Recompute a finished run from its saved adapters (train_rid.py wrote DIR/results.json and DIR/adapters/);
 the run's own files are never touched, the new ones go to DIR/eval/ (or --out):
@@ -22,8 +22,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import (UserError, image_grid, one_line_errors, pick_device_dtype, save_png, seed_for, to_uint8, write_json,
-                    write_text)
+from common import UserError, one_line_errors, pick_device_dtype, seed_for, to_uint8
+from report import write_files
 from sample import TOY_MODEL, check_lora, generate, initial_latents, load_lora, load_pipeline, resolve_model, set_adapters
 
 # Default evaluation prompts for real models (our choice): short, varied, none from a training list.
@@ -219,130 +219,6 @@ def ril_metrics(matrix, tol=1e-6, scale=None):
     return {"gain": gain, "forgetting": forgetting, "average": average, "warnings": warnings}
 
 # -----------------------------------------------------------------------------
-# Report: results.json, results.md, grid.png, heatmap.png, each written atomically
-
-def font(size=14):
-    from PIL import ImageFont
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1 (scalable); older Pillow: a fixed bitmap font
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def fmt(d, digits=4):
-    """{"mean", "se"} -> 'm ± se'; a plain number or None -> its text or '–'."""
-    if d is None:
-        return "–"
-    if isinstance(d, dict):
-        return f"{d['mean']:.{digits}g}" + (f" ± {d['se']:.2g}" if d.get("se") is not None else "")
-    return f"{d:.{digits}g}"
-
-
-def stage_names(results):
-    if results.get("method") == "joint":
-        return ["base", "joint: all tasks"]
-    return ["base"] + [f"{k + 1}: {name}" for k, name in enumerate(results["rewards"])]
-
-
-def markdown_table(results):
-    names, T = results["rewards"], len(results["rewards"])
-    structure = results.get("structure") or [{}] * (T + 1)
-    columns = {"ssim": "SSIM to base", "clip": "CLIP cosine to base", "caption": "caption match"}
-    extra = [k for k in columns if any(k in s for s in structure)]
-    head = ["stage", *names, "forgetting F_t", "average gain A_t", *[columns[k] for k in extra]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    se = results.get("matrix_se") or [[None] * T] * (T + 1)
-    for i, stage in enumerate(stage_names(results)):
-        cells = [fmt({"mean": m, "se": s}) for m, s in zip(results["matrix"][i], se[i])]
-        cells += [fmt(results["forgetting"][i - 1]) if i else "–", fmt(results["average"][i - 1]) if i else "–"]
-        cells += [fmt(structure[i].get(k)) for k in extra]
-        lines.append("| " + " | ".join([stage, *cells]) + " |")
-    if results.get("truth"):  # learned toy rewards: each beside its ground truth, and the hacking gap
-        names = list(results["truth"][0])
-        head = ["stage", *[c for n in names for c in (f"{n} truth", f"{n} hacking gap")]]
-        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for i, stage in enumerate(stage_names(results)):
-            cells = [c for n in names for c in (fmt(results["truth"][i][n]), fmt(results["hacking_gap"][n][i], 3))]
-            lines.append("| " + " | ".join([stage, *cells]) + " |")
-    return "\n".join(lines + [f"\n> warning: {w}" for w in results.get("warnings", [])]) + "\n"
-
-
-def labelled_rows(rows, labels, label_w, min_px=96, foot_h=0):
-    """Rows of images (R, n, 3, H, W) in one picture, each row's label at its left; tiny images upscaled (nearest) to
-    at least min_px. -> (the PIL picture, a drawing context on it, the upscaled image size (sH, sW))"""
-    from PIL import Image, ImageDraw
-    R, n, _, H, W = rows.shape
-    scale = math.ceil(min_px / min(H, W))
-    ims = F.interpolate(rows.flatten(0, 1).float(), scale_factor=scale, mode="nearest")  # (R n, 3, sH, sW)
-    grid = image_grid(ims, ncol=n, pad=2)
-    out = Image.new("RGB", (label_w + grid.width, grid.height + foot_h), "white")
-    out.paste(grid, (label_w, 0))
-    draw = ImageDraw.Draw(out)
-    for i, label in enumerate(labels):
-        draw.text((6, 2 + i * (H * scale + 2) + H * scale // 2 - 8), label, fill="black", font=font())
-    return out, draw, (H * scale, W * scale)
-
-
-def draw_grid(results, stage_images, ncol=8):
-    """One row per stage, the same first ncol (prompt, seed) pairs in every row."""
-    return labelled_rows(torch.stack([s[:ncol] for s in stage_images]), stage_names(results), label_w=130)[0]
-
-
-def side_by_side(paths, titles, out, gap=24, head_h=34):
-    """Pictures (PNG files) next to each other, each with its title above, written atomically to `out`."""
-    from PIL import Image, ImageDraw
-    ims = [Image.open(p).convert("RGB") for p in paths]
-    canvas = Image.new("RGB", (sum(im.width for im in ims) + gap * (len(ims) - 1), head_h + max(im.height for im in ims)),
-                       "white")
-    draw, x = ImageDraw.Draw(canvas), 0
-    for im, title in zip(ims, titles):
-        canvas.paste(im, (x, head_h))
-        draw.text((x + 8, 6), title, fill="black", font=font(18))
-        x += im.width + gap
-    save_png(canvas, out)
-
-
-def draw_heatmap(results, cell=(96, 44), label_w=130, head_h=52):
-    """The normalised gain matrix: blue = the task's gain kept (1), white = back to base (0), red = below base."""
-    from PIL import Image, ImageDraw
-    gain, names, rows = results["gain"], results["rewards"], stage_names(results)
-    img = Image.new("RGB", (max(label_w + cell[0] * len(names), 420), head_h + cell[1] * len(rows)), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((6, 4), "normalised gain g (row: after task i, column: reward j)", fill="black", font=font(13))
-    for j, name in enumerate(names):
-        draw.text((label_w + j * cell[0] + 6, 30), name, fill="black", font=font())
-    for i, label in enumerate(rows):
-        draw.text((6, head_h + i * cell[1] + cell[1] // 2 - 8), label, fill="black", font=font())
-        for j, g in enumerate(gain[i]):
-            a = 0.0 if g is None else min(abs(g), 1.0)  # colour saturates at |g| = 1; the number says the rest
-            tint = (40, 90, 200) if g is None or g >= 0 else (200, 40, 40)
-            colour = (200, 200, 200) if g is None else tuple(round(255 + a * (c - 255)) for c in tint)
-            x0, y0 = label_w + j * cell[0], head_h + i * cell[1]
-            draw.rectangle([x0, y0, x0 + cell[0] - 2, y0 + cell[1] - 2], fill=colour, outline=(150, 150, 150))
-            draw.text((x0 + 8, y0 + cell[1] // 2 - 8), "n/a" if g is None else f"{g:.2f}",
-                      fill="white" if a > 0.6 else "black", font=font())
-    return img
-
-
-def write_report(run_dir, results, stage_images, stage_scores=None):
-    """Adds ril_metrics to `results` (in place), writes the four files into run_dir, returns the Markdown table.
-    stage_scores: per stage, {reward: (N,) per-image scores}; with them, a toy-world run whose tasks include a learned
-    reward also gets its ground truth, hacking gap and hacking.png (hacking())."""
-    results.update(ril_metrics(results["matrix"]))
-    os.makedirs(run_dir, exist_ok=True)
-    pictures = hacking(results, stage_images, stage_scores) if stage_scores else None
-    table = markdown_table(results)
-    write_json(os.path.join(run_dir, "results.json"), results)
-    write_text(os.path.join(run_dir, "results.md"), table)
-    save_png(draw_grid(results, stage_images), os.path.join(run_dir, "grid.png"))
-    save_png(draw_heatmap(results), os.path.join(run_dir, "heatmap.png"))
-    if pictures is not None:
-        save_png(pictures, os.path.join(run_dir, "hacking.png"))
-    elif os.path.exists(os.path.join(run_dir, "hacking.png")):  # an earlier report's, in an eval.py --out folder
-        os.remove(os.path.join(run_dir, "hacking.png"))
-    return table
-
-# -----------------------------------------------------------------------------
 # Reward hacking (toy world): a learned reward beside its ground truth, computed from the pixels by rule
 
 def truths(names, images, prompts):
@@ -356,20 +232,21 @@ def truths(names, images, prompts):
 
 def hacking(results, stage_images, stage_scores, ncol=8):
     """Adds "truth" (per stage, {reward: {"mean", "se"}}), "hacking_gap" ({reward: [per stage]}) and "hacked_images"
-    ({reward: count}) to results for the learned toy rewards among its tasks; returns the picture (or None).
+    ({reward: count}) to results for the learned toy rewards among its tasks.
     Hacking gap of reward r with truth g after stage i (our choice of formula):
         gap_i = (mean r_i - mean r_0) / sd_0(r) - (mean g_i - mean g_0) / sd_0(g),
     each gain in units of its spread over the base model's evaluation images (sd_0: per-image standard deviation),
     so that a score in cosine units and a truth in [0, 1] compare. 0 = the score rose as far as its truth; > 0 =
     it rose further (hacking); None where the base spread of either is 0. hacking.png: per learned reward, the final
-    stage's images whose score rose while their truth fell, the largest rise first, under their base images."""
+    stage's images whose score rose while their truth fell, the largest rise first, under their base images.
+    -> those images, [(reward, image index, score rise, truth change)] (empty when none, or no learned reward)."""
     if not is_toy(results["config"]["model"]):
-        return None
+        return []
     from rewards import LEARNED_TOY
     prompts = eval_set(results["config"]["model"], len(stage_images[0]))[0]
     names = [n for n in dict.fromkeys(results["rewards"]) if n in LEARNED_TOY]
     if not names:
-        return None
+        return []
     per_stage = [truths(names, images, prompts) for images in stage_images]
     results["truth"] = [{n: mean_se(t[n]) for n in names} for t in per_stage]
     results["hacking_gap"], results["hacked_images"], columns = {}, {}, []
@@ -383,21 +260,18 @@ def hacking(results, stage_images, stage_scores, ncol=8):
         hacked = ((rose > 0) & (fell < 0)).nonzero().flatten()
         results["hacked_images"][n] = len(hacked)
         columns += [(n, k, rose[k].item(), fell[k].item()) for k in hacked[rose[hacked].argsort(descending=True)][:ncol].tolist()]
-    return draw_hacking(columns, stage_images[0], stage_images[-1]) if columns else None
+    return columns
 
+# -----------------------------------------------------------------------------
+# A finished run's measures, then its files (report.py)
 
-def draw_hacking(columns, base, final, label_h=44):
-    """Two rows (base above, final below) of the images in columns [(reward, k, score rise, truth change)], each
-    column's reward, score rise and truth change under it."""
-    pick = torch.stack([torch.stack([base[k], final[k]]) for _, k, _, _ in columns], 1)  # (2, n, 3, H, W)
-    out, draw, (h, w) = labelled_rows(pick, ("base", "final"), label_w=70, foot_h=label_h)
-    y = out.height - label_h
-    for c, (name, k, rose, fell) in enumerate(columns):
-        x = 70 + c * (w + 2) + 2
-        draw.text((x, y + 2), f"{name} #{k}", fill="black", font=font(11))
-        draw.text((x, y + 16), f"score {rose:+.3g}", fill=(30, 90, 210), font=font(11))
-        draw.text((x, y + 30), f"truth {fell:+.2f}", fill=(200, 40, 40), font=font(11))
-    return out
+def write_report(run_dir, results, stage_images, stage_scores=None):
+    """Adds ril_metrics to `results` (in place), writes the run's files into run_dir (report.write_files), returns the
+    Markdown table. stage_scores: per stage, {reward: (N,) per-image scores}; with them, a toy-world run whose tasks
+    include a learned reward also gets its ground truth, hacking gap and hacking.png (hacking())."""
+    results.update(ril_metrics(results["matrix"]))
+    hacked = hacking(results, stage_images, stage_scores) if stage_scores else []
+    return write_files(run_dir, results, stage_images, hacked)
 
 # -----------------------------------------------------------------------------
 # CLI: rebuild every stage of a finished run from its saved adapters and recompute its results

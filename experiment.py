@@ -328,7 +328,7 @@ colour_of = lambda name: COLOURS.get(name) or MORE[[n for n in curves if n not i
 def draw_frontier(figures, path, panel=(330, 260), margin=(56, 34, 14, 40)):
     """One row of three panels per sequence: mean points joined in knob order, error bars = sd over seeds."""
     from PIL import Image, ImageDraw
-    from eval import font
+    from report import font
     left, top, right, bottom = margin
     W, H = panel
     img = Image.new("RGB", (len(PANELS) * W, len(figures) * (H + 20) + 28), "white")

@@ -51,8 +51,9 @@ from tqdm.auto import tqdm
 
 from common import (SideRun, Tracker, UserError, atomic_dir, atomic_file, check_seed, hub_unreachable, load_file, one_line_errors,
                     open_run_folder, pick_device_dtype, remove_partial_writes, seed_for, to_pil, to_uint8, write_json)
-from eval import clip_at_hand, draw_grid, eval_set, evaluate, is_toy, ril_metrics, side_by_side, write_report
+from eval import clip_at_hand, eval_set, evaluate, is_toy, ril_metrics, write_report
 from losses import ema_update, joint_reward, l2_pull, step_losses, unet_calls_per_step
+from report import draw_grid, side_by_side
 from rewards import TOY as WEIGHT_FREE, check_reward_name, load_reward
 from sample import (DEFAULT_MODEL, DEFAULTS, add_lora, check_model, image_size, initial_latents, load_pipeline, lora_params,
                     model_family, save_lora, set_adapters)
