@@ -463,7 +463,7 @@ def main():
     torch.manual_seed(args.seed)
     arch = args.model in ("sd15-arch", "sdxl-arch", "sd35-arch")
     pipe = arch_pipe(args.model, device, dtype) if arch else load_pipeline(args.model, device, dtype)
-    check_eta(pipe, args.eta)
+    check_eta(pipe.family, args.eta)
     args.ddim_steps = args.ddim_steps or DEFAULTS[pipe.family][0]
     args.guidance_scale = DEFAULTS[pipe.family][1] if args.guidance_scale is None else args.guidance_scale
     S, K = args.ddim_steps, args.grad_steps

@@ -158,9 +158,10 @@ def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     return pipe
 
 
-def check_eta(pipe, eta):
-    """DDIM's noise is defined for the DDIM families only: the flow sampler is deterministic (one line otherwise)."""
-    if pipe.flow and eta > 0:
+def check_eta(family, eta):
+    """DDIM's noise is defined for the DDIM families only: SD 3's flow sampler is deterministic (one line otherwise).
+    family: "sd", "sdxl" or "sd3" (model_family, or Pipe.family), so a script can check before loading anything."""
+    if family == "sd3" and eta > 0:
         raise UserError(f"--eta {eta}: SD 3's flow-matching Euler sampler is deterministic; drop --eta (or pass 0)")
 
 
@@ -507,7 +508,7 @@ def main():
     check_model(args.model)
     device, dtype = pick_device_dtype(args.device, args.dtype)
     pipe = load_pipeline(args.model, device, dtype)
-    check_eta(pipe, args.eta)
+    check_eta(pipe.family, args.eta)
     steps, guidance = args.ddim_steps or DEFAULTS[pipe.family][0], args.guidance_scale
     guidance = DEFAULTS[pipe.family][1] if guidance is None else guidance
     for k, path in enumerate(args.lora):
