@@ -219,58 +219,18 @@ def ril_metrics(matrix, tol=1e-6, scale=None):
     return {"gain": gain, "forgetting": forgetting, "average": average, "warnings": warnings}
 
 # -----------------------------------------------------------------------------
-# Reward hacking (toy world): a learned reward beside its ground truth, computed from the pixels by rule
-
-def truths(names, images, prompts):
-    """{name: (N,) ground truth} for the learned toy rewards `names` (toy.py): toyclip -> the fraction of the
-    caption's parts the checker finds, toypref -> the hidden preference rule. Measured on 8-bit images, as structure."""
-    import toy
-    rule = {"toyclip": lambda x: toy.caption_truth(x, prompts), "toypref": toy.preference_truth}
-    x = to_uint8(images).float() / 255
-    return {n: rule[n](x).float() for n in names}
-
-
-def hacking(results, stage_images, stage_scores, ncol=8):
-    """Adds "truth" (per stage, {reward: {"mean", "se"}}), "hacking_gap" ({reward: [per stage]}) and "hacked_images"
-    ({reward: count}) to results for the learned toy rewards among its tasks.
-    Hacking gap of reward r with truth g after stage i (our choice of formula):
-        gap_i = (mean r_i - mean r_0) / sd_0(r) - (mean g_i - mean g_0) / sd_0(g),
-    each gain in units of its spread over the base model's evaluation images (sd_0: per-image standard deviation),
-    so that a score in cosine units and a truth in [0, 1] compare. 0 = the score rose as far as its truth; > 0 =
-    it rose further (hacking); None where the base spread of either is 0. hacking.png: per learned reward, the final
-    stage's images whose score rose while their truth fell, the largest rise first, under their base images.
-    -> those images, [(reward, image index, score rise, truth change)] (empty when none, or no learned reward)."""
-    if not is_toy(results["config"]["model"]):
-        return []
-    from rewards import LEARNED_TOY
-    prompts = eval_set(results["config"]["model"], len(stage_images[0]))[0]
-    names = [n for n in dict.fromkeys(results["rewards"]) if n in LEARNED_TOY]
-    if not names:
-        return []
-    per_stage = [truths(names, images, prompts) for images in stage_images]
-    results["truth"] = [{n: mean_se(t[n]) for n in names} for t in per_stage]
-    results["hacking_gap"], results["hacked_images"], columns = {}, {}, []
-    for n in names:
-        r = [s[n].double() for s in stage_scores]
-        g = [t[n].double() for t in per_stage]
-        sd_r, sd_g = r[0].std().item(), g[0].std().item()
-        results["hacking_gap"][n] = [((ri.mean() - r[0].mean()) / sd_r - (gi.mean() - g[0].mean()) / sd_g).item()
-                                     if sd_r > 0 and sd_g > 0 else None for ri, gi in zip(r, g)]
-        rose, fell = r[-1] - r[0], g[-1] - g[0]
-        hacked = ((rose > 0) & (fell < 0)).nonzero().flatten()
-        results["hacked_images"][n] = len(hacked)
-        columns += [(n, k, rose[k].item(), fell[k].item()) for k in hacked[rose[hacked].argsort(descending=True)][:ncol].tolist()]
-    return columns
-
-# -----------------------------------------------------------------------------
 # A finished run's measures, then its files (report.py)
 
 def write_report(run_dir, results, stage_images, stage_scores=None):
     """Adds ril_metrics to `results` (in place), writes the run's files into run_dir (report.write_files), returns the
     Markdown table. stage_scores: per stage, {reward: (N,) per-image scores}; with them, a toy-world run whose tasks
-    include a learned reward also gets its ground truth, hacking gap and hacking.png (hacking())."""
+    include a learned reward also gets its ground truth, hacking gap and hacking.png (toy.hacking)."""
     results.update(ril_metrics(results["matrix"]))
-    hacked = hacking(results, stage_images, stage_scores) if stage_scores else []
+    hacked = []
+    if stage_scores and is_toy(results["config"]["model"]):  # the learned toy rewards beside their ground truths
+        import toy
+        prompts = eval_set(results["config"]["model"], len(stage_images[0]))[0]
+        hacked = toy.hacking(results, prompts, stage_images, stage_scores)
     return write_files(run_dir, results, stage_images, hacked)
 
 # -----------------------------------------------------------------------------

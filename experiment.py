@@ -22,7 +22,7 @@ The measures, from each run's results.json (definitions in docs/method.md):
                  (a reward whose reference gain is not positive is not learnable at the budget: it is left out of
                  the normalised measures, and its raw score and hacking gap speak for it)
   hacking gap    for learned toy rewards (toyclip, toypref): the final model's gain in the reward minus that in its
-                 ground truth, each in units of its base spread (eval.hacking), averaged over them; > 0 = hacked
+                 ground truth, each in units of its base spread (toy.hacking), averaged over them; > 0 = hacked
   joint          (--method joint) every task at once with the same total budget: a point on the final-gain panels,
                  and each method's distance to it
   SSIM, caption  structure after the last task against the base model's images (caption: toy world only)

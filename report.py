@@ -143,8 +143,8 @@ def draw_hacking(columns, base, final, label_h=44):
 
 def write_files(run_dir, results, stage_images, hacked=()):
     """results.json, results.md, grid.png, heatmap.png (and hacking.png when `hacked` lists images) in run_dir.
-    results: a run's record with eval.ril_metrics (and eval.hacking's measures) in it; stage_images: per stage,
-    (N, 3, H, W) in [0, 1]; hacked: [(reward, image index, score rise, truth change)] (eval.hacking). -> the table."""
+    results: a run's record with eval.ril_metrics (and toy.hacking's measures) in it; stage_images: per stage,
+    (N, 3, H, W) in [0, 1]; hacked: [(reward, image index, score rise, truth change)] (toy.hacking). -> the table."""
     os.makedirs(run_dir, exist_ok=True)
     table = markdown_table(results)
     write_json(os.path.join(run_dir, "results.json"), results)

@@ -391,7 +391,7 @@ def load_toy(name):
 # The toy world's learned rewards, trained by toy.py and shipped in toy_model/ (docs/toy_world.md): toyclip, a tiny
 # CLIP whose cosine of image and prompt stands for "the image shows its caption"; toypref, a tiny CLIP image tower
 # with the aesthetic predictor's head, trained on pairs ranked by a hidden rule (toy.preference_truth). Each has a
-# ground truth computed from the pixels by rule, so that hacking them shows (eval.py).
+# ground truth computed from the pixels by rule, so that hacking them shows (toy.hacking).
 TOY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_model")
 LEARNED_TOY = ("toyclip", "toypref")
 

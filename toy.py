@@ -13,7 +13,8 @@ safetensors), so `from_pretrained(dir)` loads it like any hub model. The repo sh
     python toy.py --eval_only --out toy_model --grid assets/toy_samples.png   # measure a model
 
 Other files import from here: COLOURS, SHAPES, toy_captions (the toy world's prompts), render
-(procedural image + caption pairs), parse_caption and check_captions (the checker).
+(procedural image + caption pairs), parse_caption and check_captions (the checker), the learned rewards' ground
+truths and hacking (eval.py's measure of them).
 Everything in this file is our own design; the paper has no toy world.
 """
 import argparse
@@ -25,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import UserError, atomic_dir, atomic_file, one_line_errors, to_pil
+from common import UserError, atomic_dir, atomic_file, one_line_errors, to_pil, to_uint8
 from sample import generate, initial_latents, load_pipeline
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,6 +226,40 @@ def preference_truth(images):
     stand_out = (fg - bg).norm(dim=1) / math.sqrt(3)
     truth = ((area / 0.4).clamp(max=1) + centred + stand_out) / 3
     return torch.where(got["colour"] >= 0, truth, torch.zeros_like(truth))
+
+
+def hacking(results, prompts, stage_images, stage_scores, ncol=8):
+    """The learned toy rewards among a run's tasks beside their ground truths (eval.write_report calls this for a
+    toy-world run). Adds "truth" (per stage, {reward: {"mean", "se"}}), "hacking_gap" ({reward: [per stage]}) and
+    "hacked_images" ({reward: count}) to results. prompts: the evaluation set's; stage_scores: per stage,
+    {reward: (N,) per-image scores}. Hacking gap of reward r with truth g after stage i (our choice of formula):
+        gap_i = (mean r_i - mean r_0) / sd_0(r) - (mean g_i - mean g_0) / sd_0(g),
+    each gain in units of its spread over the base model's evaluation images (sd_0: per-image standard deviation),
+    so that a score in cosine units and a truth in [0, 1] compare. 0 = the score rose as far as its truth; > 0 =
+    it rose further (hacking); None where the base spread of either is 0. Truths are measured on 8-bit images, as
+    eval.py's structure is. -> the final stage's images whose score rose while their truth fell, the largest rise
+    first, for hacking.png: [(reward, image index, score rise, truth change)] (empty when none, or no learned reward)."""
+    from eval import mean_se
+    from rewards import LEARNED_TOY
+    names = [n for n in dict.fromkeys(results["rewards"]) if n in LEARNED_TOY]
+    rule = {"toyclip": lambda x: caption_truth(x, prompts), "toypref": preference_truth}
+    per_stage = [{n: rule[n](to_uint8(x).float() / 255).float() for n in names} for x in stage_images]
+    if names:
+        results["truth"] = [{n: mean_se(t[n]) for n in names} for t in per_stage]
+        results["hacking_gap"], results["hacked_images"] = {}, {}
+    columns = []
+    for n in names:
+        r = [s[n].double() for s in stage_scores]
+        g = [t[n].double() for t in per_stage]
+        sd_r, sd_g = r[0].std().item(), g[0].std().item()
+        results["hacking_gap"][n] = [((ri.mean() - r[0].mean()) / sd_r - (gi.mean() - g[0].mean()) / sd_g).item()
+                                     if sd_r > 0 and sd_g > 0 else None for ri, gi in zip(r, g)]
+        rose, fell = r[-1] - r[0], g[-1] - g[0]
+        hacked = ((rose > 0) & (fell < 0)).nonzero().flatten()
+        results["hacked_images"][n] = len(hacked)
+        columns += [(n, k, rose[k].item(), fell[k].item())
+                    for k in hacked[rose[hacked].argsort(descending=True)][:ncol].tolist()]
+    return columns
 
 
 def degrade(images, g):
