@@ -169,50 +169,6 @@ class Tracker:
             self.run.finish()
 
 # -----------------------------------------------------------------------------
-# A second run beside this one (the quick start's baseline): its own process, its progress here
-
-class SideRun:
-    """train_rid.py with `argv`, training into `folder` beside this process, which keeps its own run. It runs in its
-    own session (Ctrl-C in a terminal reaches only us; `signal` passes it on), writes its output to FOLDER.log, and
-    stops by itself when we die (RID_PARENT_PID). Both runs get cores // 2 threads: on small models two one-thread
-    processes do more work than one two-thread process (measured in docs/speed_and_memory.md). Its progress is a
-    second bar here, read from its log.jsonl."""
-
-    @staticmethod
-    def threads():
-        return max(1, (os.cpu_count() or 1) // 2)
-
-    def __init__(self, script, argv, folder, steps, env=None):
-        import subprocess
-        from tqdm.auto import tqdm
-        self.folder = folder
-        env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": str(self.threads()), "RID_PARENT_PID": str(os.getpid())}
-        os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
-        with open(f"{folder}.log", "a") as log:
-            self.proc = subprocess.Popen([sys.executable, script, *argv], stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True)
-        self.bar = tqdm(total=steps, desc=f"beside: {os.path.basename(folder)}", position=1, dynamic_ncols=True)
-
-    def poll(self):
-        """Move the bar to the side run's finished steps. -> its exit code, or None while it runs."""
-        log = os.path.join(self.folder, "log.jsonl")
-        steps = sum(1 for _ in open(log)) if os.path.isfile(log) else 0
-        self.bar.update(steps - self.bar.n)
-        return self.proc.poll()
-
-    def signal(self, signum):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signum)
-
-    def wait(self):
-        """Until the side run ends, its bar moving. -> its exit code (130: stopped by a signal, checkpoint saved)."""
-        import time
-        while self.poll() is None:
-            time.sleep(0.5)
-        self.bar.close()
-        return self.proc.returncode
-
-# -----------------------------------------------------------------------------
 # Files: every write goes to a temporary name first and is renamed into place, so a kill at any moment
 # leaves either the old file or the new one, never half of one.
 

@@ -83,34 +83,31 @@ def resolve_model(model):
     return TOY_MODEL if model == "toy" else model
 
 
-def model_family(model):
-    """"sd", "sdxl" or "sd3", from model_index.json (a local file, or a few hundred bytes from the hub)."""
+def model_index(model):
+    """-> (family, the model's model_index.json as a dict), before any weights load: a local folder's own file, or a
+    few hundred bytes from the hub. family: "sd", "sdxl" or "sd3". One line (UserError) for a path that is not a
+    folder of one of the families, and for a hub id that cannot be reached or does not exist."""
     from diffusers import DiffusionPipeline
     from safetensors import SafetensorError
     path = resolve_model(model)
-    if not os.path.isdir(path):
+    local = os.path.isdir(path)
+    if not local and (os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise UserError(f"model folder '{model}' does not exist; pass a Stable Diffusion folder or a hub id")
+    not_sd = f"'{model}' is not a Stable Diffusion folder (missing %s); pass a folder saved by a diffusers pipeline's " \
+             f"save_pretrained, or a hub id"
+    if local and not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise UserError(not_sd % "model_index.json")
+    if not local:
         hub_unreachable()  # no network: the loaders read the cache or fail at once, instead of retrying
     try:
         index = DiffusionPipeline.load_config(path)
     except (OSError, ValueError, SafetensorError) as e:
-        raise UserError(model_load_error(model, e, os.path.isdir(path))) from None
-    return "sd3" if "transformer" in index else "sdxl" if "text_encoder_2" in index else "sd"
-
-
-def check_model(model):
-    """Cheap checks before loading anything: a local path must be a folder of one of the families."""
-    path = resolve_model(model)
-    looks_local = os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1
-    if not looks_local:
-        return  # a hub id "owner/name": only from_pretrained can tell whether it is reachable
-    if not os.path.isdir(path):
-        raise UserError(f"model folder '{model}' does not exist; pass a Stable Diffusion folder or a hub id")
-    family = "sd3" if os.path.isdir(os.path.join(path, "transformer")) else (
-        "sdxl" if os.path.isdir(os.path.join(path, "text_encoder_2")) else "sd")
-    missing = [p for p in ("model_index.json", *PARTS[family]) if not os.path.exists(os.path.join(path, p))]
+        raise UserError(model_load_error(model, e, local)) from None
+    family = "sd3" if "transformer" in index else "sdxl" if "text_encoder_2" in index else "sd"
+    missing = [p for p in PARTS[family] if local and not os.path.exists(os.path.join(path, p))]
     if missing:
-        raise UserError(f"'{model}' is not a Stable Diffusion folder (missing {', '.join(missing)}); "
-                        f"pass a folder saved by a diffusers pipeline's save_pretrained, or a hub id")
+        raise UserError(not_sd % ", ".join(missing))
+    return family, index
 
 
 def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
@@ -118,12 +115,10 @@ def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     import diffusers
     import transformers
     from safetensors import SafetensorError
-    check_model(model)
-    family, path = model_family(model), resolve_model(model)
+    (family, index), path = model_index(model), resolve_model(model)
     part = lambda lib, cls, name, **kw: getattr(lib, cls).from_pretrained(path, subfolder=name, **kw)
     clip = "CLIPTextModelWithProjection"  # SDXL's second and both of SD 3's CLIP encoders: with the projection
     try:
-        index = diffusers.DiffusionPipeline.load_config(path)
         t5 = family == "sd3" and (index.get("text_encoder_3") or [None])[0] is not None  # [null, null]: saved without
         pipe = Pipe(
             family=family,
@@ -160,7 +155,7 @@ def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
 
 def check_eta(family, eta):
     """DDIM's noise is defined for the DDIM families only: SD 3's flow sampler is deterministic (one line otherwise).
-    family: "sd", "sdxl" or "sd3" (model_family, or Pipe.family), so a script can check before loading anything."""
+    family: "sd", "sdxl" or "sd3" (model_index, or Pipe.family), so a script can check before loading anything."""
     if family == "sd3" and eta > 0:
         raise UserError(f"--eta {eta}: SD 3's flow-matching Euler sampler is deterministic; drop --eta (or pass 0)")
 
@@ -505,7 +500,7 @@ def main():
         raise UserError(f"output folder '{args.out}' is not empty; choose another --out or pass --overwrite")
     for path in args.lora:
         check_lora(path)
-    check_model(args.model)
+    model_index(args.model)
     device, dtype = pick_device_dtype(args.device, args.dtype)
     pipe = load_pipeline(args.model, device, dtype)
     check_eta(pipe.family, args.eta)

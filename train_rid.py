@@ -49,14 +49,15 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from common import (SideRun, Tracker, UserError, atomic_dir, atomic_file, check_seed, hub_unreachable, load_file, one_line_errors,
+import baseline
+from common import (Tracker, UserError, atomic_dir, atomic_file, check_seed, hub_unreachable, load_file, one_line_errors,
                     open_run_folder, pick_device_dtype, remove_partial_writes, seed_for, to_pil, to_uint8, write_json)
 from eval import clip_at_hand, eval_set, evaluate, is_toy, ril_metrics, write_report
 from losses import ema_update, joint_reward, l2_pull, step_losses, unet_calls_per_step
-from report import draw_grid, side_by_side
+from report import draw_grid
 from rewards import TOY as WEIGHT_FREE, check_reward_name, load_reward
-from sample import (DEFAULT_MODEL, DEFAULTS, add_lora, check_eta, check_model, image_size, initial_latents, load_pipeline,
-                    lora_params, model_family, save_lora, set_adapters)
+from sample import (DEFAULT_MODEL, DEFAULTS, add_lora, check_eta, image_size, initial_latents, load_pipeline,
+                    lora_params, model_index, save_lora, set_adapters)
 from toy import TOY_REWARDS, all_captions
 
 # -----------------------------------------------------------------------------
@@ -125,8 +126,7 @@ parser.add_argument("--log", default="none", choices=["none", "tensorboard", "wa
 args = parser.parse_args()
 # Defaults that depend on the model: SD 1.5's by default, the steps and guidance of the family's own pipeline (read
 # from the model's model_index.json); with --model toy, a run that ends in minutes on a CPU.
-check_model(args.model)
-family = model_family(args.model)
+family, _ = model_index(args.model)
 for flag, sd, toy in (("rewards", "aesthetic,hps", TOY_REWARDS), ("iters", 100, 20), ("batch_size", 4, 8),
                       ("ddim_steps", DEFAULTS[family][0], 20), ("guidance_scale", DEFAULTS[family][1], 7.5),
                       ("eval_batch_size", 8, 64), ("baseline", "none", "naive")):
@@ -138,9 +138,6 @@ DIST_TIMEOUT = timedelta(minutes=60)  # a process waits this long for the others
 # and the global step during which the run sends itself SIGTERM (through the real handler).
 FAULT_NAN_STEPS = {int(s) for s in os.environ.get("RID_FAULT_NAN_STEPS", "").split(",") if s.strip()}
 FAULT_SIGNAL_STEP = int(os.environ.get("RID_FAULT_SIGNAL_STEP", 0))
-# Set by the run that trains this one beside it (the quick start's baseline): its folder, whose stage 0 we take, and
-# its process id, whose end stops us as Ctrl-C would.
-BASE_STAGE, PARENT_PID = os.environ.get("RID_BASE_STAGE"), int(os.environ.get("RID_PARENT_PID", 0))
 
 # -----------------------------------------------------------------------------
 # Validation: every mistake we can see is reported now, in one line, before a model is loaded or a file written.
@@ -202,10 +199,11 @@ else:  # our own simple subjects, in the spirit of DDPO's animal prompts, and ev
 # The run folder: refuse to touch an earlier run unless asked; resume only a run with the same settings.
 ckpt_path = os.path.join(args.out, "checkpoint.pt")
 config = dict(vars(args))
-finished = lambda folder: os.path.isfile(os.path.join(folder, "results.json"))
-beside = (os.path.join(args.out, f"baseline_{args.baseline}") if args.baseline not in ("none", args.method) and
-          int(os.environ.get("WORLD_SIZE", 1)) == 1 else None)  # the baseline's run folder (the toy quick start's)
-only_beside = args.resume and finished(args.out) and beside is not None and not finished(beside)
+# The baseline trained beside this run, in its own process (baseline.py; the toy quick start's), not yet started.
+side = (baseline.Baseline(os.path.abspath(__file__), sys.argv[1:], args.baseline, args.out, len(tasks) * args.iters)
+        if args.baseline not in ("none", args.method) and int(os.environ.get("WORLD_SIZE", 1)) == 1 else None)
+again = " ".join(["python", *sys.argv] + ([] if args.resume else ["--resume"]))  # continues a stopped run
+only_beside = args.resume and baseline.finished(args.out) and side is not None and not baseline.finished(side.folder)
 ckpt = None if only_beside else open_run_folder(args.out, args.resume, args.overwrite)  # the checkpoint on --resume
 if ckpt is not None:
     ignored = {"out", "resume", "overwrite", "save_every", "eval_batch_size", "device", "log", "baseline", "compile"}
@@ -218,48 +216,14 @@ if ckpt is not None:
                   lambda x: x.dtype == torch.uint8 and x.dim() == 4 and len(x) == args.eval_n)
 
 
-
-def launch_beside():
-    """The baseline: the same flags, its own process beside ours (its stage 0 is ours: RID_BASE_STAGE)."""
-    flags = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
-    flags += ["--method", args.baseline, "--out", beside, "--baseline", "none"]
-    if os.path.isfile(os.path.join(beside, "checkpoint.pt")):
-        flags.append("--resume")
-    elif os.path.isdir(beside):  # stopped before its first checkpoint: nothing trained to keep
-        flags.append("--overwrite")
-    print(f"baseline: {args.baseline} with the same settings, beside this run in {beside} (its output: {beside}.log)")
-    return SideRun(os.path.abspath(__file__), flags, beside, len(tasks) * args.iters,
-                   {"RID_BASE_STAGE": os.path.abspath(args.out)})
-
-
-def finish_beside(side, table):
-    """Wait for the baseline, then print this run's table, the baseline's, and draw both grids side by side in
-    OUT/compare.png. -> the exit code (130: stopped, both resumable with --resume; 1: the baseline failed)."""
-    code = side.wait() if side is not None else 0
-    print(table, end="")
-    if code == 130 or stop_requested:
-        print(f"interrupted: the baseline saved its checkpoint; continue both with: python {' '.join(sys.argv)}"
-              f"{'' if args.resume else ' --resume'}")
-        return 130
-    if not finished(beside):
-        print(f"the baseline failed; its own error is at the end of {beside}.log")
-        return 1
-    print(f"\nbaseline: {args.baseline} with the same settings, into {beside}")
-    print(open(os.path.join(beside, "results.md")).read(), end="")
-    side_by_side([os.path.join(beside, "grid.png"), os.path.join(args.out, "grid.png")],
-                 [f"{args.baseline} (baseline)", f"{args.method} (this run)"], os.path.join(args.out, "compare.png"))
-    print(f"wrote {args.out}/compare.png: {args.baseline} (left) and {args.method} (right), the same prompts and noise")
-    return 0
-
-
-stop_requested, side = False, None  # Ctrl-C or SIGTERM seen; the baseline's process beside this one
-if beside is not None:  # a baseline trains beside us (or did): half the cores each, from the start and on every
-    torch.set_num_threads(SideRun.threads())  # resume, so that every number is the same as with that many alone
+stop_requested = False  # Ctrl-C or SIGTERM seen
+if side is not None:  # the baseline trains beside us (or did): half the cores each, from the start and on every
+    torch.set_num_threads(baseline.THREADS)  # resume, so that every number is the same as with that many alone
 if only_beside:  # this run is finished and its baseline was stopped: continue the baseline alone
-    side = launch_beside()
+    side.start()
     signal.signal(signal.SIGINT, lambda signum, frame: side.signal(signum))
     signal.signal(signal.SIGTERM, lambda signum, frame: side.signal(signum))
-    sys.exit(finish_beside(side, open(os.path.join(args.out, "results.md")).read()))
+    sys.exit(side.finish(open(os.path.join(args.out, "results.md")).read(), False, again, args.method))
 
 # -----------------------------------------------------------------------------
 # Processes and devices: torchrun starts one process per GPU; a plain `python` run is a world of one.
@@ -376,17 +340,6 @@ def run_eval(stage):
     return out
 
 
-def adopt_stage0(run):
-    """Stage 0 (the base model's evaluation) of the run we train beside: the same model, prompts and noise, so its
-    images and scores are ours. Copied into our folder, which then holds all that eval.py --run and --resume read."""
-    stage0 = load_file(os.path.join(run, "checkpoint.pt"))["stages"][0]
-    if master:
-        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-        shutil.copyfile(os.path.join(run, "samples", "stage0.pt"), os.path.join(args.out, "samples", "stage0.pt"))
-        shutil.copytree(os.path.join(run, "samples", "stage0"), os.path.join(args.out, "samples", "stage0"))
-    return {**stage0, "seconds": 0.0}  # evaluated by the other run
-
-
 def save_checkpoint(t, step):
     """One self-describing file: config, position, every adapter, the EMA teacher, the optimiser, the results so
     far. Written to a temporary name and renamed, so a kill leaves the previous checkpoint intact."""
@@ -464,7 +417,6 @@ def end_of_step(bar, t, done, stop):
         if side is not None:
             side.wait()  # the baseline saves its checkpoint too
         if master:
-            again = " ".join(["python", *sys.argv] + ([] if args.resume else ["--resume"]))
             print(f"\ninterrupted: checkpoint saved at task {t + 1}, step {done}. Continue with:\n  {again}")
         tracker.close()
         if world > 1:
@@ -493,13 +445,13 @@ if master and args.resume:
     remove_partial_writes(args.out, os.path.join(args.out, "adapters"), os.path.join(args.out, "samples"))
 tracker = Tracker(args.log if master else "none", args.out, config, ckpt.get("tracker_id") if ckpt else None)
 if not stages:
-    stages.append(adopt_stage0(BASE_STAGE) if BASE_STAGE else run_eval(0))
+    stages.append(baseline.adopt_stage0(args.out, master) if baseline.RUN_FOLDER else run_eval(0))
     if master:
         save_checkpoint(0, 0)
     if world > 1:
         dist.barrier()
-if beside is not None and not finished(beside):  # the baseline trains beside us from here on, one thread each
-    side = launch_beside()
+if side is not None and not baseline.finished(side.folder):  # the baseline trains beside us from here on
+    side.start()
 
 # Ctrl-C or SIGTERM (a preempted job): finish the current step, save a checkpoint, exit. A second Ctrl-C kills.
 
@@ -581,7 +533,7 @@ for t in range(start_task, P):
             loss_l2 = l2_pull(pipe.denoiser, name)
             scaler.scale(args.l2_weight * loss_l2 / world).backward()
             stats[3] = loss_l2.item() / world
-        if PARENT_PID and os.getppid() != PARENT_PID:  # the run we train beside is gone: stop as on Ctrl-C
+        if baseline.parent_gone():  # we are a baseline and the run we train beside is gone: stop as on Ctrl-C
             stop_requested = True
         stats[4] = float(stop_requested)
         (reward_sum, loss_r, loss_d, loss_w, stop), reduced_finite = all_reduce(params, stats)
@@ -641,10 +593,10 @@ if master:
     }
     table = write_report(args.out, results, [stage_images(s) for s in range(P + 1)], [s["scores"] for s in stages])
     table += f"\nwrote {args.out}/results.json, results.md, grid.png, heatmap.png and {P} adapter{'s' * (P > 1)}\n"
-    if beside is None:
+    if side is None:
         print(table, end="")
 tracker.close()
 if world > 1:
     dist.destroy_process_group()
-if master and beside is not None:  # the baseline beside this run: both tables, then compare.png
-    sys.exit(finish_beside(side, table))
+if master and side is not None:  # the baseline beside this run: both tables, then compare.png
+    sys.exit(side.finish(table, stop_requested, again, args.method))
