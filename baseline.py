@@ -22,9 +22,11 @@ import time
 
 from tqdm.auto import tqdm
 
+from common import load_file
+
 THREADS = max(1, (os.cpu_count() or 1) // 2)  # torch threads of each of the two processes
 # Set in the baseline's process by the run that started it: that run's folder (whose stage 0 we take) and its pid.
-RUN_FOLDER, PARENT_PID = os.environ.get("RID_BASE_STAGE"), int(os.environ.get("RID_PARENT_PID", 0))
+RUN_FOLDER, PARENT_PID = os.environ.get("RID_RUN_FOLDER"), int(os.environ.get("RID_PARENT_PID", 0))
 
 
 def finished(folder):
@@ -39,7 +41,6 @@ def parent_gone():
 def adopt_stage0(out, master):
     """In the baseline's process: stage 0 (the base model's evaluation) of the run it trains beside, copied into our
     folder, which then holds all that eval.py --run and --resume read. -> that stage's record."""
-    from common import load_file
     stage0 = load_file(os.path.join(RUN_FOLDER, "checkpoint.pt"))["stages"][0]
     if master:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
@@ -67,7 +68,7 @@ class Baseline:
         print(f"baseline: {self.method} with the same settings, beside this run in {self.folder} "
               f"(its output: {self.folder}.log)")
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "RID_PARENT_PID": str(os.getpid()),
-               "RID_BASE_STAGE": os.path.abspath(self.run_folder)}
+               "RID_RUN_FOLDER": os.path.abspath(self.run_folder)}
         os.makedirs(self.run_folder, exist_ok=True)
         with open(f"{self.folder}.log", "a") as log:
             self.proc = subprocess.Popen([sys.executable, self.script, *flags], stdout=log, stderr=subprocess.STDOUT,
