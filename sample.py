@@ -95,8 +95,11 @@ def model_index(model):
         raise UserError(f"model folder '{model}' does not exist; pass a Stable Diffusion folder or a hub id")
     not_sd = f"'{model}' is not a Stable Diffusion folder (missing %s); pass a folder saved by a diffusers pipeline's " \
              f"save_pretrained, or a hub id"
-    if local and not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise UserError(not_sd % "model_index.json")
+    if local and not os.path.isfile(os.path.join(path, "model_index.json")):  # name the parts its folders suggest
+        guess = "sd3" if os.path.isdir(os.path.join(path, "transformer")) else (
+            "sdxl" if os.path.isdir(os.path.join(path, "text_encoder_2")) else "sd")
+        missing = [p for p in PARTS[guess] if not os.path.exists(os.path.join(path, p))]
+        raise UserError(not_sd % ", ".join(["model_index.json", *missing]))
     if not local:
         hub_unreachable()  # no network: the loaders read the cache or fail at once, instead of retrying
     try:
@@ -500,7 +503,6 @@ def main():
         raise UserError(f"output folder '{args.out}' is not empty; choose another --out or pass --overwrite")
     for path in args.lora:
         check_lora(path)
-    model_index(args.model)
     device, dtype = pick_device_dtype(args.device, args.dtype)
     pipe = load_pipeline(args.model, device, dtype)
     check_eta(pipe.family, args.eta)

@@ -14,7 +14,7 @@ safetensors), so `from_pretrained(dir)` loads it like any hub model. The repo sh
 
 Other files import from here: COLOURS, SHAPES, toy_captions (the toy world's prompts), render
 (procedural image + caption pairs), parse_caption and check_captions (the checker), the learned rewards' ground
-truths and hacking (eval.py's measure of them).
+truths, and hacking (their hacking gap and hacking.png's images, which eval.write_report adds to a toy-world run).
 Everything in this file is our own design; the paper has no toy world.
 """
 import argparse
@@ -243,7 +243,8 @@ def hacking(results, prompts, stage_images, stage_scores, ncol=8):
     from rewards import LEARNED_TOY
     names = [n for n in dict.fromkeys(results["rewards"]) if n in LEARNED_TOY]
     rule = {"toyclip": lambda x: caption_truth(x, prompts), "toypref": preference_truth}
-    per_stage = [{n: rule[n](to_uint8(x).float() / 255).float() for n in names} for x in stage_images]
+    eight_bit = [to_uint8(x).float() / 255 for x in stage_images] if names else []
+    per_stage = [{n: rule[n](x).float() for n in names} for x in eight_bit]
     if names:
         results["truth"] = [{n: mean_se(t[n]) for n in names} for t in per_stage]
         results["hacking_gap"], results["hacked_images"] = {}, {}

@@ -118,8 +118,9 @@ parser.add_argument("--seed", type=int, default=0, help="seed of the training pr
 parser.add_argument("--save_every", type=int, default=50, help="checkpoint every N steps (and after every task)")
 parser.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
 parser.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out and start again")
-parser.add_argument("--baseline", default=None, choices=["none"] + METHODS, help="after the run, train this method "
-                    "with the same settings into OUT/baseline_METHOD and draw both grids side by side in OUT/compare.png; "
+parser.add_argument("--baseline", default=None, choices=["none"] + METHODS, help="beside the run, in its own "
+                    "process, train this method with the same settings into OUT/baseline_METHOD, then draw both grids "
+                    "side by side in OUT/compare.png; "
                     "none = skip (default naive with --model toy, none otherwise)")
 parser.add_argument("--log", default="none", choices=["none", "tensorboard", "wandb"],
                     help="also log to an experiment tracker (log.jsonl is always written)")
