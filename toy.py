@@ -242,13 +242,13 @@ def hacking(results, prompts, stage_images, stage_scores, ncol=8):
     from eval import mean_se
     from rewards import LEARNED_TOY
     names = [n for n in dict.fromkeys(results["rewards"]) if n in LEARNED_TOY]
+    if not names:
+        return []
     rule = {"toyclip": lambda x: caption_truth(x, prompts), "toypref": preference_truth}
-    eight_bit = [to_uint8(x).float() / 255 for x in stage_images] if names else []
+    eight_bit = [to_uint8(x).float() / 255 for x in stage_images]
     per_stage = [{n: rule[n](x).float() for n in names} for x in eight_bit]
-    if names:
-        results["truth"] = [{n: mean_se(t[n]) for n in names} for t in per_stage]
-        results["hacking_gap"], results["hacked_images"] = {}, {}
-    columns = []
+    results["truth"] = [{n: mean_se(t[n]) for n in names} for t in per_stage]
+    results["hacking_gap"], results["hacked_images"], columns = {}, {}, []
     for n in names:
         r = [s[n].double() for s in stage_scores]
         g = [t[n].double() for t in per_stage]
