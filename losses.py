@@ -70,7 +70,9 @@ def matched_space(pipe, out, x_t, t):
     """The space RID matches in: eps for the DDIM families (whatever they predict), the velocity for SD 3."""
     if pipe.flow:
         return out
-    return predict_x0_eps(out, x_t, pipe.scheduler.alphas_cumprod[t], pipe.scheduler.config.prediction_type)[1]
+    # alpha-bar at t: the scheduler keeps it on the CPU; a 1-element index gathers on t's device, never syncing
+    abar_t = pipe.scheduler.alphas_cumprod.to(t.device)[t.view(1)].squeeze(0)
+    return predict_x0_eps(out, x_t, abar_t, pipe.scheduler.config.prediction_type)[1]
 
 
 def unet_calls_per_step(ddim_steps, grad_steps, rid, checkpointing):

@@ -175,20 +175,22 @@ def tokenize(tokenizer, prompts, max_length=None):
 
 
 def encode_prompts(pipe, prompts, size=None):
-    """The context of `prompts`, as diffusers' pipelines encode them. SD: the CLIP text embeddings, padded to 77
-    tokens. SDXL: the penultimate hidden states of both text encoders side by side, the second one's pooled
-    projection, and the time ids (original size, crop top-left, target size) of images of `size` (H, W).
-    SD 3: both CLIPs' penultimate hidden states side by side, zero-padded to T5's width, then T5's 256 tokens (zeros
-    without T5) after them; the two pooled projections side by side."""
+    """The context of `prompts`, as diffusers' pipelines encode them, on the denoiser's device (a text encoder may
+    sit elsewhere, such as T5 on the CPU). SD: the CLIP text embeddings, padded to 77 tokens. SDXL: the penultimate
+    hidden states of both text encoders side by side, the second one's pooled projection, and the time ids
+    (original size, crop top-left, target size) of images of `size` (H, W). SD 3: both CLIPs' penultimate hidden
+    states side by side, zero-padded to T5's width, then T5's 256 tokens (zeros without T5) after them; the two
+    pooled projections side by side."""
+    device = pipe.denoiser.device
     if pipe.family == "sd":
         ids = tokenize(pipe.tokenizer, prompts)
-        return {"encoder_hidden_states": pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]}  # frozen: no graph
+        return {"encoder_hidden_states": pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].to(device)}
     hidden, pooled = [], []
     for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
         length = pipe.tokenizer.model_max_length if pipe.flow else None  # SD 3: both at the first one's length
         out = encoder(tokenize(tokenizer, prompts, length).to(encoder.device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled.append(out[0])
+        hidden.append(out.hidden_states[-2].to(device))
+        pooled.append(out[0].to(device))
     if pipe.flow:
         if pipe.text_encoder_3 is not None:
             t5 = pipe.text_encoder_3(tokenize(pipe.tokenizer_3, prompts, 256).to(pipe.text_encoder_3.device))[0]
@@ -196,11 +198,11 @@ def encode_prompts(pipe, prompts, size=None):
             t5 = hidden[0].new_zeros(len(prompts), 256, pipe.denoiser.config.joint_attention_dim)
         clip = torch.cat(hidden, -1)  # (B, 77, 768 + 1280)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return {"encoder_hidden_states": torch.cat([clip, t5], -2), "pooled_projections": torch.cat(pooled, -1)}
+        return {"encoder_hidden_states": torch.cat([clip, t5.to(device)], -2), "pooled_projections": torch.cat(pooled, -1)}
     h, w = size or pipe.size
-    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=out[0].dtype, device=out[0].device).repeat(len(prompts), 1)
+    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=pooled[1].dtype, device=device).repeat(len(prompts), 1)
     return {"encoder_hidden_states": torch.cat(hidden, -1),
-            "added_cond_kwargs": {"text_embeds": out[0], "time_ids": time_ids}}
+            "added_cond_kwargs": {"text_embeds": pooled[1], "time_ids": time_ids}}
 
 
 def encode_uncond(pipe, n, size=None):
@@ -220,11 +222,39 @@ def cat_context(*contexts):
     return torch.cat(contexts)
 
 
+def size_step(vae_config, denoiser_config):
+    """Image sizes are multiples of this many pixels: the VAE's downscale (8 for SD), times the transformer's patch
+    for SD 3 (2, so 16 for SD 3.5), so that the latents split into whole patches."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1) * denoiser_config.get("patch_size", 1)
+
+
+def check_size(model, family, height=None, width=None):
+    """--height and --width against the model's size step, from its config files alone, before any weights load
+    (one line, with the nearest sizes that work, otherwise). family: model_index's."""
+    if height is None and width is None:
+        return
+    import diffusers
+    path = resolve_model(model)
+    denoiser = "transformer" if family == "sd3" else "unet"
+    try:
+        configs = [getattr(diffusers, cls).load_config(path, subfolder=name) for cls, name in (
+            ("AutoencoderKL", "vae"), ("SD3Transformer2DModel" if family == "sd3" else "UNet2DConditionModel", denoiser))]
+    except (OSError, ValueError) as e:
+        raise UserError(model_load_error(model, e, os.path.isdir(path))) from None
+    step = size_step(*configs)
+    sizes = [v for v in (height, width) if v is not None]
+    if any(v % step for v in sizes):
+        near = "; ".join(f"{v // step * step or step} or {v // step * step + step} for {v}" for v in sizes if v % step)
+        raise UserError(f"--height and --width must be multiples of {step} px for this model (got "
+                        f"{height or 'default'}x{width or 'default'}); try {near}")
+
+
 def image_size(pipe, height=None, width=None):
-    """(H, W) in pixels: the model's default where none is given, each a multiple of the VAE's scale."""
+    """(H, W) in pixels: the model's default where none is given; each a multiple of the model's size step."""
     h, w = height or pipe.size[0], width or pipe.size[1]
-    if h % pipe.vae_scale or w % pipe.vae_scale:
-        raise UserError(f"--height and --width must be multiples of {pipe.vae_scale} for this model (got {h}x{w})")
+    step = size_step(pipe.vae.config, pipe.denoiser.config)
+    if h % step or w % step:
+        raise UserError(f"--height and --width must be multiples of {step} px for this model (got {h}x{w})")
     return h, w
 
 
@@ -248,22 +278,24 @@ def randn_like(x, generator):
 # -----------------------------------------------------------------------------
 # DDIM (Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models"), written out by hand
 
-def ddim_schedule(scheduler, ddim_steps):
-    """The time grid t_1 > ... > t_S and alpha-bar at t and at the previous (less noisy) grid point, taken
-    from the model's own scheduler config (spacing, steps_offset, set_alpha_to_one) so we match diffusers."""
-    scheduler.set_timesteps(ddim_steps)
+def ddim_schedule(scheduler, ddim_steps, device="cpu"):
+    """The time grid t_1 > ... > t_S, alpha-bar at each t and alpha-bar at the previous (less noisy) grid point,
+    from the model's own scheduler config (spacing, steps_offset, set_alpha_to_one) so we match diffusers. All on
+    `device`, the latents' and the denoiser's: diffusers moves a 1-D timestep to the sample's device for no model (NOTES: SD 3 moves
+    none), so a grid left on the CPU stops a GPU run at its first denoiser call."""
+    scheduler.set_timesteps(ddim_steps, device=device)
     ts = scheduler.timesteps  # (S,) int64, descending
-    abar = scheduler.alphas_cumprod  # (1000,) alpha-bar_t = prod(1 - beta)
+    abar = scheduler.alphas_cumprod.to(device)  # (1000,) alpha-bar_t = prod(1 - beta)
     prev = ts - scheduler.config.num_train_timesteps // ddim_steps
-    alpha_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], scheduler.final_alpha_cumprod)
-    return ts, abar[ts], alpha_prev
+    abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], scheduler.final_alpha_cumprod.to(device))
+    return ts, abar[ts], abar_prev
 
 
-def predict_x0_eps(out, x_t, alpha_t, prediction_type):
+def predict_x0_eps(out, x_t, abar_t, prediction_type):
     """The UNet's output at x_t -> (x0_pred, eps), for the three prediction types, as DDIMScheduler.step computes
-    them. Song et al. write alpha for what DDPM calls alpha-bar. v-prediction (Salimans and Ho 2022, SD 2.x 768 px)
-    needs no division, so a zero-terminal-SNR schedule (alpha_t = 0 at the first step) stays finite."""
-    a, b = alpha_t.sqrt(), (1 - alpha_t).sqrt()
+    them. abar_t is alpha-bar at t, what Song et al. write alpha. v-prediction (Salimans and Ho 2022, SD 2.x 768 px)
+    needs no division, so a zero-terminal-SNR schedule (abar_t = 0 at the first step) stays finite."""
+    a, b = abar_t.sqrt(), (1 - abar_t).sqrt()
     if prediction_type == "epsilon":
         return (x_t - b * out) / a, out  # eq. 12, "predicted x_0"
     if prediction_type == "v_prediction":  # v = sqrt(alpha) eps - sqrt(1 - alpha) x_0
@@ -271,10 +303,10 @@ def predict_x0_eps(out, x_t, alpha_t, prediction_type):
     return out, (x_t - a * out) / b  # "sample": the model predicts x_0 itself
 
 
-def ddim_step(x0_pred, eps, alpha_t, alpha_prev, eta=0.0, noise=None):
-    """One DDIM update x_t -> x_{t-1} from the predicted x_0 and eps at x_t (predict_x0_eps)."""
-    sigma = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()  # eq. 16
-    x_prev = alpha_prev.sqrt() * x0_pred + (1 - alpha_prev - sigma**2).sqrt() * eps  # eq. 12, "direction to x_t"
+def ddim_step(x0_pred, eps, abar_t, abar_prev, eta=0.0, noise=None):
+    """One DDIM update x_t -> x_{t-1} from the predicted x_0 and eps at x_t (predict_x0_eps); abar: alpha-bar."""
+    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()  # eq. 16
+    x_prev = abar_prev.sqrt() * x0_pred + (1 - abar_prev - sigma**2).sqrt() * eps  # eq. 12, "direction to x_t"
     if eta > 0:
         x_prev = x_prev + sigma * noise  # eq. 12, random noise; eta = 1 is DDPM's ancestral sampler
     return x_prev
@@ -290,8 +322,8 @@ def flow_schedule(pipe, steps, latents):
         tokens = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
         slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
         mu = config.base_shift + slope * (tokens - config.base_image_seq_len)
-    pipe.scheduler.set_timesteps(steps, mu=mu)
-    return pipe.scheduler.timesteps, pipe.scheduler.sigmas  # (S,), (S + 1,)
+    pipe.scheduler.set_timesteps(steps, mu=mu, device=latents.device)
+    return pipe.scheduler.timesteps, pipe.scheduler.sigmas  # (S,), (S + 1,), on the latents' device
 
 
 def denoise(net, x, t, context, weights=None):
@@ -343,7 +375,7 @@ def sample(pipe, cond, uncond, latents, ddim_steps=50, guidance_scale=7.5, eta=0
     if pipe.flow:
         ts, sigmas = flow_schedule(pipe, ddim_steps, latents)
     else:
-        ts, alphas, alphas_prev = ddim_schedule(pipe.scheduler, ddim_steps)
+        ts, abar, abar_prev = ddim_schedule(pipe.scheduler, ddim_steps, latents.device)
         config = pipe.scheduler.config
         clip = config.clip_sample_range if config.clip_sample else None  # SD's configs: False
     guided = guidance_scale > 1.0  # as diffusers: guidance 1 means no unconditional branch at all
@@ -368,11 +400,11 @@ def sample(pipe, cond, uncond, latents, ddim_steps=50, guidance_scale=7.5, eta=0
             if pipe.flow:  # Euler step of dx/dsigma = v, from sigma_i down to sigma_{i+1}
                 x = x + (sigmas[i + 1] - sigmas[i]) * out
                 continue
-            x0_pred, eps = predict_x0_eps(out, x, alphas[i], config.prediction_type)
+            x0_pred, eps = predict_x0_eps(out, x, abar[i], config.prediction_type)
             if clip:
                 x0_pred = x0_pred.clamp(-clip, clip)
             noise = randn_like(x, generator) if eta > 0 else None
-            x = ddim_step(x0_pred, eps, alphas[i], alphas_prev[i], eta, noise)
+            x = ddim_step(x0_pred, eps, abar[i], abar_prev[i], eta, noise)
     with torch.set_grad_enabled(grad_steps > 0):
         return decode(pipe, x, checkpoint_decode), captured
 
@@ -403,7 +435,8 @@ def add_lora(net, name, rank=4, alpha=4.0):
     targets = LORA_TARGETS["transformer" if hasattr(net.config, "joint_attention_dim") else "unet"]
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
     net.add_adapter(config, adapter_name=name)
-    for p in lora_params(net, name).values():
+    net.to(net.device)  # the new adapter where the network is: peft leaves a second one on the CPU when the first
+    for p in lora_params(net, name).values():  # sits on meta (the tests' stand-in for a GPU)
         p.data = p.data.float()  # trainable weights in fp32 even when the network runs in bf16 (peft casts inputs)
     return config
 
@@ -423,12 +456,14 @@ def set_adapters(net, names, trainable=None, weights=None):
 
 def save_lora(pipe, name, out_dir):
     """Save one adapter of the denoiser in diffusers' LoRA format (what pipe.load_lora_weights reads), atomically.
-    Its config goes in as metadata: without it diffusers assumes lora_alpha = rank."""
+    Its config goes in as metadata: without it diffusers assumes lora_alpha = rank. The UNet's keys go through
+    convert_state_dict_to_diffusers, as diffusers' SD and SDXL LoRA examples save them; SD 3's stay in peft's names,
+    as its SD 3 example saves them: converted, half of them would be dropped by the SD 3 loader (NOTES.md)."""
     import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     state = get_peft_model_state_dict(pipe.denoiser, adapter_name=name)
-    state = convert_state_dict_to_diffusers({k: v.detach().float().cpu().contiguous() for k, v in state.items()})
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     metadata = pipe.denoiser.peft_config[name].to_dict()
     with atomic_dir(out_dir) as tmp:
         if pipe.flow:
@@ -436,7 +471,7 @@ def save_lora(pipe, name, out_dir):
                 tmp, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata)
         else:
             (diffusers.StableDiffusionXLPipeline if pipe.xl else diffusers.StableDiffusionPipeline).save_lora_weights(
-                tmp, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
+                tmp, unet_lora_layers=convert_state_dict_to_diffusers(state), unet_lora_adapter_metadata=metadata)
 
 
 def check_lora(path):
@@ -448,18 +483,20 @@ def check_lora(path):
 def load_lora(pipe, path, name):
     """Load an adapter saved by save_lora (or any diffusers LoRA folder of this family) under the name `name`,
     frozen. A file that is damaged, or holds no LoRA for this denoiser, gets one line (UserError)."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     check_lora(path)
-    file, net = os.path.join(path, LORA_WEIGHTS), pipe.denoiser
+    file, net, prefix = os.path.join(path, LORA_WEIGHTS), pipe.denoiser, "transformer" if pipe.flow else "unet"
     try:
-        net.load_lora_adapter(path, prefix="transformer" if pipe.flow else "unet", adapter_name=name,
-                              weight_name=LORA_WEIGHTS)
+        net.load_lora_adapter(path, prefix=prefix, adapter_name=name, weight_name=LORA_WEIGHTS)
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"'{file}' cannot be loaded as a LoRA of this model ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]}); pass an adapter folder written for this model") from None
     params = lora_params(net, name)
-    if not params:  # diffusers only warns when no key matches the denoiser
-        raise UserError(f"'{file}' holds no LoRA weights for this model's denoiser; pass an adapter written for it")
+    with safe_open(file, "pt") as f:  # diffusers only warns when keys match no module: count what became a weight
+        saved = sum(k.startswith(prefix + ".") for k in f.keys())
+    if len(params) < saved or not params:
+        raise UserError(f"'{file}' holds {saved} LoRA tensors for this model's denoiser, of which {len(params)} "
+                        f"match it; pass an adapter written for this model")
     for p in params.values():
         p.data = p.data.float()
         p.requires_grad_(False)
@@ -503,11 +540,13 @@ def main():
         raise UserError(f"output folder '{args.out}' is not empty; choose another --out or pass --overwrite")
     for path in args.lora:
         check_lora(path)
+    family, _ = model_index(args.model)  # the model's own configs, a few hundred bytes, before any weights load
+    check_eta(family, args.eta)
+    check_size(args.model, family, args.height, args.width)
     device, dtype = pick_device_dtype(args.device, args.dtype)
     pipe = load_pipeline(args.model, device, dtype)
-    check_eta(pipe.family, args.eta)
-    steps, guidance = args.ddim_steps or DEFAULTS[pipe.family][0], args.guidance_scale
-    guidance = DEFAULTS[pipe.family][1] if guidance is None else guidance
+    steps, guidance = args.ddim_steps or DEFAULTS[family][0], args.guidance_scale
+    guidance = DEFAULTS[family][1] if guidance is None else guidance
     for k, path in enumerate(args.lora):
         load_lora(pipe, path, f"lora{k}")
     if args.lora:

@@ -56,8 +56,8 @@ from eval import clip_at_hand, eval_set, evaluate, is_toy, ril_metrics, write_re
 from losses import ema_update, joint_reward, l2_pull, step_losses, unet_calls_per_step
 from report import draw_grid
 from rewards import TOY as WEIGHT_FREE, check_reward_name, load_reward
-from sample import (DEFAULT_MODEL, DEFAULTS, add_lora, check_eta, image_size, initial_latents, load_pipeline,
-                    lora_params, model_index, save_lora, set_adapters)
+from sample import (DEFAULT_MODEL, DEFAULTS, add_lora, check_eta, check_size, image_size, initial_latents,
+                    load_pipeline, lora_params, model_index, save_lora, set_adapters)
 from toy import TOY_REWARDS, all_captions
 
 # -----------------------------------------------------------------------------
@@ -170,6 +170,7 @@ if not 1 <= args.grad_steps <= args.ddim_steps:
 if args.guidance_scale < 0 or not 0 <= args.eta <= 1:
     raise UserError("--guidance_scale must be at least 0 and --eta in [0, 1]")
 check_eta(family, args.eta)
+check_size(args.model, family, args.height, args.width)
 if not 0 <= args.ema_momentum <= 1 or args.rid_lambda < 0 or args.lr <= 0:
     raise UserError("--ema_momentum must be in [0, 1], --rid_lambda at least 0, --lr positive")
 if args.l2_weight < 0 or args.soup_weight <= 0:

@@ -228,16 +228,29 @@ def train(model, out, *extra, method="rid", wait=True, launcher=None, env=None):
 
 @pytest.fixture(scope="session")
 def trained(tiny_sd, tmp_path_factory, worker_id):
-    """trained(method, *flags, env=None) -> (run folder, stdout) of a finished run; each distinct call trains once per
-    session (env: extra environment variables, such as the fault injection's). Tests may read the folder but not
-    change it: copy it first."""
-    def make(method, flags, env, out):
-        r = train(tiny_sd, out, *flags, method=method, env=env)
+    """trained(method, *flags, env=None, model=None) -> (run folder, stdout) of a finished run on `model` (a tiny
+    folder; none = tiny_sd); each distinct call trains once per session (env: extra environment variables, such as the
+    fault injection's). Tests may read the folder but not change it: copy it first."""
+    def make(method, flags, env, model, out):
+        r = train(model or tiny_sd, out, *flags, method=method, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stdout
 
-    def get(method, *flags, env=None):
+    def get(method, *flags, env=None, model=None):
         words = (method, *flags, *(f"{k}={v}" for k, v in sorted((env or {}).items())))
+        words += (os.path.basename(model),) if model else ()
         name = "run_" + re.sub(r"[^\w.=,-]+", "_", "_".join(words))
-        return shared(tmp_path_factory, worker_id, name, lambda out: make(method, flags, env, out))
+        return shared(tmp_path_factory, worker_id, name, lambda out: make(method, flags, env, model, out))
     return get
+
+
+def assert_loaded_whole(folder, net, adapter):
+    """Every tensor of the LoRA file in `folder` became a weight of adapter `adapter` in `net` (the denoiser a loader
+    filled): as many LoRA weights as the file has tensors, holding the same numbers (sums compared, in float64)."""
+    from safetensors.torch import load_file
+    from sample import LORA_WEIGHTS, lora_params
+    file = load_file(os.path.join(folder, LORA_WEIGHTS))
+    loaded = lora_params(net, adapter)
+    assert len(loaded) == len(file) > 0, f"{len(loaded)} of the file's {len(file)} tensors loaded"
+    total = lambda tensors: sorted(round(t.double().sum().item(), 9) for t in tensors)
+    assert total(loaded.values()) == total(file.values())

@@ -167,3 +167,30 @@ def test_an_earlier_run_is_never_clobbered_and_resume_checks_settings(workdir, t
     code, stderr = train_in_process([*flags, "--resume"], workdir, monkeypatch, capsys)
     assert code == 2 and "stage0.pt' is gone" in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert listing(workdir) == before
+
+
+@pytest.mark.parametrize("script, args, word", [
+    # SD 3: the VAE's downscale times the transformer's patch (16 px for SD 3.5; 2 x 2 = 4 on the tiny layout)
+    ("train_rid.py", ["--height", "34"], "multiples of 4 px"),
+    ("sample.py", ["--width", "30"], "try 28 or 32 for 30"),
+    ("sample.py", ["--eta", "0.5"], "--eta 0.5"),  # the flow sampler is deterministic
+])
+def test_sd3_checks_come_before_any_weights_load(script, args, word, tiny_sd3, tmp_path, monkeypatch, capsys):
+    """Refused from the model's config files alone: load_pipeline, which would read every weight first, fails this
+    test if it is reached. One line, exit 2, nothing written."""
+    import sample
+
+    def no_loading(*a, **k):
+        raise AssertionError("weights loaded before the check")
+    monkeypatch.setattr(sample, "load_pipeline", no_loading)
+    before = listing(tmp_path)
+    if script == "train_rid.py":
+        code, stderr = train_in_process(["--model", tiny_sd3, "--out", "run", *OK, *args], tmp_path, monkeypatch, capsys)
+    else:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "argv", ["sample.py", "--model", tiny_sd3, "--prompt", "a cat", "--out", "o", *args])
+        with pytest.raises(UserError) as e:
+            sample.main()
+        code, stderr = 2, f"error: {e.value}"
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and word in stderr, stderr
+    assert listing(tmp_path) == before

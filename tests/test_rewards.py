@@ -478,6 +478,23 @@ def test_gradients(name, paths):
         assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, name
     assert all(p.grad is None and not p.requires_grad for p in reward.parameters())
 
+@pytest.mark.parametrize("name", list(rewards.REWARDS))
+def test_forward_and_backward_on_meta(name, paths, monkeypatch):
+    """Every reward with its network on the meta device (the tests' stand-in for a GPU, test_devices.py) and meta
+    images: a constant the reward makes on the CPU (CLIP's mean and std, the JPEG tables, the tokens, BLIP's image
+    mask) would fail here, as it fails on CUDA. transformers asks whether a padding mask is all ones, to skip it: a
+    data-dependent check that a GPU answers with a sync and meta cannot answer; here it gets "no" (the full mask)."""
+    import transformers.masking_utils as masking
+    monkeypatch.setattr(masking, "_ignore_causal_mask_sdpa", lambda *args, **kwargs: False)
+    monkeypatch.setattr(masking, "_ignore_bidirectional_mask_sdpa", lambda *args, **kwargs: False)
+    reward = rewards.load_reward(name, paths.get(name), device="meta")
+    assert {p.device.type for p in reward.parameters()} <= {"meta"}
+    x = torch.rand(2, 3, 40, 72).to("meta").requires_grad_(True)
+    r = reward(x, PROMPTS[:2])
+    r.sum().backward()
+    assert r.shape == (2,) and r.device.type == "meta" and x.grad.device.type == "meta"
+
+
 def test_compute_dtype(paths):
     # a frozen tower runs in the dtype it was given and still returns float32 scores with a graph
     reward = rewards.load_reward("clip", paths["clip"], dtype=torch.bfloat16)

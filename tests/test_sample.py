@@ -13,7 +13,7 @@ from PIL import Image
 import common
 import sample
 from common import UserError
-from conftest import ROOT
+from conftest import ROOT, assert_loaded_whole
 
 PROMPTS = ["a red circle on a blue background", "a green square", "a photo of a cat"]
 
@@ -207,28 +207,6 @@ def test_steps_before_the_window_build_no_graph(tiny_sd):
     assert saved_bytes(pipe, 20, 2, checkpointing=False) > saved_bytes(pipe, 20, 2)  # and checkpointing saves it
 
 
-@pytest.mark.slow
-def test_lora_round_trip_in_stock_pipeline(tiny_sd, tmp_path):
-    """An adapter with lora_alpha != rank, saved by us, loads in a fresh stock pipeline with load_lora_weights
-    and gives the images sample.py gives with --lora."""
-    pipe, config = lora_pipe(tiny_sd, rank=4, alpha=12.0)
-    lora_dir = str(tmp_path / "lora")
-    sample.save_lora(pipe, "task0", lora_dir)
-    out = tmp_path / "imgs"
-    r = run_sample_cli("--model", tiny_sd, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--seed", "0",
-                       "--ddim_steps", "10", "--lora", lora_dir, "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    ours = read_pngs(out, 2)
-    ref_pipe = reference_pipeline(tiny_sd)
-    plain = np.stack([np.asarray(im).astype(int) for im in ref_pipe(
-        PROMPTS[:2], num_inference_steps=10, generator=torch.Generator().manual_seed(0)).images])
-    ref_pipe.load_lora_weights(lora_dir)
-    ref = np.stack([np.asarray(im).astype(int) for im in ref_pipe(
-        PROMPTS[:2], num_inference_steps=10, generator=torch.Generator().manual_seed(0)).images])
-    assert np.abs(ref - plain).max() > 20, "the adapter must visibly change the images"
-    assert np.abs(ours - ref).max() <= 1
-
-
 def test_two_adapters_compose_and_reload(tiny_sd, tmp_path):
     """W0 + A_1 + A_2: two adapters saved and loaded back into a fresh UNet give the same UNet output."""
     pipe, config = lora_pipe(tiny_sd, seed=1)
@@ -243,6 +221,7 @@ def test_two_adapters_compose_and_reload(tiny_sd, tmp_path):
     fresh = sample.load_pipeline(tiny_sd)
     for name in ("task0", "task1"):
         sample.load_lora(fresh, str(tmp_path / name), name)
+        assert_loaded_whole(str(tmp_path / name), fresh.denoiser, name)
     sample.set_adapters(fresh.denoiser, ["task0", "task1"])
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor(500), {"encoder_hidden_states": torch.randn(2, 16, 32)}
     with torch.no_grad():
@@ -338,31 +317,3 @@ def test_sdxl_sampler_matches_diffusers_xl_pipeline(latents_stats, tiny_sdxl, tm
     uncond = sample.encode_uncond(pipe, 1)
     assert not uncond["encoder_hidden_states"].any() and not uncond["added_cond_kwargs"]["text_embeds"].any()
     assert uncond["added_cond_kwargs"]["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]]
-
-
-@pytest.mark.slow
-def test_sdxl_lora_round_trip_in_stock_pipeline(tiny_sdxl, tmp_path):
-    """An adapter on the SDXL UNet, saved by us, loads in a stock StableDiffusionXLPipeline and reproduces our images."""
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
-    pipe = sample.load_pipeline(tiny_sdxl)
-    sample.add_lora(pipe.denoiser, "task0", 4, 8.0)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for k, p in sample.lora_params(pipe.denoiser, "task0").items():
-            if "lora_B" in k:
-                p.normal_(0, 0.3)
-    sample.set_adapters(pipe.denoiser, ["task0"])
-    lora_dir = str(tmp_path / "lora")
-    sample.save_lora(pipe, "task0", lora_dir)
-    g = torch.Generator().manual_seed(0)
-    ours = sample.generate(pipe, PROMPTS[:2], sample.initial_latents(pipe, 2, g), 5, 7.5, progress=False)
-    ref_pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
-    ref_pipe.scheduler = DDIMScheduler.from_config(ref_pipe.scheduler.config)
-    ref_pipe.set_progress_bar_config(disable=True)
-    plain = ref_pipe(PROMPTS[:2], num_inference_steps=5, guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
-                     output_type="pt").images  # (SDXL's pipeline defaults to guidance 5)
-    ref_pipe.load_lora_weights(lora_dir)
-    ref = ref_pipe(PROMPTS[:2], num_inference_steps=5, guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
-                   output_type="pt").images
-    assert (ref - plain).abs().max() > 0.05, "the adapter must visibly change the images"
-    torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5)

@@ -196,14 +196,12 @@ def test_resume_after_sigkill_equals_uninterrupted_run(trained, tiny_sd, tmp_pat
     same_results(ref_out, kill_twice_and_resume(tiny_sd, tmp_path / "killed", METHOD_FLAGS["rid"]))
 
 
-def test_sd3_run_writes_results_adapters_and_pictures_and_resumes_after_sigkill(tiny_sd3, tmp_path):
+def test_sd3_run_writes_results_adapters_and_pictures_and_resumes_after_sigkill(trained, tiny_sd3, tmp_path):
     """train_rid.py --method rid on a tiny SD 3 folder (flow matching, T5): results, adapters and pictures, with the
     teacher matched on the velocity (0 at each task's first step); killed twice and resumed, it ends bit for bit where
     the uninterrupted run does."""
-    ref = tmp_path / "sd3"
-    r = train(tiny_sd3, ref)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "| sd3" in r.stdout
+    ref, stdout = trained("rid", model=tiny_sd3)
+    assert "| sd3" in stdout
     res = json.load(open(ref / "results.json"))
     assert res["adapters"][-1] == ["adapters/task1_brightness", "adapters/task2_saturation"]
     assert all(np.isfinite(res["matrix"]).flatten()) and res["matrix"][1][0] > res["matrix"][0][0]
@@ -297,30 +295,47 @@ def test_fp16_trains_with_a_loss_scaler(tiny_sd, tmp_path):
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for a in adapters_of(out).values() for v in a.values())
 
 
-def test_sdxl_run_writes_results_adapters_and_pictures(tiny_sdxl, tmp_path):
-    """A tiny SDXL folder: the family comes from model_index.json; RID trains and its adapters load in a stock
-    StableDiffusionXLPipeline that reproduces the evaluation images."""
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
-    from eval import eval_set
-    out = tmp_path / "xl"
-    r = train(tiny_sdxl, out)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "| sdxl" in r.stdout
-    res = json.load(open(out / "results.json"))
-    for f in ("results.md", "grid.png", "heatmap.png", "adapters/task2_saturation/pytorch_lora_weights.safetensors"):
-        assert (out / f).is_file(), f
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+def stock_pipeline(family, folder):
+    """diffusers' own pipeline of the family, with DDIM for the UNet families (as rid samples them)."""
+    import diffusers
+    cls = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+    pipe = getattr(diffusers, cls[family]).from_pretrained(folder)
+    if family != "sd3":
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    for k, folder in enumerate(res["adapters"][-1]):
-        pipe.load_lora_weights(str(out / folder), adapter_name=f"a{k}")
-    pipe.set_adapters(["a0", "a1"])
-    prompts, seeds = eval_set(tiny_sdxl, 4, 0)
-    ref = np.asarray(pipe(prompts[0], num_inference_steps=4, guidance_scale=7.5,
-                          generator=torch.Generator().manual_seed(seeds[0])).images[0]).astype(int)
-    ours = np.asarray(Image.open(out / "samples" / "stage2" / "000.png")).astype(int)
-    base = np.asarray(Image.open(out / "samples" / "stage0" / "000.png")).astype(int)
-    assert np.abs(ref - ours).max() <= 1 and np.abs(base - ours).max() > 1
+    return pipe
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_an_adapter_reloads_whole_and_gives_the_images_the_run_evaluated(family, trained, tiny_sd, tiny_sdxl,
+                                                                          tiny_sd3, tmp_path):
+    """The adapter that task 1 of a train_rid.py run saved, against the images the run's model in memory made of
+    its evaluation set after that task (samples/stage1.pt): loaded by a stock diffusers pipeline, every tensor of the
+    file becomes a weight of the denoiser and the pipeline gives those images to 1/255; sampled through
+    `sample.py --lora`, the first image again. The family comes from model_index.json."""
+    from conftest import assert_loaded_whole
+    from eval import eval_set
+    folder = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3}[family]
+    out, stdout = trained("rid", *METHOD_FLAGS["rid"]) if family == "sd" else trained("rid", model=folder)
+    assert f"| {family}" in stdout
+    res = json.load(open(out / "results.json"))
+    config, adapter = res["config"], str(out / res["adapters"][1][0])
+    memory = torch.load(out / "samples" / "stage1.pt", weights_only=True).permute(0, 2, 3, 1).numpy().astype(int)
+    base = torch.load(out / "samples" / "stage0.pt", weights_only=True).permute(0, 2, 3, 1).numpy().astype(int)
+    assert np.abs(memory - base).max() > 20, "task 1 must visibly change the images for the comparison to mean anything"
+    pipe = stock_pipeline(family, folder)
+    pipe.load_lora_weights(adapter, adapter_name="task1")
+    assert_loaded_whole(adapter, pipe.transformer if family == "sd3" else pipe.unet, "task1")
+    prompts, seeds = eval_set(folder, config["eval_n"])
+    stock = np.stack([np.asarray(pipe(p, num_inference_steps=config["ddim_steps"], guidance_scale=config["guidance_scale"],
+                                      generator=torch.Generator().manual_seed(s)).images[0]) for p, s in zip(prompts, seeds)])
+    assert np.abs(stock.astype(int) - memory).max() <= 1
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", folder, "--prompt", prompts[0],
+                        "--seed", str(seeds[0]), "--ddim_steps", str(config["ddim_steps"]), "--guidance_scale",
+                        str(config["guidance_scale"]), "--lora", adapter, "--out", str(tmp_path / "cli")],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert np.abs(np.asarray(Image.open(tmp_path / "cli" / "000.png")).astype(int) - memory[0]).max() <= 1
 
 
 def test_tensorboard_log_holds_the_scalars_and_the_grid(tiny_sd, tmp_path):
