@@ -22,6 +22,14 @@ own size (512 / 1024 px), 50 DDIM steps, guidance 7.5, K=1 and bf16 on CUDA:
     python bench.py --model sd15-arch --batch_size 4 --sweep     # each memory lever flipped alone, with its effect
     python bench.py --model sdxl-arch --batch_size 1 --checkpoint_decode --json out/sdxl_b1.json
 Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on a CPU (weights included).
+
+Without a GPU, the peak memory a GPU would need for one rid step: every network on the meta device (shapes, no
+storage) under torch's MemTracker, with attention counted as a fused kernel holds it (a minute or two each on a CPU;
+the peak does not depend on the number of sampling steps, so 4 save time):
+    python bench.py --model sd35-arch --batch_size 1 --estimate --ddim_steps 4           # as given
+    python bench.py --model sd35-arch --batch_size 1 --estimate --sweep --ddim_steps 4   # each memory lever
+On a first GPU, everything the project cannot measure without one (under 8 minutes on one GPU, nothing downloaded):
+    python bench.py --gpu_check
 """
 import argparse, ctypes, gc, json, os, statistics, subprocess, sys, tempfile, time
 
@@ -30,8 +38,8 @@ import torch
 import rewards
 from common import UserError, check_seed, one_line_errors, pick_device_dtype, seed_for, write_json
 from losses import ema_update, l2_pull, step_losses
-from sample import (DEFAULTS, Pipe, add_lora, check_eta, encode_prompts, encode_uncond, image_size, initial_latents,
-                    load_pipeline, lora_params, sample, set_adapters)
+from sample import (DEFAULTS, Pipe, add_lora, cache_prompts, check_eta, encode_prompts, encode_uncond, image_size,
+                    initial_latents, load_pipeline, lora_params, sample, set_adapters)
 
 PHASES = ("sample", "diffusers", "naive", "adapters", "rid", "l2", "soup", "reward")
 parser = one_line_errors(argparse.ArgumentParser(description="rid: time and memory of sampling and training steps"))
@@ -60,6 +68,8 @@ parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], he
 parser.add_argument("--checkpoint_decode", action="store_true", help="recompute the VAE decode in backward, per block")
 parser.add_argument("--checkpoint_reward", action="store_true", help="recompute the reward model in backward")
 parser.add_argument("--no_checkpointing", action="store_true", help="keep grad-window UNet activations (no recompute)")
+parser.add_argument("--cache_prompts", action="store_true", help="encode the prompt once and drop the text encoders "
+                    "(as train_rid.py's; not with the diffusers phase, which needs them)")
 parser.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step, each of batch_size/grad_accum "
                     "images, gradients accumulated")
 parser.add_argument("--compile", action="store_true", help="torch.compile the UNet forward; compiling falls in warm-up")
@@ -72,6 +82,12 @@ parser.add_argument("--seed", type=int, default=0, help="seed of the latents")
 parser.add_argument("--json", default="", help="also write every figure to this file; '' = none")
 parser.add_argument("--sweep", action="store_true", help="instead: the rid step as given and with each memory lever "
                     "flipped, each in a fresh process")
+parser.add_argument("--estimate", action="store_true", help="instead: the peak memory of one rid step on a GPU, "
+                    "estimated without one (every network on the meta device, torch's MemTracker); with --sweep, also "
+                    "with each memory lever flipped; --dtype defaults to bfloat16 here")
+parser.add_argument("--gpu_check", action="store_true", help="instead: on one CUDA GPU, nothing downloaded, each "
+                    "-arch model at its own size as the docs run it: two rid steps with the measured peak beside the "
+                    "estimate, the step against sampling, and our sampler against diffusers'")
 parser.add_argument("--quickstart", action="store_true", help="instead: run the README's quick start (train_rid.py "
                     "--model toy, into a temporary folder) and time its parts: load, each evaluation, each task")
 
@@ -246,14 +262,23 @@ def to_argv(config):
     return argv
 
 
-def sweep(args, device, dtype):
+def levers(base):
+    """The memory levers, each flipped alone: [(flag, {changed settings})], "as given" first."""
+    variants = [("as given", {}), ("--dtype", {"dtype": "float32" if base["dtype"] == "bfloat16" else "bfloat16"})]
+    if base["ddim_steps"] is None or base["ddim_steps"] >= 2 * base["grad_steps"]:
+        variants.append(("--grad_steps", {"grad_steps": 2 * base["grad_steps"]}))
+    variants += [(f"--{k}", {k: not base[k]}) for k in ("checkpoint_decode", "checkpoint_reward", "no_checkpointing",
+                                                        "cache_prompts")]
+    if base["batch_size"] > 1 and base["grad_accum"] == 1:
+        variants.append(("--grad_accum", {"grad_accum": base["batch_size"]}))
+    return variants
+
+
+def sweep(args):
     """The rid step once as given, then once per lever flipped, each in a fresh process (clean peak memory)."""
+    device, dtype = pick_device_dtype(args.device, args.dtype)
     base = {**vars(args), "sweep": False, "json": "", "phases": "rid", "device": device, "dtype": str(dtype)[6:]}
-    variants = [("as given", {}), ("--dtype", {"dtype": "float32" if base["dtype"] == "bfloat16" else "bfloat16"}),
-                ("--grad_steps", {"grad_steps": min(2 * args.grad_steps, args.ddim_steps)})]
-    variants += [(f"--{k}", {k: not base[k]}) for k in ("checkpoint_decode", "checkpoint_reward", "no_checkpointing")]
-    if args.batch_size > 1 and args.grad_accum == 1:
-        variants.append(("--grad_accum", {"grad_accum": args.batch_size}))
+    variants = levers(base)
     if device.startswith("cuda"):  # inductor on CPU compiles C++ for minutes: GPU only
         variants.append(("--compile", {"compile": not args.compile}))
     print("| lever | setting | rid step, median s | vs as given | peak memory | vs as given |")
@@ -278,7 +303,7 @@ def sweep(args, device, dtype):
         print(f"| {lever} | {setting} | {s:.3f} | x{s / s0:.2f} | {m / 2**30:.2f} GiB | {(m - m0) / 2**30:+.2f} GiB |")
     return {"sweep": results}
 
-def quickstart():
+def quickstart(args):
     """`python train_rid.py --model toy` as the README runs it (rid, with naive beside it in its own process), timed
     as a whole and, from both runs' results.json, part by part."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -300,32 +325,10 @@ def quickstart():
     return {"wall_seconds": wall, "runs": runs, "cpu": f"{os.cpu_count()} cores"}
 
 # -----------------------------------------------------------------------------
-# The phases, each a function of no arguments that does one round of its work.
+# The phases, each a method of no arguments that does one round of its work.
 
-def build_phases(args, pipe, reward, device, dtype, H, W):
-    """Adapters as in task 2 of a real run: task0 (B random, so not a no-op) and task1 (trained). -> {name: fn}."""
-    S, K, B = args.ddim_steps, args.grad_steps, args.batch_size
-    micro, prompts = B // args.grad_accum, [args.prompt] * B
-    for name in ("task0", "task1"):
-        add_lora(pipe.denoiser, name, args.lora_rank, args.lora_rank)
-    with torch.no_grad():
-        for k, p in lora_params(pipe.denoiser, "task0").items():
-            if "lora_B" in k:
-                p.normal_(0, 0.01)
-    params = lora_params(pipe.denoiser, "task1")  # {full name: fp32 parameter}
-    optimizer = torch.optim.AdamW(params.values(), lr=1e-3)
-    ema = {k: p.detach().clone() for k, p in params.items()}  # RID's teacher: the EMA of the current adapter
-    if args.compile:
-        pipe.denoiser.compile()  # the UNet forward only, as gpt-fast compiles only the hot function
-
-    def run_ours():  # what diffusers' __call__ does (encode prompt and "", draw latents, S steps, decode), our way
-        set_adapters(pipe.denoiser, ["task0", "task1"])
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(args.seed)
-            cond, uncond = encode_prompts(pipe, prompts, (H, W)), encode_uncond(pipe, B, (H, W))
-            latents = initial_latents(pipe, B, g, H, W).to(device)  # (B, 4, H/8, W/8)
-            return sample(pipe, cond, uncond, latents, S, args.guidance_scale, args.eta, generator=g)[0]
-
+def reference_pipeline(pipe):
+    """diffusers' own pipeline around the same modules (DDIM for the UNet families, as rid samples them)."""
     import diffusers
     parts = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
     if pipe.flow:
@@ -339,39 +342,87 @@ def build_phases(args, pipe, reward, device, dtype, H, W):
                diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                                  requires_safety_checker=False))
     ref.set_progress_bar_config(disable=True)
+    return ref
 
-    def run_diffusers():
-        set_adapters(pipe.denoiser, ["task0", "task1"])
-        eta = {} if pipe.flow else {"eta": args.eta}
-        return ref(prompts, height=H, width=W, num_inference_steps=S, guidance_scale=args.guidance_scale, **eta,
-                   generator=torch.Generator().manual_seed(args.seed), output_type="pt").images
 
-    def train_step(method):
-        """One optimiser step of `method`, through the same helpers as train_rid.py's loop."""
-        set_adapters(pipe.denoiser, ["task1"] if method in ("naive", "soup") else ["task0", "task1"], trainable="task1")
-        rid = method == "rid"
-        for lo in range(0, B, micro):  # micro-batches; their gradients add up to that of the batch mean
-            latents = initial_latents(pipe, micro, torch.Generator().manual_seed(seed_for("train", args.seed, lo)), H, W).to(device)
-            r, loss_rid = step_losses(pipe, reward, prompts[lo:lo + micro], latents, S, args.guidance_scale, args.eta,
-                                      K, ema if rid else None, not args.no_checkpointing,
-                                      args.checkpoint_decode, args.checkpoint_reward)
-            (-r.sum() / B + loss_rid * micro / B).backward()
+class Phases:
+    """What each phase does once, on adapters as in task 2 of a real run: task0 active and frozen (B random, so not a
+    no-op) and task1 trained, through train_rid.py's own step helpers (losses.py)."""
+
+    def __init__(self, args, pipe, reward, device, dtype, H, W):
+        self.args, self.pipe, self.reward, self.device, self.dtype = args, pipe, reward, device, dtype
+        self.H, self.W = H, W
+        self.prompts, self.micro = [args.prompt] * args.batch_size, args.batch_size // args.grad_accum
+        for name in ("task0", "task1"):
+            add_lora(pipe.denoiser, name, args.lora_rank, args.lora_rank)
+        with torch.no_grad():
+            for k, p in lora_params(pipe.denoiser, "task0").items():
+                if "lora_B" in k:
+                    p.normal_(0, 0.01)
+        self.params = lora_params(pipe.denoiser, "task1")  # {full name: fp32 parameter}
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=1e-3)
+        self.ema = {k: p.detach().clone() for k, p in self.params.items()}  # RID's teacher: the EMA of task1
+        self.ref = None  # diffusers' pipeline, built on first use
+        g = torch.Generator().manual_seed(args.seed)  # the reward phase's input images
+        self.pixels = torch.rand(args.batch_size, 3, H, W, generator=g).to(device)
+        if args.compile:
+            pipe.denoiser.compile()  # the UNet forward only, as gpt-fast compiles only the hot function
+
+    def run(self, name):
+        return {"sample": self.sample, "diffusers": self.diffusers, "reward": self.reward_step}.get(
+            name, lambda: self.train_step(name))()
+
+    def sample(self):  # what diffusers' __call__ does (encode prompt and "", draw latents, S steps, decode), our way
+        a, (H, W), B = self.args, (self.H, self.W), self.args.batch_size
+        set_adapters(self.pipe.denoiser, ["task0", "task1"])
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(a.seed)
+            cond, uncond = encode_prompts(self.pipe, self.prompts, (H, W)), encode_uncond(self.pipe, B, (H, W))
+            latents = initial_latents(self.pipe, B, g, H, W).to(self.device)  # (B, 4, H/8, W/8)
+            return sample(self.pipe, cond, uncond, latents, a.ddim_steps, a.guidance_scale, a.eta, generator=g)[0]
+
+    def diffusers(self):
+        a = self.args
+        self.ref = self.ref or reference_pipeline(self.pipe)
+        set_adapters(self.pipe.denoiser, ["task0", "task1"])
+        eta = {} if self.pipe.flow else {"eta": a.eta}
+        return self.ref(self.prompts, height=self.H, width=self.W, num_inference_steps=a.ddim_steps,
+                        guidance_scale=a.guidance_scale, **eta, generator=torch.Generator().manual_seed(a.seed),
+                        output_type="pt").images
+
+    def use_adapters(self, method):  # naive and soup train with one adapter active, the others on top of task0
+        set_adapters(self.pipe.denoiser, ["task1"] if method in ("naive", "soup") else ["task0", "task1"],
+                     trainable="task1")
+
+    def loss(self, method, lo):
+        """The loss of micro-batch `lo` (its first image's index), as its share of the batch mean."""
+        a, B = self.args, self.args.batch_size
+        g = torch.Generator().manual_seed(seed_for("train", a.seed, lo))
+        latents = initial_latents(self.pipe, self.micro, g, self.H, self.W).to(self.device)
+        r, loss_rid = step_losses(self.pipe, self.reward, self.prompts[lo:lo + self.micro], latents, a.ddim_steps,
+                                  a.guidance_scale, a.eta, a.grad_steps, self.ema if method == "rid" else None,
+                                  not a.no_checkpointing, a.checkpoint_decode, a.checkpoint_reward)
+        return -r.sum() / B + loss_rid * self.micro / B
+
+    def update(self, method):  # the rest of the step, after the micro-batches' backward
         if method == "l2":
-            l2_pull(pipe.denoiser, "task1").backward()
-        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-        optimizer.step()
-        if rid:
-            ema_update(ema, params, 0.99)
-        optimizer.zero_grad(set_to_none=True)
+            l2_pull(self.pipe.denoiser, "task1").backward()
+        torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
+        self.optimizer.step()
+        if method == "rid":
+            ema_update(self.ema, self.params, 0.99)
+        self.optimizer.zero_grad(set_to_none=True)
 
-    pixels = torch.rand(B, 3, H, W, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    def train_step(self, method):
+        """One optimiser step of `method`, through the same helpers as train_rid.py's loop."""
+        self.use_adapters(method)
+        for lo in range(0, self.args.batch_size, self.micro):  # micro-batches; their gradients add up
+            self.loss(method, lo).backward()
+        self.update(method)
 
-    def reward_step():  # the reward alone: one forward and backward to the images (B, 3, H, W)
-        images = pixels.clone().requires_grad_(True)
-        reward(images.to(dtype), prompts).sum().backward()
-
-    return {"sample": run_ours, "diffusers": run_diffusers, "reward": reward_step,
-            **{m: (lambda m=m: train_step(m)) for m in ("naive", "adapters", "rid", "l2", "soup")}}
+    def reward_step(self):  # the reward alone: one forward and backward to the images (B, 3, H, W)
+        images = self.pixels.clone().requires_grad_(True)
+        self.reward(images.to(self.dtype), self.prompts).sum().backward()
 
 
 def time_phases(args, run, phases, device):
@@ -384,7 +435,7 @@ def time_phases(args, run, phases, device):
         for name in phases:
             memory_kind = reset_peak(device)
             t, c = time.perf_counter(), time.process_time()
-            images[name] = run[name]()
+            images[name] = run(name)
             sync()
             if round_ >= args.warmup:  # warm-up rounds count neither in time nor in memory
                 times[name].append(time.perf_counter() - t)
@@ -437,64 +488,204 @@ def report(args, figures, times, cpu_times, peaks, images, cpu):
               f"(pixels in [0, 1])")
 
 
+# -----------------------------------------------------------------------------
+# Peak memory on a GPU, without one (--estimate): every network on the meta device, where tensors have shapes but no
+# storage, and one rid step under torch's MemTracker, which counts what the step holds by kind (parameters, buffers,
+# gradients, optimiser state, activations, temporaries). It knows nothing of the CUDA context (about 0.5 GB), the
+# caching allocator's slack or kernel workspaces: a GPU needs that much more.
+
+class FusedAttention(torch.autograd.Function):
+    """F.scaled_dot_product_attention as CUDA's fused kernels hold it (flash attention, Dao et al. 2022, and the
+    memory-efficient kernel; PyTorch picks one of them for these shapes): q, k, v, the output and a float32
+    log-sum-exp per query row are kept for backward, never the N x N matrix, which the meta device's math path would
+    count (1 GiB per self-attention call for SD 1.5 at 512 px). Shapes only: the values are meta's nothing."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def tracked_peak(phases, method="rid"):
+    """The second optimiser step of `method` (the first made Adam's state, which every later step holds) on the meta
+    device under MemTracker. -> {kind: bytes} at the step's peak, and "Total"."""
+    from copy import deepcopy
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class Tracker(MemTracker):  # the global peak only: MemTracker's per-module peaks cost O(modules) per operation
+        def _update_peak_stats(self, peak_state):  # (minutes for one SD 1.5 step); this is its own last loop
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev], self._peak_mem_snap[dev] = snap["Total"], deepcopy(snap)
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):  # frozen weights refuse the
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)  # grad hook (NOTES)
+
+    class MicroBatch(torch.nn.Module):  # one root call per micro-batch: MemTracker refuses a root module called twice
+        def __init__(self, lo):          # in one step, and the sampler calls the denoiser S times
+            super().__init__()
+            self.lo = lo
+
+        def forward(self):
+            return phases.loss(method, self.lo)
+    pipe, sdpa = phases.pipe, torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = lambda q, k, v, *a, **kw: FusedAttention.apply(q, k, v)
+    try:
+        phases.train_step(method)  # untracked: Adam's state appears in the first step's update
+        tracker = Tracker()
+        nets = [m for m in (pipe.denoiser, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3,
+                            phases.reward) if m is not None]
+        tracker.track_external(phases.optimizer, *nets, *phases.ema.values())  # the EMA teacher counts as "Other"
+        with tracker:
+            for lo in range(0, phases.args.batch_size, phases.micro):
+                micro = MicroBatch(lo)  # held until its backward is done (the tracker keeps weak references)
+                micro().backward()
+            phases.update(method)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    return {getattr(k, "value", k): v for k, v in tracker.get_tracker_snapshot("peak")[torch.device("meta")].items()}
+
+
+def estimate(args):
+    """--estimate: one rid step's estimated peak, as given (and with --sweep, with each memory lever flipped).
+    -> figures"""
+    base = {**vars(args), "dtype": args.dtype or "bfloat16", "device": "meta", "sweep": False}
+    print("| lever | setting | weights | gradients + optimiser | activations + temporaries | peak | vs as given |")
+    print("|---|---|---|---|---|---|---|")
+    rows, gib = [], lambda b: f"{b / 2**30:.2f} GiB"
+    for lever, change in levers(base) if args.sweep else [("as given", {})]:
+        a = argparse.Namespace(**{**base, **change})
+        t0 = time.perf_counter()
+        phases = build(a)
+        peak = tracked_peak(phases)
+        kinds = {k: peak.get(k, 0) for k in ("Parameter", "Buffer", "Gradient", "Optstate", "Activation", "Temp")}
+        rows.append({"lever": lever, "change": change, "peak_bytes": peak["Total"], "kinds": kinds,
+                     "image_size": [phases.H, phases.W], "seconds": time.perf_counter() - t0})
+        setting = ", ".join(f"{k}={v}" for k, v in change.items()) or "-"
+        print(f"| {lever} | {setting} | {gib(kinds['Parameter'] + kinds['Buffer'])} | "
+              f"{gib(kinds['Gradient'] + kinds['Optstate'])} | {gib(kinds['Activation'] + kinds['Temp'])} | "
+              f"{gib(peak['Total'])} | {peak['Total'] / rows[0]['peak_bytes']:.2f}x |", flush=True)
+    return {"estimate": rows, "config": base}
+
+
+# -----------------------------------------------------------------------------
+# The GPU check (--gpu_check): what a first GPU should confirm, with nothing downloaded (random weights at the real
+# shapes), in a few minutes. Each model as docs/speed_and_memory.md runs it, at batch 1 and its own size.
+GPU_CHECK = [("sd15-arch", []), ("sdxl-arch", []), ("sd35-arch", []),
+             ("sd35-arch", ["--cache_prompts", "--checkpoint_decode"])]  # SD 3.5 as the docs run it in 24 GB
+
+
+def rerun(argv):
+    """bench.py again with these flags, in a fresh process (a clean CUDA peak). -> its figures, or {"error": line}"""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "figures.json")
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--json", out], capture_output=True,
+                           text=True)
+        if r.returncode:  # an out-of-memory here is itself a finding: report it and go on
+            return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:120]}
+        with open(out) as f:
+            return json.load(f)
+
+
+def gpu_check(args):
+    """--gpu_check: per model, the meta estimate and two real rid steps (a warm-up and a timed one) in fresh processes;
+    the diffusers comparison wherever the text encoders stay (not with --cache_prompts). -> figures"""
+    if not torch.cuda.is_available():
+        raise UserError("--gpu_check needs a CUDA GPU; without one, `bench.py --estimate` gives the memory figures")
+    print("| model | flags | peak, estimated | peak, measured | measured / estimated | rid step / sampling | "
+          "ours / diffusers | max abs(ours - diffusers) |\n|---|---|---|---|---|---|---|---|")
+    rows = []
+    for model, flags in GPU_CHECK:
+        common = ["--model", model, "--batch_size", "1", *flags]
+        est = rerun([*common, "--estimate", "--ddim_steps", "4"])  # the peak does not depend on S (docs)
+        phases = "sample,rid" if "--cache_prompts" in flags else "sample,diffusers,rid"
+        run = rerun([*common, "--phases", phases, "--warmup", "1", "--repeats", "1"])
+        rows.append({"model": model, "flags": flags, "estimate": est, "run": run})
+        if "error" in est or "error" in run:
+            print(f"| {model} | {' '.join(flags)} | failed: {est.get('error') or run.get('error')} |||||")
+            continue
+        e, ph = est["estimate"][0]["peak_bytes"], run["phases"]
+        m, step = ph["rid"]["peak_memory_bytes"], ph["rid"]["median_s"] / ph["sample"]["median_s"]
+        print(f"| {model} | {' '.join(flags) or '-'} | {e / 2**30:.2f} GiB | {m / 2**30:.2f} GiB | {m / e:.2f} | "
+              f"{step:.2f} | {run['ratios'].get('a_over_b', float('nan')):.2f} | "
+              f"{run.get('max_abs_diff_a_b', float('nan')):.2e} |", flush=True)
+    return {"gpu_check": rows, "device": torch.cuda.get_device_name()}
+
+
+ARCH = ("sd15-arch", "sdxl-arch", "sd35-arch")
+LIBRARIES = ("torch", "diffusers", "transformers", "peft")
+
+
+def build(args):
+    """The model (an -arch model's shapes with random weights, or a folder or hub id), the reward and the two adapters,
+    on args.device in args.dtype; the family's defaults filled into args. -> Phases"""
+    device, dtype = pick_device_dtype(args.device, args.dtype)
+    torch.manual_seed(args.seed)
+    arch = args.model in ARCH
+    pipe = arch_pipe(args.model, device, dtype) if arch else load_pipeline(args.model, device, dtype)
+    check_eta(pipe.family, args.eta)
+    args.ddim_steps = args.ddim_steps or DEFAULTS[pipe.family][0]
+    args.guidance_scale = DEFAULTS[pipe.family][1] if args.guidance_scale is None else args.guidance_scale
+    if not 1 <= args.grad_steps <= args.ddim_steps:
+        raise UserError("need 1 <= --grad_steps <= --ddim_steps")
+    args.reward = args.reward or ("aesthetic-arch" if arch else "brightness")
+    name, _, path = (args.reward_path or "").partition("=")
+    if args.reward_path and name != args.reward:
+        raise UserError(f"--reward_path '{args.reward_path}' must be {args.reward}=PATH (the --reward it is for)")
+    try:
+        reward = load_bench_reward(args.reward, path or None, device, dtype)
+    except ValueError as e:
+        raise UserError(str(e))
+    H, W = image_size(pipe, args.height, args.width)
+    if args.cache_prompts:  # meta cannot copy to the CPU: the estimate keeps the few contexts where they are made
+        cache_prompts(pipe, [args.prompt], (H, W), store="meta" if device == "meta" else "cpu")
+    return Phases(args, pipe, reward, device, dtype, H, W)
+
+
+def measure(args):
+    """The default mode: every phase of --phases timed, round by round, with its peak memory. -> figures"""
+    t0 = time.perf_counter()
+    phases = build(args)
+    pipe, device, dtype = phases.pipe, phases.device, phases.dtype
+    B, S, K, n = args.batch_size, args.ddim_steps, args.grad_steps, args.grad_accum
+    print(f"model {args.model} ({sum(p.numel() for p in pipe.denoiser.parameters()) / 1e6:.0f}M UNet parameters), "
+          f"reward {args.reward}, {device} {str(dtype)[6:]}, {B} images of {phases.H}x{phases.W}, {S} DDIM steps, "
+          f"guidance {args.guidance_scale}; built in {time.perf_counter() - t0:.1f} s")
+    print(f"per training step: {S * n} UNet calls of batch {(2 if args.guidance_scale > 1 else 1) * phases.micro}, "
+          f"{K * n} of them with grad; rid adds {K * n} teacher forwards and {(K - 1) * n} student forwards; "
+          f"{sum(p.numel() for p in phases.params.values()):,} trainable LoRA weights")
+    gc.collect()
+    resident = torch.cuda.memory_allocated() if device.startswith("cuda") else read_peak(device)
+    times, cpu_times, peaks, images, memory_kind = time_phases(args, phases.run, args.phases.split(","), device)
+    figures = {"config": vars(args), "device": torch.cuda.get_device_name() if device.startswith("cuda") else
+               f"cpu, {torch.get_num_threads()} threads", "dtype": str(dtype)[6:], "reward": args.reward,
+               "height": phases.H, "width": phases.W, "memory_kind": memory_kind, "resident_before_bytes": resident,
+               "phases": {}, "versions": {m: __import__(m).__version__ for m in LIBRARIES}}
+    report(args, figures, times, cpu_times, peaks, images, not device.startswith("cuda"))
+    return figures
+
+
 def main():
     args = parser.parse_args()
-    phases = args.phases.split(",")
-    device, dtype = pick_device_dtype(args.device, args.dtype)
     S, K, B = args.ddim_steps, args.grad_steps, args.batch_size
     if K < 1 or (S is not None and K > S):  # S none: checked once the model's family is known
         raise UserError("need 1 <= --grad_steps <= --ddim_steps")
     if B < 1 or args.grad_accum < 1 or B % args.grad_accum:
         raise UserError(f"--batch_size ({B}) must be a positive multiple of --grad_accum ({args.grad_accum})")
-    if args.repeats < 1 or args.warmup < 0 or not set(phases) <= set(PHASES):
+    if args.repeats < 1 or args.warmup < 0 or not set(args.phases.split(",")) <= set(PHASES):
         raise UserError(f"need --repeats >= 1, --warmup >= 0 and --phases from {','.join(PHASES)}")
+    if args.cache_prompts and "diffusers" in args.phases.split(",") and not (args.estimate or args.sweep):
+        raise UserError("--cache_prompts drops the text encoders, which the diffusers phase needs; drop one of them")
     check_seed("--seed", args.seed)
-    if args.quickstart:
-        figures = quickstart()
-        if args.json:
-            write_json(args.json, figures)
-        return
-    if args.sweep:
-        figures = sweep(args, device, dtype)
-        if args.json:
-            write_json(args.json, figures)
-        return
-    t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
-    arch = args.model in ("sd15-arch", "sdxl-arch", "sd35-arch")
-    pipe = arch_pipe(args.model, device, dtype) if arch else load_pipeline(args.model, device, dtype)
-    check_eta(pipe.family, args.eta)
-    args.ddim_steps = args.ddim_steps or DEFAULTS[pipe.family][0]
-    args.guidance_scale = DEFAULTS[pipe.family][1] if args.guidance_scale is None else args.guidance_scale
-    S, K = args.ddim_steps, args.grad_steps
-    if not 1 <= K <= S:
-        raise UserError("need 1 <= --grad_steps <= --ddim_steps")
-    reward_name = args.reward or ("aesthetic-arch" if arch else "brightness")
-    name, _, path = (args.reward_path or "").partition("=")
-    if args.reward_path and name != reward_name:
-        raise UserError(f"--reward_path '{args.reward_path}' must be {reward_name}=PATH (the --reward it is for)")
-    try:
-        reward = load_bench_reward(reward_name, path or None, device, dtype)
-    except ValueError as e:
-        raise UserError(str(e))
-    H, W = image_size(pipe, args.height, args.width)
-    run = build_phases(args, pipe, reward, device, dtype, H, W)
-    guided, micro = args.guidance_scale > 1, B // args.grad_accum
-    print(f"model {args.model} ({sum(p.numel() for p in pipe.denoiser.parameters()) / 1e6:.0f}M UNet parameters), reward "
-          f"{reward_name}, {device} {str(dtype)[6:]}, {B} images of {H}x{W}, {S} DDIM steps, guidance "
-          f"{args.guidance_scale}; built in {time.perf_counter() - t0:.1f} s")
-    print(f"per training step: {S * args.grad_accum} UNet calls of batch {(2 if guided else 1) * micro}, "
-          f"{K * args.grad_accum} of them with grad; rid adds {K * args.grad_accum} teacher forwards and "
-          f"{(K - 1) * args.grad_accum} student forwards; {sum(p.numel() for p in lora_params(pipe.denoiser, 'task1').values()):,} "
-          f"trainable LoRA weights")
-    gc.collect()
-    resident = torch.cuda.memory_allocated() if device.startswith("cuda") else read_peak(device)
-    times, cpu_times, peaks, images, memory_kind = time_phases(args, run, phases, device)
-    figures = {"config": vars(args), "device": torch.cuda.get_device_name() if device.startswith("cuda") else
-               f"cpu, {torch.get_num_threads()} threads", "dtype": str(dtype)[6:], "reward": reward_name,
-               "height": H, "width": W, "memory_kind": memory_kind, "resident_before_bytes": resident, "phases": {},
-               "versions": {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers", "peft")}}
-    report(args, figures, times, cpu_times, peaks, images, not device.startswith("cuda"))
+    mode = (quickstart if args.quickstart else gpu_check if args.gpu_check else estimate if args.estimate else
+            sweep if args.sweep else measure)
+    figures = mode(args)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         write_json(args.json, figures)

@@ -45,6 +45,13 @@ def one_line_errors(parser):
             print(f"error: {value}", file=sys.stderr)
             sys.stderr.flush()
             sys.exit(2)
+        if issubclass(kind, torch.OutOfMemoryError):  # a step that does not fit: the levers, in the same one line
+            print(f"error: out of GPU memory ({str(value).strip().splitlines()[0][:90]}); lower a step's peak with "
+                  f"--grad_accum N (the same results in N passes), --checkpoint_decode or --cache_prompts "
+                  f"(docs/speed_and_memory.md); a stopped run continues from its last checkpoint with --resume",
+                  file=sys.stderr)
+            sys.stderr.flush()
+            sys.exit(1)
         sys.__excepthook__(kind, value, tb)
     parser.error, sys.excepthook = error, excepthook
     return parser
@@ -134,13 +141,16 @@ def model_load_error(model, err, local):
 class Tracker:
     """An experiment tracker (train_rid.py --log): "tensorboard" writes OUT/tensorboard/, "wandb" a run in project
     rid (WANDB_MODE=offline: OUT/wandb/, no server), "none" nothing. The package is imported only when asked for.
-    run_id: the wandb run to continue on --resume."""
+    run_id: the wandb run to continue on --resume. first_step: on --resume, the first step the run logs again; a
+    killed run may have logged steps after its checkpoint, which the resumed run logs again, bit for bit the same:
+    TensorBoard purges its earlier events from that step on (SummaryWriter's purge_step), and wandb keeps the first
+    value of a step and drops a repeat."""
 
-    def __init__(self, kind, out, config, run_id=None):
+    def __init__(self, kind, out, config, run_id=None, first_step=None):
         self.kind, self.id = kind, run_id
         if kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(out, "tensorboard"))
+            self.writer = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=first_step)
         elif kind == "wandb":
             import wandb
             self.wandb = wandb
@@ -224,12 +234,52 @@ def load_file(path, check=lambda data: True):
                         f"--overwrite (which deletes the run)") from None
 
 
+HELD = {}  # run folders this process holds: (device, inode) -> open descriptor, flock'ed until the process ends
+
+
+def hold_folder(folder):
+    """Mark a run folder as in use by this process: an exclusive flock on the folder itself, which the OS drops when
+    the process ends, killed or not. Two processes can then never train into one folder (a baseline still stopping
+    and the one a quick --resume starts, or two runs given the same --out). One line if another process holds it."""
+    import fcntl
+    fd = os.open(folder, os.O_RDONLY)
+    key = os.fstat(fd).st_dev, os.fstat(fd).st_ino
+    if key in HELD:  # held already (a second open file would conflict with our own lock)
+        os.close(fd)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"run folder '{folder}' is in use by another process (a run, or a baseline beside one, still "
+                        f"training or saving); wait until it ends, or choose another --out") from None
+    HELD[key] = fd
+
+
+def folder_in_use(folder):
+    """Whether another process holds `folder` (hold_folder); this process does not keep it."""
+    import fcntl
+    if not os.path.isdir(folder):
+        return False
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def open_run_folder(out, resume, overwrite):
     """A run folder before anything is loaded or written: an earlier run in it is refused unless --overwrite, and
     --resume needs an unfinished one. -> its checkpoint (dict) on --resume, else None."""
     ckpt_path, finished = os.path.join(out, "checkpoint.pt"), os.path.isfile(os.path.join(out, "results.json"))
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one")
+    if os.path.isdir(out):
+        hold_folder(out)  # from here to the end of this process: nobody else trains into it
     if resume:
         if not os.path.isfile(ckpt_path):
             raise UserError(f"nothing to resume: no checkpoint.pt in '{out}'; drop --resume to start a new run")

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from common import UserError, one_line_errors, pick_device_dtype, seed_for, to_uint8
 from report import write_files
-from sample import TOY_MODEL, check_lora, generate, initial_latents, load_lora, load_pipeline, resolve_model, set_adapters
+from sample import (cache_prompts, check_lora, generate, initial_latents, load_lora, load_pipeline,
+                    resolve_model, set_adapters)
 
 # Default evaluation prompts for real models (our choice): short, varied, none from a training list.
 EVAL_PROMPTS = [
@@ -41,7 +42,17 @@ EVAL_PROMPTS = [
 
 
 def is_toy(model):
-    return resolve_model(model) == TOY_MODEL
+    """A model of the toy world, recognised by what its folder holds (toy.json, which toy.py writes beside the
+    weights), not by its name: --model toy, ./toy_model and any toy.py --out DIR alike."""
+    return os.path.isfile(os.path.join(resolve_model(model), "toy.json"))
+
+
+def toy_reward_paths(model):
+    """A toy-world model's own learned rewards ({"toyclip": DIR/toyclip, ...}, as toy.py writes them beside the
+    model), which load_reward takes instead of the shipped ones; {} for any other model."""
+    folder = resolve_model(model)
+    names = ("toyclip", "toypref") if is_toy(model) else ()
+    return {n: os.path.join(folder, n) for n in names if os.path.isdir(os.path.join(folder, n))}
 
 
 def eval_set(model, n, seed=0):
@@ -272,7 +283,7 @@ def main():
     out_dir = args.out or os.path.join(args.run, "eval")
     if os.path.realpath(out_dir) == os.path.realpath(args.run):
         raise UserError("--out must not be the run folder itself: its results.json is the training-time record")
-    paths = dict(kv.split("=", 1) for kv in config.get("reward_path") or [])
+    paths = {**toy_reward_paths(config["model"]), **dict(kv.split("=", 1) for kv in config.get("reward_path") or [])}
     device, dtype = pick_device_dtype(args.device or config.get("device"), args.dtype or config.get("dtype"))
     pipe = load_pipeline(config["model"], device, dtype)
     try:
@@ -289,6 +300,8 @@ def main():
             raise UserError(f"cannot load --clip_model '{args.clip_model}' ({type(e).__name__}); pass a local folder")
     prompts, seeds = eval_set(config["model"], config["eval_n"])
     height, width = old.get("image_size") or (config.get("height"), config.get("width"))  # the run's size
+    if config.get("cache_prompts"):  # encoded as the run encoded them: each prompt alone
+        cache_prompts(pipe, prompts, (height, width) if height else None)
     settings = dict(ddim_steps=config["ddim_steps"], guidance_scale=config["guidance_scale"], eta=config["eta"],
                     batch_size=config["eval_batch_size"], height=height, width=width, toy=is_toy(config["model"]),
                     clip_model=clip_model)

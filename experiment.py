@@ -112,18 +112,62 @@ if args.frontier and args.vary:
 # -----------------------------------------------------------------------------
 # Runs: one train_rid.py per (sequence, method, knob value, seed); reuse finished ones, resume interrupted ones.
 
+def flag_values(argv):
+    """A train_rid.py command line's flags -> {flag: value} (a bare flag: True)."""
+    values, i = {}, 0
+    while i < len(argv):
+        key, eq, value = argv[i].partition("=")
+        if key.startswith("--") and not eq:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
+            i += value is not True
+        if key.startswith("--"):
+            values[key] = value
+        i += 1
+    return values
+
+
+def same(a, b):
+    """Two flag values alike: equal, or the same number written two ways (3e-4 and 0.0003)."""
+    if a == b or isinstance(a, bool) or isinstance(b, bool):
+        return a == b
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def same_flags(folder, argv):
+    """A run folder is reused (finished) or resumed only if it was made with the flags asked for now, as its
+    config.json records them ("command"); otherwise one line names the flags that differ."""
+    with open(os.path.join(folder, "config.json")) as f:
+        saved = json.load(f).get("command")
+    if saved is None:
+        raise UserError(f"run folder '{folder}' does not record the flags it was made with; delete it to train it "
+                        f"again, or choose another --out")
+    was, now = flag_values(saved), flag_values(argv)
+    differ = sorted(k for k in was.keys() | now.keys() if k not in ("--out", "--resume", "--overwrite")
+                    and not same(was.get(k), now.get(k)))
+    if differ:
+        what = "; ".join(f"{k} {was.get(k, '(not given)')} there, {now.get(k, '(not given)')} now" for k in differ)
+        raise UserError(f"run folder '{folder}' was made with other flags ({what}); choose another --out (or "
+                        f"--reference), or delete the folder to train it again")
+
+
 def run(folder, rewards, method, seed, flags=(), plan=None):
-    """Train one run unless it is finished; with plan (a list), only note it there, to run later in seed order."""
-    if os.path.isfile(os.path.join(folder, "results.json")):
-        return folder
-    if plan is not None:
-        plan.append((seed, folder, rewards, method, tuple(flags)))
-        return folder
+    """Train one run unless it is finished; with plan (a list), only note it there, to run later in seed order. A
+    folder made with other flags is refused (same_flags), never reused."""
     given = {flag: getattr(args, flag) for flag in ("iters", "batch_size", "eval_n") if getattr(args, flag) is not None}
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_rid.py"),
            "--model", args.model, "--rewards", rewards, "--method", method, "--seed", str(seed), "--out", folder,
            "--baseline", "none",
            *[a for k, v in given.items() for a in (f"--{k}", str(v))], *extra, *flags]
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        same_flags(folder, cmd[2:])
+    if os.path.isfile(os.path.join(folder, "results.json")):
+        return folder
+    if plan is not None:
+        plan.append((seed, folder, rewards, method, tuple(flags)))
+        return folder
     if os.path.isfile(os.path.join(folder, "checkpoint.pt")):
         cmd.append("--resume")
     print(f"\n=== {folder}: {' '.join(cmd[1:])}", flush=True)

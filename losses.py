@@ -17,7 +17,8 @@ is our reconstruction (docs/method.md). r_t is the task's reward, s_t its spread
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from sample import cat_context, denoise, encode_prompts, encode_uncond, lora_params, predict_x0_eps, sample
+from sample import (cat_context, checkpoint_blocks, denoise, encode_prompts, encode_uncond, lora_params, predict_x0_eps,
+                    sample)
 
 
 def step_losses(pipe, reward, prompts, latents, ddim_steps, guidance_scale=7.5, eta=0.0, grad_steps=1, teacher=None,
@@ -58,8 +59,8 @@ def teacher_loss(pipe, captured, context, teacher, checkpointing=True):
     for t, x, out in captured.values():
         x_in = torch.cat([x, x]).detach() if guided else x.detach()  # (2B or B, C, h, w)
         if x.requires_grad:  # one more student forward, with grad, at the detached x_t
-            out = (checkpoint(denoise, pipe.denoiser, x_in, t, context, use_reentrant=False) if checkpointing
-                   else denoise(pipe.denoiser, x_in, t, context))
+            checkpoint_blocks(pipe.denoiser, checkpointing)  # as in the sampler's window: per block
+            out = denoise(pipe.denoiser, x_in, t, context)
         with torch.no_grad():  # the teacher costs one no-grad forward per window step, nothing more
             target = denoise(pipe.denoiser, x_in, t, context, weights=teacher)
         losses.append((matched_space(pipe, out, x_in, t) - matched_space(pipe, target, x_in, t)).pow(2).mean())

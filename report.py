@@ -147,7 +147,6 @@ def write_files(run_dir, results, stage_images, hacked=()):
     (N, 3, H, W) in [0, 1]; hacked: [(reward, image index, score rise, truth change)] (toy.hacking). -> the table."""
     os.makedirs(run_dir, exist_ok=True)
     table = markdown_table(results)
-    write_json(os.path.join(run_dir, "results.json"), results)
     write_text(os.path.join(run_dir, "results.md"), table)
     save_png(draw_grid(results, stage_images), os.path.join(run_dir, "grid.png"))
     save_png(draw_heatmap(results), os.path.join(run_dir, "heatmap.png"))
@@ -156,4 +155,7 @@ def write_files(run_dir, results, stage_images, hacked=()):
         save_png(draw_hacking(hacked, stage_images[0], stage_images[-1]), picture)
     elif os.path.exists(picture):  # an earlier report's, in an eval.py --out folder
         os.remove(picture)
+    # Last: results.json marks a run finished (train_rid.py --resume, the baseline beside a run, experiment.py), so a
+    # kill before this line leaves a run that --resume completes, never a "finished" one without its pictures.
+    write_json(os.path.join(run_dir, "results.json"), results)
     return table

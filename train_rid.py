@@ -39,6 +39,7 @@ import importlib
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import sys
@@ -50,14 +51,15 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import baseline
-from common import (Tracker, UserError, atomic_dir, atomic_file, check_seed, hub_unreachable, load_file, one_line_errors,
-                    open_run_folder, pick_device_dtype, remove_partial_writes, seed_for, to_pil, to_uint8, write_json)
-from eval import clip_at_hand, eval_set, evaluate, is_toy, ril_metrics, write_report
+from common import (Tracker, UserError, atomic_dir, atomic_file, check_seed, folder_in_use, hold_folder,
+                    hub_unreachable, load_file, one_line_errors, open_run_folder, pick_device_dtype,
+                    remove_partial_writes, seed_for, to_pil, to_uint8, write_json, write_text)
+from eval import clip_at_hand, eval_set, evaluate, is_toy, ril_metrics, toy_reward_paths, write_report
 from losses import ema_update, joint_reward, l2_pull, step_losses, unet_calls_per_step
 from report import draw_grid
 from rewards import TOY as WEIGHT_FREE, check_reward_name, load_reward
-from sample import (DEFAULT_MODEL, DEFAULTS, add_lora, check_eta, check_size, image_size, initial_latents,
-                    load_pipeline, lora_params, model_index, save_lora, set_adapters)
+from sample import (DEFAULT_MODEL, DEFAULTS, add_lora, cache_prompts, check_eta, check_size, image_size,
+                    initial_latents, load_pipeline, lora_params, model_index, save_lora, set_adapters)
 from toy import TOY_REWARDS, all_captions
 
 # -----------------------------------------------------------------------------
@@ -99,9 +101,12 @@ parser.add_argument("--ema_momentum", type=float, default=0.99, help="m of the E
 parser.add_argument("--l2_weight", type=float, default=1.0, help="l2: weight w of ||dW_t||^2 (summed over layers)")
 parser.add_argument("--soup_weight", type=float, default=1.0, help="soup: weight c of every adapter; 1 = their sum")
 # memory and precision
-parser.add_argument("--no_checkpointing", action="store_true", help="keep grad-window UNet activations (faster, more memory)")
+parser.add_argument("--no_checkpointing", action="store_true", help="keep the grad window's denoiser activations "
+                    "(faster, more memory)")
 parser.add_argument("--checkpoint_decode", action="store_true", help="recompute the VAE decode in backward, per block")
 parser.add_argument("--checkpoint_reward", action="store_true", help="recompute the reward model in backward")
+parser.add_argument("--cache_prompts", action="store_true", help="encode every prompt once at the start, then drop the "
+                    "text encoders: frees their GPU memory (SD 3.5's T5-XXL: 8.9 GiB in bf16)")
 parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="compute dtype of the frozen networks; none = bfloat16 on cuda (float16 where the GPU lacks "
                     "bf16; trained with a loss scaler), float32 on cpu")
@@ -125,6 +130,7 @@ parser.add_argument("--baseline", default=None, choices=["none"] + METHODS, help
 parser.add_argument("--log", default="none", choices=["none", "tensorboard", "wandb"],
                     help="also log to an experiment tracker (log.jsonl is always written)")
 args = parser.parse_args()
+given = {k for k, v in vars(args).items() if v != parser.get_default(k)}  # the flags the user set
 # Defaults that depend on the model: SD 1.5's by default, the steps and guidance of the family's own pipeline (read
 # from the model's model_index.json); with --model toy, a run that ends in minutes on a CPU.
 family, _ = model_index(args.model)
@@ -136,9 +142,11 @@ for flag, sd, toy in (("rewards", "aesthetic,hps", TOY_REWARDS), ("iters", 100, 
 MAX_NONFINITE = 5  # stop after this many non-finite steps in a row (a NaN loss, an inf gradient)
 DIST_TIMEOUT = timedelta(minutes=60)  # a process waits this long for the others at a collective, then fails
 # Fault injection for the tests (environment variables, not flags): global steps (1-based) whose reward is made NaN,
-# and the global step during which the run sends itself SIGTERM (through the real handler).
+# and the global step during which the run sends itself SIGTERM (through the real handler; RID_FAULT_SIGNAL=KILL:
+# SIGKILL, which no handler sees, at the start of that step).
 FAULT_NAN_STEPS = {int(s) for s in os.environ.get("RID_FAULT_NAN_STEPS", "").split(",") if s.strip()}
 FAULT_SIGNAL_STEP = int(os.environ.get("RID_FAULT_SIGNAL_STEP", 0))
+FAULT_SIGNAL = getattr(signal, "SIG" + os.environ.get("RID_FAULT_SIGNAL", "TERM"))
 
 # -----------------------------------------------------------------------------
 # Validation: every mistake we can see is reported now, in one line, before a model is loaded or a file written.
@@ -151,7 +159,7 @@ for name in tasks:
         check_reward_name(name)
     except ValueError as e:
         raise UserError(str(e))
-reward_paths = {}
+reward_paths = toy_reward_paths(args.model)  # a toy model's own toyclip and toypref, unless --reward_path says
 for item in args.reward_path:
     name, sep, path = item.partition("=")
     if not sep or name not in tasks:
@@ -198,17 +206,44 @@ else:  # our own simple subjects, in the spirit of DDPO's animal prompts, and ev
         "a sailboat on a calm lake", "a city skyline at night", "a cottage garden in spring",
         "a bookshelf in a cosy library", "a plate of pasta", "an old train station", "a forest path in autumn"]
 
+# Flags that would change nothing with these settings: a warning line each, or one line and exit where the user
+# cannot have meant it.
+if "baseline" in given and args.baseline != "none" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    raise UserError(f"--baseline {args.baseline} trains beside a one-process run only; under torchrun, train it as "
+                    f"a run of its own (--method {args.baseline} --out {args.out}_{args.baseline})")
+rank0 = int(os.environ.get("RANK", 0)) == 0  # (the processes are set up below; only the first one speaks)
+for flag, owner in (("rid_lambda", "rid"), ("ema_momentum", "rid"), ("l2_weight", "l2"), ("soup_weight", "soup")):
+    if flag in given and args.method != owner and rank0:
+        print(f"warning: --{flag} {getattr(args, flag)} changes nothing with --method {args.method} (it is "
+              f"{owner}'s); ignored", file=sys.stderr)
+if "baseline" in given and args.baseline == args.method and rank0:
+    print(f"warning: --baseline {args.baseline} is this run's own method: no baseline is trained", file=sys.stderr)
+
 # The run folder: refuse to touch an earlier run unless asked; resume only a run with the same settings.
 ckpt_path = os.path.join(args.out, "checkpoint.pt")
-config = dict(vars(args))
+config = {**vars(args), "command": sys.argv[1:]}  # the flags as given (experiment.py compares them before reusing a run)
 # The baseline trained beside this run, in its own process (baseline.py; the toy quick start's), not yet started.
 side = (baseline.Baseline(os.path.abspath(__file__), sys.argv[1:], args.baseline, args.out, len(tasks) * args.iters)
         if args.baseline not in ("none", args.method) and int(os.environ.get("WORLD_SIZE", 1)) == 1 else None)
-again = " ".join(["python", *sys.argv] + ([] if args.resume else ["--resume"]))  # continues a stopped run
+def continue_command():
+    """The command that continues this run when stopped: the same interpreter, launcher and flags, with --resume and
+    without --overwrite (which would delete the run; --resume refuses it), quoted for a shell."""
+    own = lambda a, flag: len(a) > 3 and flag.startswith(a.split("=")[0])  # argparse takes unique prefixes too
+    flags = [a for a in sys.argv[1:] if not (own(a, "--resume") or own(a, "--overwrite"))]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={world}"] if world > 1 else [])
+    return shlex.join([*launcher, sys.argv[0], *flags, "--resume"])
+
+
+again = continue_command()
 only_beside = args.resume and baseline.finished(args.out) and side is not None and not baseline.finished(side.folder)
+if side is not None and folder_in_use(side.folder):  # a baseline of an earlier start still saving, or orphaned
+    raise UserError(f"the baseline beside this run still runs in '{side.folder}' (a process of an earlier start); "
+                    f"wait until it ends (its log: {side.folder}.log), then run this command again")
 ckpt = None if only_beside else open_run_folder(args.out, args.resume, args.overwrite)  # the checkpoint on --resume
 if ckpt is not None:
-    ignored = {"out", "resume", "overwrite", "save_every", "eval_batch_size", "device", "log", "baseline", "compile"}
+    ignored = {"out", "resume", "overwrite", "save_every", "eval_batch_size", "device", "log", "baseline", "compile",
+               "command"}
     differ = sorted(k for k in config if k not in ignored and ckpt["config"].get(k) != config[k])
     if differ:
         was = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in differ)
@@ -260,6 +295,8 @@ for name in dict.fromkeys(tasks):
     except ValueError as e:
         raise UserError(str(e))
 eval_prompts, eval_seeds = eval_set(args.model, args.eval_n)
+if args.cache_prompts:  # every prompt this run will use, encoded once; the text encoders leave
+    cache_prompts(pipe, train_prompts + eval_prompts, (height, width))
 if args.compile:  # the hot function only, as gpt-fast does; each adapter set and batch shape compiles once
     pipe.denoiser.compile()
 load_seconds = round(time.time() - t_load, 1)  # the model and the rewards
@@ -286,6 +323,7 @@ if master:
     if args.overwrite and os.path.isdir(args.out):
         shutil.rmtree(args.out)
     os.makedirs(os.path.join(args.out, "adapters"), exist_ok=True)
+    hold_folder(args.out)  # a new (or remade) folder: ours until this process ends
     write_json(os.path.join(args.out, "config.json"), config)
 
 # -----------------------------------------------------------------------------
@@ -429,6 +467,17 @@ def end_of_step(bar, t, done, stop):
 # -----------------------------------------------------------------------------
 # State: restored from the checkpoint on --resume, else fresh (the base model is evaluated first).
 
+def trim_log(path, task, step):
+    """On --resume: drop log.jsonl's rows after the checkpoint (task `task`, `step` steps done: up to save_every - 1
+    steps that ran before the kill), which the resumed run logs again."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        keep = [r for r in rows if (r["task"] - 1, r["step"]) <= (task, step)]
+        if len(keep) < len(rows):
+            write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
 stages, train_log, adapters_made, reward_scales = [], [], [], []
 ema, optimizer, start_task, start_step, nonfinite_run = None, None, 0, 0, 0
 if ckpt is not None:
@@ -445,7 +494,9 @@ if ckpt is not None:
         print(f"resuming {args.out} at task {start_task + 1}, step {start_step}")
 if master and args.resume:
     remove_partial_writes(args.out, os.path.join(args.out, "adapters"), os.path.join(args.out, "samples"))
-tracker = Tracker(args.log if master else "none", args.out, config, ckpt.get("tracker_id") if ckpt else None)
+    trim_log(os.path.join(args.out, "log.jsonl"), start_task, start_step)
+tracker = Tracker(args.log if master else "none", args.out, config, ckpt.get("tracker_id") if ckpt else None,
+                  start_task * ITERS + start_step + 1 if ckpt else None)  # the first step this process logs
 if not stages:
     stages.append(baseline.adopt_stage0(args.out, master) if baseline.RUN_FOLDER else run_eval(0))
     if master:
@@ -513,7 +564,7 @@ for t in range(start_task, P):
     for step in bar:
         t0, global_step = time.time(), t * ITERS + step + 1
         if global_step == FAULT_SIGNAL_STEP:
-            os.kill(os.getpid(), signal.SIGTERM)  # the real handler runs; this step still finishes
+            os.kill(os.getpid(), FAULT_SIGNAL)  # SIGTERM: the real handler runs; this step still finishes
         prompts, latents, k = step_randomness(t, step)
         stats = torch.zeros(5, dtype=torch.float64)  # sums of rewards, loss_reward, loss_rid, loss_l2; stop flag
         for j in range(args.grad_accum):  # this process's share of the global batch, in micro-batches

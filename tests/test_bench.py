@@ -133,3 +133,46 @@ def test_sweep_command_lines_parse_back():
 def test_bad_flags_are_one_line():
     r = run_bench("--batch_size", "3", "--grad_accum", "2")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_the_estimate_counts_every_weight_and_what_checkpointing_saves(tiny_sd):
+    """--estimate on the meta device: at the step's peak it holds every weight of the pipeline and the reward at its
+    own dtype (the frozen networks in bf16, the adapters in fp32, the reward's head in fp32), as counted by hand, and
+    Adam's state of the trained adapter (2 x 4 bytes per weight); turning checkpointing off adds activations."""
+    import argparse
+    base = vars(bench.parser.parse_args(["--model", tiny_sd, "--batch_size", "2", "--ddim_steps", "3", "--estimate",
+                                         "--reward", "toypref", "--device", "meta", "--dtype", "bfloat16"]))
+    peaks = {}
+    for off in (False, True):
+        phases = bench.build(argparse.Namespace(**{**base, "no_checkpointing": off}))
+        peaks[off] = bench.tracked_peak(phases)
+    pipe = phases.pipe
+    weights = {id(p): p for m in (pipe.denoiser, pipe.vae, pipe.text_encoder, phases.reward) for p in m.parameters()}
+    lora = {id(p) for n, p in pipe.denoiser.named_parameters() if ".lora_" in n}
+    assert {p.dtype for k, p in weights.items() if k in lora} == {torch.float32}
+    assert {p.dtype for p in pipe.denoiser.parameters() if id(p) not in lora} == {torch.bfloat16}
+    assert peaks[False]["Parameter"] == sum(p.numel() * p.element_size() for p in weights.values())
+    assert peaks[False]["Optstate"] >= 8 * sum(p.numel() for p in phases.params.values())
+    assert peaks[True]["Activation"] + peaks[True]["Temp"] > peaks[False]["Activation"] + peaks[False]["Temp"]
+
+
+def test_fused_attention_keeps_what_a_flash_kernel_keeps():
+    """The estimate's stand-in for F.scaled_dot_product_attention saves q, k, v, the output and a float log-sum-exp per
+    row for backward: O(N), where the meta device's math path saves the N x N attention weights."""
+    q, k, v = (torch.empty(1, 2, 1024, 16, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        out = bench.FusedAttention.apply(q, k, v)
+    fused = sum(saved)
+    assert fused == 4 * q.numel() * 2 + 2 * 1024 * 4  # q, k, v, out in bf16; one fp32 per row and head
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert sum(saved) > 2 * 1024 * 1024 * 2 > fused  # at least one (heads x N x N) matrix
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def test_gpu_check_needs_a_gpu():
+    r = run_bench("--gpu_check")
+    assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

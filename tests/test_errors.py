@@ -194,3 +194,56 @@ def test_sd3_checks_come_before_any_weights_load(script, args, word, tiny_sd3, t
         code, stderr = 2, f"error: {e.value}"
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and word in stderr, stderr
     assert listing(tmp_path) == before
+
+
+def test_a_folder_another_process_trains_into_is_refused(workdir, tiny_sd, monkeypatch, capsys):
+    """Two processes never train into one folder: a run's folder, or its baseline's (an orphaned baseline still
+    saving when a quick --resume would start a second one), held by another process (flock, as train_rid.py holds
+    its own) gets one line and nothing is written."""
+    import fcntl
+    for folder, args in ((workdir / "unfinished", ["--out", "unfinished", "--resume"]),
+                         (workdir / "pair" / "baseline_naive", ["--out", "pair", "--baseline", "naive", "--resume"])):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the other process holds it
+        try:
+            before = listing(workdir)
+            code, stderr = train_in_process(["--model", tiny_sd, *OK, *args], workdir, monkeypatch, capsys)
+        finally:
+            os.close(fd)
+        assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+        assert ("in use by another process" if "unfinished" in str(folder) else "still runs in") in stderr, stderr
+        assert listing(workdir) == before
+
+
+@pytest.mark.parametrize("args, warning", [
+    (["--method", "naive", "--rid_lambda", "5"], "warning: --rid_lambda 5.0 changes nothing with --method naive"),
+    (["--method", "rid", "--l2_weight", "0.5"], "warning: --l2_weight 0.5 changes nothing with --method rid"),
+    (["--method", "l2", "--soup_weight", "2"], "warning: --soup_weight 2.0 changes nothing with --method l2"),
+    (["--method", "adapters", "--ema_momentum", "0.9"], "warning: --ema_momentum 0.9 changes nothing"),
+    (["--method", "naive", "--baseline", "naive"], "warning: --baseline naive is this run's own method"),
+])
+def test_flags_that_change_nothing_get_a_warning_line(args, warning, workdir, tiny_sd, monkeypatch, capsys):
+    """Here the run then stops at its folder (a finished run), so the test costs no training."""
+    code, stderr = train_in_process(["--model", tiny_sd, "--out", "finished", *OK, *args], workdir, monkeypatch, capsys)
+    lines = stderr.strip().splitlines()
+    assert code == 2 and lines[0].startswith(warning) and "finished run" in lines[1] and len(lines) == 2, stderr
+
+
+def test_a_baseline_under_torchrun_is_one_line(workdir, tiny_sd, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, stderr = train_in_process(["--model", tiny_sd, "--out", "run", *OK, "--baseline", "naive"], workdir,
+                                    monkeypatch, capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "one-process run only" in stderr, stderr
+
+
+def test_out_of_gpu_memory_is_one_line_that_names_the_levers(tmp_path):
+    """What a CUDA out-of-memory error becomes in every script (one_line_errors): one line naming the levers, exit 1."""
+    script = tmp_path / "oom.py"
+    script.write_text("import argparse, sys, torch\nsys.path.insert(0, sys.argv[1])\nfrom common import one_line_errors\n"
+                      "one_line_errors(argparse.ArgumentParser())\n"
+                      "raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n")
+    r = subprocess.run([sys.executable, str(script), ROOT], capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in lines[0] and "--grad_accum" in lines[0]

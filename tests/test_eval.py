@@ -395,3 +395,21 @@ def test_cli_reproduces_a_train_rid_run(trained, tmp_path):
         assert a["ssim"]["mean"] == pytest.approx(b["ssim"]["mean"], abs=1e-4)
     assert old["structure"][2]["ssim"]["mean"] < 0.999  # training changed the images
     assert not (out / "eval").exists()  # --out was honoured
+
+
+def test_results_json_is_written_last(tmp_path, monkeypatch):
+    """results.json marks a run finished: if drawing a picture fails (or the process dies there), it is not written,
+    while the files before it are."""
+    import report
+    from eval import ril_metrics
+
+    def broken(*args):
+        raise RuntimeError("killed while drawing")
+    monkeypatch.setattr(report, "draw_heatmap", broken)
+    matrix = [[0.5, 0.4], [0.6, 0.4], [0.55, 0.6]]
+    results = {"rewards": ["brightness", "saturation"], "method": "rid", "matrix": matrix, "matrix_se": matrix,
+               "structure": [{}, {}, {}], "config": {"model": "x"}, **ril_metrics(matrix)}
+    with pytest.raises(RuntimeError, match="killed while drawing"):
+        report.write_files(str(tmp_path), results, [torch.rand(2, 3, 8, 8)] * 3)
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "grid.png").is_file()
+    assert not (tmp_path / "results.json").exists()

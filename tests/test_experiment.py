@@ -110,6 +110,13 @@ def test_experiment_trains_what_is_missing_and_reuses_what_is_there(tiny_sd, tmp
     table = (tmp_path / "exp" / "table.md").read_text()
     again = experiment(*args, cwd=tmp_path)
     assert again.returncode == 0 and "=== " not in again.stdout and (tmp_path / "exp" / "table.md").read_text() == table
+    # Asked with another budget, the finished run is refused, never reused: its flags are named (the run records
+    # the flags it was made with); the same with the budget left to train_rid.py's default.
+    for changed, word in (([a if a != "1" else "2" for a in args], "--iters 1 there, 2 now"),
+                          (args[:10] + args[12:], "--iters 1 there, (not given) now")):
+        r = experiment(*changed, cwd=tmp_path)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and word in r.stderr, r.stderr
+        assert "=== " not in r.stdout
 
 
 def test_parallel_runs_write_logs_beside_their_folders_and_a_failure_names_its_log(tmp_path):

@@ -27,10 +27,11 @@ WALK = {  # run name -> train_rid.py flags (after conftest.RUN: 2 tasks x 3 step
     "torchrun": ["--method", "rid", "--eta", "0.6", "--batch_size", "4", "--grad_accum", "2",
                  "--random_grad_steps", "--guidance_scale", "4", "--max_grad_norm", "0.5", "--lora_rank", "2",
                  "--lora_alpha", "3", "--ema_momentum", "0.9", "--rid_lambda", "2", "--prompts", "PROMPTS_FILE"],
-    # SDXL at a size that is neither its default (32 x 32) nor square; soup; every memory lever.
+    # SDXL at a size that is neither its default (32 x 32) nor square; soup; every memory lever (the prompts encoded
+    # once: SDXL's time ids of that size come from the cache).
     "sdxl": ["--height", "24", "--width", "40", "--method", "soup", "--soup_weight", "0.7", "--checkpoint_decode",
-             "--checkpoint_reward", "--no_checkpointing", "--eval_batch_size", "3", "--save_every", "2",
-             "--rewards", "contrast,warmth"],
+             "--checkpoint_reward", "--no_checkpointing", "--cache_prompts", "--eval_batch_size", "3", "--save_every",
+             "2", "--rewards", "contrast,warmth"],
     # v-prediction on a zero-terminal-SNR schedule, RID with K = 2 (a second student call at the detached x_t), bf16, and a
     # reward that reads the prompt (a CLIP stand-in), in its own units.
     "vpred": ["--method", "rid", "--grad_steps", "2", "--ddim_steps", "5", "--dtype", "bfloat16",

@@ -134,3 +134,22 @@ def test_default_size_and_a_non_square_size(tiny_sd3):
     images = sample.generate(pipe, PROMPTS[:1], latents, 2, progress=False)
     assert latents.shape == (1, 16, 12, 20) and images.shape == (1, 3, 24, 40)
     Image.fromarray((images[0].permute(1, 2, 0).numpy() * 255).astype("uint8"))  # a valid picture
+
+
+@pytest.mark.parametrize("family", ["sd3", "sdxl"])
+def test_prompts_encoded_once_give_the_same_images_without_the_text_encoders(family, tiny_sd3, tiny_sdxl):
+    """--cache_prompts: every prompt and "" encoded once (each alone), then the text encoders are dropped; sampling
+    reads the cache and gives the images the encoders give (SDXL: with its time ids, which depend on the size), up to
+    the float rounding of encoding one prompt at a time instead of a batch (6e-5 here, far below 1/255)."""
+    folder = tiny_sd3 if family == "sd3" else tiny_sdxl
+    pipe = sample.load_pipeline(folder)
+    latents = sample.initial_latents(pipe, 2, torch.Generator().manual_seed(5))
+    direct = sample.generate(pipe, PROMPTS[:2], latents, 4, 6.0, progress=False)
+    sample.cache_prompts(pipe, PROMPTS[:2], (32, 32))
+    assert pipe.text_encoder is None and pipe.text_encoder_2 is None and pipe.text_encoder_3 is None
+    assert sorted(p for p, _ in pipe.prompt_cache) == sorted(["", *PROMPTS[:2]])
+    assert all(t.device.type == "cpu" for c in pipe.prompt_cache.values() for t in c.values() if torch.is_tensor(t))
+    cached = sample.generate(pipe, PROMPTS[:2], latents, 4, 6.0, progress=False)
+    torch.testing.assert_close(cached, direct, rtol=0, atol=2e-4)
+    with pytest.raises(AssertionError, match="not in the cache"):
+        sample.encode_prompts(pipe, [PROMPTS[2]], (32, 32))

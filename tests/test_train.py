@@ -5,6 +5,7 @@ evaluation), the non-finite guard across a resume, the reward scales, fp16, and 
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -80,10 +81,12 @@ def test_reward_scales_are_the_base_images_spread(trained, tiny_sd):
 
 
 def test_toy_model_defaults(tmp_path):
-    """--model toy alone picks the toy world's task sequence and CPU-sized defaults, and trains the shipped model."""
+    """A toy-world model picks the toy world's task sequence and CPU-sized defaults, recognised by its folder's
+    toy.json, not its name: here a copy of the shipped model under another name, as toy.py --out DIR makes one."""
+    import shutil
     from toy import TOY_REWARDS
-    out = tmp_path / "toy"
-    cmd = [sys.executable, os.path.join(ROOT, "train_rid.py"), "--model", "toy", "--out", str(out), "--iters", "1",
+    out, model = tmp_path / "toy", shutil.copytree(os.path.join(ROOT, "toy_model"), tmp_path / "my_toy")
+    cmd = [sys.executable, os.path.join(ROOT, "train_rid.py"), "--model", str(model), "--out", str(out), "--iters", "1",
            "--eval_n", "8", "--ddim_steps", "6"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -235,7 +238,8 @@ def test_ctrl_c_during_a_run_and_its_baseline_beside_it_leaves_both_resumable(ti
     their results and compare.png. The baseline took the run's stage 0 (the same images) instead of evaluating it."""
     out = tmp_path / "pair"
     cmd = [sys.executable, os.path.join(ROOT, "train_rid.py"), "--model", tiny_sd, "--out", str(out), *RUN,
-           "--iters", "25", "--grad_steps", "1", "--save_every", "100", "--baseline", "naive"]  # K = 1: cheaper steps
+           "--iters", "25", "--grad_steps", "1", "--save_every", "100", "--baseline", "naive",  # K = 1: cheaper steps
+           "--overwrite"]  # which the printed continue-command must leave out
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     logs = [out / "log.jsonl", out / "baseline_naive" / "log.jsonl"]
@@ -249,7 +253,9 @@ def test_ctrl_c_during_a_run_and_its_baseline_beside_it_leaves_both_resumable(ti
     for run in (out, out / "baseline_naive"):
         ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
         assert (ckpt["task"], ckpt["step"]) >= (0, 2) and not (run / "results.json").exists()
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, cwd=ROOT)
+    again = shlex.split(stdout.split("Continue with:\n")[1].splitlines()[0])  # run as printed
+    assert again[0] == sys.executable and "--overwrite" not in again and again[-1] == "--resume"
+    r = subprocess.run(again, capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "compare.png").is_file() and (out / "baseline_naive" / "results.json").is_file()
     assert "baseline: naive with the same settings" in r.stdout and r.stdout.count("| base |") == 2
@@ -369,3 +375,60 @@ def test_a_missing_tracker_package_is_one_line(tiny_sd, tmp_path):
     r = train(tiny_sd, tmp_path / "x", "--log", "tensorboard", env={"PYTHONPATH": str(hide)})
     assert r.returncode == 2 and "pip install tensorboard" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_the_printed_continue_command_works_after_overwrite(trained, tiny_sd, tmp_path):
+    """A run started with --overwrite and stopped (SIGTERM at step 2) prints the command that continues it: this
+    interpreter, the same flags with --resume and without --overwrite, quoted for a shell. Run as printed, it ends
+    where the uninterrupted run does."""
+    import shlex
+    ref, _ = trained("rid", *METHOD_FLAGS["rid"])
+    out = tmp_path / "with space"
+    (out).mkdir()
+    (out / "earlier.txt").write_text("an earlier run's file, which --overwrite deletes")
+    r = train(tiny_sd, out, *METHOD_FLAGS["rid"], "--overwrite", env={"RID_FAULT_SIGNAL_STEP": "2"})
+    assert r.returncode == 130, r.stderr[-2000:]
+    line = r.stdout.split("Continue with:\n")[1].splitlines()[0].strip()
+    argv = shlex.split(line)
+    assert argv[0] == sys.executable and "--overwrite" not in argv and argv[-1] == "--resume"
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    same_results(ref, out)
+
+
+def test_a_kill_between_checkpoints_logs_each_step_once(trained, tiny_sd, tmp_path):
+    """Checkpoints only after each task (--save_every 100); SIGKILL at the start of global step 5 (task 2, step 2),
+    after step 4 was logged; --resume continues from task 2, step 0: log.jsonl holds each of the 6 steps once, with
+    the uninterrupted run's figures, and TensorBoard shows each step once (whatever of step 4 the killed process had
+    flushed is purged, and the resumed run logs it again)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    flags = [*METHOD_FLAGS["rid"], "--save_every", "100", "--log", "tensorboard"]  # neither changes a result
+    ref, out = trained("rid", *METHOD_FLAGS["rid"])[0], tmp_path / "killed"
+    r = train(tiny_sd, out, *flags, env={"RID_FAULT_SIGNAL_STEP": "5", "RID_FAULT_SIGNAL": "KILL"})
+    assert r.returncode == -signal.SIGKILL and len(open(out / "log.jsonl").readlines()) == 4
+    r = train(tiny_sd, out, *flags, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [[json.loads(line) for line in open(run / "log.jsonl")] for run in (ref, out)]
+    assert [(x["task"], x["step"]) for x in rows[1]] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    for x, y in zip(*rows):
+        assert {k: v for k, v in x.items() if k != "seconds"} == {k: v for k, v in y.items() if k != "seconds"}
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/reward")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_kill_while_the_report_is_written_leaves_a_run_that_resume_finishes(trained, tiny_sd, tmp_path):
+    """results.json, the marker of a finished run, is written after the tables and pictures: a kill in between leaves
+    a run without it, which --resume completes (here: a finished run with its last three files gone, as such a kill
+    leaves it). The report alone is redone: the same results."""
+    import shutil
+    ref, _ = trained("naive")
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    for name in ("results.json", "heatmap.png", "grid.png"):
+        os.remove(out / name)
+    r = train(tiny_sd, out, "--resume", method="naive")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" in r.stdout and (out / "grid.png").is_file() and (out / "heatmap.png").is_file()
+    same_results(ref, out)
