@@ -1,13 +1,13 @@
 """
 common.py: the plumbing every rid script shares, none of the method. One error mechanism (a UserError anywhere ends
-the program with one line and exit code 2), writes that a kill cannot leave half done, the seed streams, the one place
-that picks device and dtype, the hub check and its error lines, the experiment trackers, and 8-bit images (PNG files
-and grids).
+the program with one line and exit code 2; the class itself lives in sample.py, so that the sampler copies out alone),
+writes that a kill cannot leave half done, run folders that one process at a time trains into, the seed streams, the
+one place that picks device and dtype, the experiment trackers, and 8-bit images (PNG files and grids). The hub check
+and its error lines are the loader's, in sample.py.
 
     from common import UserError, one_line_errors, atomic_file, atomic_dir, write_json, seed_for, pick_device_dtype
 """
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -18,11 +18,10 @@ import sys
 
 import torch
 
+from sample import UserError  # defined beside the sampler, which then copies out alone
+
 # -----------------------------------------------------------------------------
 # Errors: bad input gets one line and exit code 2, from any depth of any script
-
-class UserError(Exception):
-    """A mistake in the user's input (or a file they point at): its message is the one line the CLI prints."""
 
 
 def one_line_errors(parser):
@@ -83,7 +82,7 @@ def seed_for(stream, *ids):
     return int.from_bytes(digest, "little") >> 2 << 2 | SEED_STREAMS.index(stream)
 
 # -----------------------------------------------------------------------------
-# Device, dtype and the hub
+# Device and dtype
 
 def pick_device_dtype(device=None, dtype=None):
     """One place that decides precision: bf16 compute on a CUDA GPU that supports it, else fp16 there (trained with
@@ -92,47 +91,6 @@ def pick_device_dtype(device=None, dtype=None):
     if dtype is None and device.startswith("cuda"):
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return device, getattr(torch, dtype or "float32")
-
-
-@functools.lru_cache(maxsize=None)
-def hub_unreachable():
-    """True when no hub can be asked: HF_HUB_OFFLINE is set, or (no proxy configured) the hub's host does not accept a
-    TCP connection within 3 s. In the second case HF_HUB_OFFLINE=1 is set for this process, so every loader reads the
-    local cache or fails at once, instead of retrying five times (about 28 s, a warning line per retry)."""
-    import socket
-    from urllib.parse import urlparse
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return True
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return False  # only the hub libraries know how to get through a proxy
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
-        return False
-    except OSError:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        if "huggingface_hub.constants" in sys.modules:  # read at import: set the imported value too
-            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
-        return True
-
-def model_load_error(model, err, local):
-    """The one line for a model (a folder, or a hub id) that did not load: a damaged folder, an unreachable hub, a
-    repository the hub does not have."""
-    reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-    chain, e = [], err  # diffusers and transformers wrap the hub's own errors in OSError: look at the causes
-    while e is not None and len(chain) < 8:
-        chain.append(type(e).__name__)
-        e = e.__cause__ or e.__context__
-    if local:
-        return f"cannot load model folder '{model}' ({reason}); the folder is damaged: save or download it again"
-    if hub_unreachable():
-        return (f"cannot load model '{model}': the hub cannot be reached from here (no network, or HF_HUB_OFFLINE=1) "
-                f"and the model is not in the local cache; on a machine with network run `hf download {model}`, or "
-                f"pass a local folder with --model DIR")
-    if "RepositoryNotFoundError" in chain or "GatedRepoError" in chain:
-        return (f"cannot load model '{model}': the hub has no repository '{model}' (removed, misspelt, or gated: "
-                f"then `hf auth login`); pass another hub id or a local folder with --model DIR")
-    return f"cannot load model '{model}' from the hub ({reason}); pass a local folder with --model DIR"
 
 
 # -----------------------------------------------------------------------------

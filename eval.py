@@ -1,7 +1,7 @@
 """
 eval.py: the metrics of rid (docs/method.md) on a fixed, paired evaluation set. Every stage (the base
 model, after task 1, after task 2, ...) samples the same prompts from the same per-image seeds, so every
-comparison between stages is paired: image k of every stage starts from the same noise x_T.
+comparison between stages is paired: image n of every stage starts from the same initial noise.
 
     from eval import eval_set, evaluate, ril_metrics, write_report
     prompts, seeds = eval_set("toy", 64)                                     # fixed prompts and seeds
@@ -183,7 +183,7 @@ def structure_of(images, prompts, base_images=None, toy=False, clip_model=None, 
 # column j (0-based) = reward of task j+1, so the diagonal "after learning task j+1" is R[j+1][j].
 
 def ril_metrics(matrix, tol=1e-6, scale=None):
-    """-> {"gain": (T+1) x T, "forgetting": [F_1..F_T], "average": [A_1..A_T], "warnings": [str]}.
+    """-> {"gain": (T+1) x T, "forgetting": [F_1..F_T], "average": [G_1..G_T], "warnings": [str]}.
     A 2 x T matrix with T > 1 is a joint run (train_rid.py --method joint: base, then one model trained on every task
     at once): it has no row of its own per task, so its gains need `scale`; F is None and A the mean final gain.
     scale: None = the paper-style normaliser, each task's own gain R[j+1][j] - R[0][j]; or T fixed, method-independent
@@ -222,7 +222,7 @@ def ril_metrics(matrix, tol=1e-6, scale=None):
         for i in range(T + 1):
             gain[i][j] = (R[i][j] - R[0][j]) / own + 0.0  # 1 = all of the task's gain kept, 0 = base (+0.0: no -0.0)
     mean = lambda v: sum(v) / len(v) if v else None
-    # F_t = mean over earlier tasks of (their best g so far) - (their g now). Column j (task j+1) was learned at row
+    # F_k = mean over earlier tasks of (their best g so far) - (their g now). Column j (task j+1) was learned at row
     # j+1, so its best so far is the max over rows j+1 .. t-1 (docs/method.md: l in [j, t-1] with 1-based tasks).
     forgetting = [mean([max(gain[l][j] for l in range(j + 1, t)) - gain[t][j]
                         for j in range(t - 1) if gain[t][j] is not None]) for t in range(1, T + 1)]

@@ -16,7 +16,7 @@ A finished run is reused and an interrupted one resumed, so a command can simply
 The measures, from each run's results.json (definitions in docs/method.md):
   new-task gain  how much each task raised its own reward while it was trained, R[t][t] - R[t-1][t], averaged over
                  tasks; divided by the reference gain of that reward (below), so 1 = as much as training it alone
-  F_T, A_T       forgetting and average gain after the last task on the reference-normalised gains; the paper-style
+  F_T, G_T       forgetting and average gain after the last task on the reference-normalised gains; the paper-style
                  ones (normalised by each task's own gain) are reported beside them, labelled "own"
   final gain     the final model's reference-normalised gains summed over all tasks
                  (a reward whose reference gain is not positive is not learnable at the budget: it is left out of
@@ -267,7 +267,7 @@ def table_mode(rewards, out):
     reference = summary.get("naive", {}).get("new task", (None,))[0]
     lines = [header(rewards, next(iter(runs.values()))[0]) + (f"; `{args.vary.split('=')[0]}` as in each row"
                                                                if args.vary else ""), "",
-             "| method | F_T (lower is better) | A_T | new-task gain | vs naive | SSIM to base | caption match | s/step |",
+             "| method | F_T (lower is better) | G_T | new-task gain | vs naive | SSIM to base | caption match | s/step |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in summary.items():
         ratio = f"{row['new task'][0] / reference:.2f}" if reference and row["new task"][0] is not None else "–"
@@ -322,7 +322,7 @@ def frontier_mode(rewards, out):
                  next(iter(runs.values()))[0][1][0])
     lines = [header(rewards, first),
              "Reference gains (single-task runs): " + ", ".join(f"{n} {g:+.4f}" for n, g in zip(rewards.split(","), ref)),
-             "", "| method | knob | new-task gain | F_T | F_T own | A_T | final gain | SSIM to base | caption match | "
+             "", "| method | knob | new-task gain | F_T | F_T own | G_T | final gain | SSIM to base | caption match | "
              "hacking gap | UNet calls per image and step | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     knob = lambda method, value: f"{curves[method][0]}={value}" if curves[method][0] else "–"
     for method, row in points.items():

@@ -2,14 +2,17 @@
 losses.py: the losses of one training step, for every method, side by side. Copy this file and sample.py into your
 own code; train_rid.py's loop and bench.py both call these, so the benchmark times the step that training runs.
 
-    L = -mean_b r_t(x_0^b) / s_t                                  every method: the reward, back through the last
-                                                                  K DDIM steps (DRaFT-K) and the decode
-      + lambda * mean_i || eps_S(x_i, i) - sg(eps_T(x_i, i)) ||^2  rid: match the EMA teacher at the K window steps
-      + w * sum_layers || (alpha / r) B A ||_F^2                  l2: pull the current adapter's change towards 0
-    after optimizer.step():  A_T <- m A_T + (1 - m) A             rid: the EMA teacher follows the student
+    L = -mean_b r_k(x_0^b) / s_k                     every method: the reward, back through the last K DDIM steps
+                                                     (DRaFT-K) and the decode
+      + lambda * mean (eps_student - sg(eps_teacher))^2   rid: match the EMA teacher at the K window steps, the mean
+                                                     over steps, both guidance branches and every element
+      + w * sum_layers || (alpha / r) B A ||_F^2     l2: pull the current adapter's weight change dW_k towards 0
+    after optimizer.step():  A_ema <- m A_ema + (1 - m) A, and B alike   rid: the teacher follows the student
 
-RID (Wang et al. 2024) names an adapter group and momentum distillation from an EMA teacher; the form of the loss
-is our reconstruction (docs/method.md). r_t is the task's reward, s_t its spread on the base model's images.
+Symbols, as in docs/method.md: task k of T, its reward r_k and s_k, the reward's spread on the base model's images;
+the adapter of task k, dW_k = (alpha / r) B A (LoRA's factors: A down, B up); t a diffusion timestep, x_t the latent
+there; sg stop-gradient. RID (Wang et al. 2024) names an adapter group and momentum distillation from an EMA teacher;
+the form of the loss is our reconstruction (docs/method.md).
 
     from losses import step_losses, ema_update, l2_pull
     r, loss_rid = step_losses(pipe, reward, prompts, latents, ddim_steps=20, grad_steps=1, teacher=ema)
@@ -43,37 +46,39 @@ def step_losses(pipe, reward, prompts, latents, ddim_steps, guidance_scale=7.5, 
 
 
 def teacher_loss(pipe, captured, context, teacher, checkpointing=True):
-    """RID's momentum distillation: the mean over the K grad-window steps of
-    || eps_S(x_t, t, c) - sg(eps_T(x_t, t, c)) ||^2, over both guidance branches' outputs.
+    """RID's momentum distillation: (eps_student(x_t, t, c) - sg(eps_teacher(x_t, t, c)))^2, its mean over the K
+    grad-window steps, both guidance branches' raw outputs (before guidance mixes them) and every element. A mean,
+    not a sum: the default lambda = 3 is set against it (docs/experiments.md).
     The error is measured on eps whatever the model predicts (our choice): both raw outputs are converted first, so a
-    v-prediction model (SD 2.x) is matched on sqrt(abar_t) (v_S - v_T), not on v itself. SD 3 is matched on the
-    velocity it predicts, its own output (docs/method.md says why).
+    v-prediction model (SD 2.x) is matched on sqrt(abar_t) (v_student - v_teacher), not on v itself. SD 3 is matched
+    on the velocity it predicts, its own output (docs/method.md says why).
     x_t is data here, as the teacher sees it: the student's output is reused where x_t carries no graph (the first
     grad-window step), and recomputed on the detached x_t at the later window steps, whose x_t would otherwise pass
     the matching gradient back into the steps before them.
-    captured: {i: (t, x_t, out)} from sample(capture=...); context: the (2B or B rows) context the sampler used.
+    captured: {i: (t, x_t, raw)} from sample(capture=...); context: the (2B or B rows) context the sampler used.
     teacher:  {parameter name: tensor} that replace the current adapter's weights (its EMA) for the teacher,
       through torch.func.functional_call: no adapter switch, so checkpointed recomputes stay correct."""
     losses = []
     guided = context["encoder_hidden_states"].shape[0] == 2 * next(iter(captured.values()))[1].shape[0]
-    for t, x, out in captured.values():
+    for t, x, student in captured.values():  # student: the sampler's raw output at x_t, both branches
         x_in = torch.cat([x, x]).detach() if guided else x.detach()  # (2B or B, C, h, w)
         if x.requires_grad:  # one more student forward, with grad, at the detached x_t
             checkpoint_blocks(pipe.denoiser, checkpointing)  # as in the sampler's window: per block
-            out = denoise(pipe.denoiser, x_in, t, context)
+            student = denoise(pipe.denoiser, x_in, t, context)
         with torch.no_grad():  # the teacher costs one no-grad forward per window step, nothing more
-            target = denoise(pipe.denoiser, x_in, t, context, weights=teacher)
-        losses.append((matched_space(pipe, out, x_in, t) - matched_space(pipe, target, x_in, t)).pow(2).mean())
-    return torch.stack(losses).mean()
+            teacher_raw = denoise(pipe.denoiser, x_in, t, context, weights=teacher)
+        diff = matched_space(pipe, student, x_in, t) - matched_space(pipe, teacher_raw, x_in, t)
+        losses.append(diff.pow(2).mean())  # the mean over every element of both branches
+    return torch.stack(losses).mean()  # and over the window's steps
 
 
-def matched_space(pipe, out, x_t, t):
+def matched_space(pipe, raw, x_t, t):
     """The space RID matches in: eps for the DDIM families (whatever they predict), the velocity for SD 3."""
     if pipe.flow:
-        return out
+        return raw
     # alpha-bar at t: the scheduler keeps it on the CPU; a 1-element index gathers on t's device, never syncing
     abar_t = pipe.scheduler.alphas_cumprod.to(t.device)[t.view(1)].squeeze(0)
-    return predict_x0_eps(out, x_t, abar_t, pipe.scheduler.config.prediction_type)[1]
+    return predict_x0_eps(raw, x_t, abar_t, pipe.scheduler.config.prediction_type)[1]
 
 
 def unet_calls_per_step(ddim_steps, grad_steps, rid, checkpointing):
@@ -87,7 +92,7 @@ def unet_calls_per_step(ddim_steps, grad_steps, rid, checkpointing):
 
 
 def ema_update(ema, params, momentum):
-    """RID's EMA teacher, right after optimizer.step(): A_T <- m A_T + (1 - m) A, in place, for every tensor of the
+    """RID's EMA teacher, right after optimizer.step(): A_ema <- m A_ema + (1 - m) A, in place, for every tensor of the
     current adapter. It runs over the LoRA factors A and B, not their product B A (our choice, not in the paper: it
     costs two small tensors per layer; an EMA of the factors is not the EMA of the product, but both start at the
     model after the previous task and follow the student as m shrinks)."""
@@ -110,6 +115,6 @@ def l2_pull(unet, name):
 
 
 def joint_reward(rewards, scales):
-    """--method joint's reward: the mean over all tasks of each reward divided by its scale s_t, one (B,) score, so
+    """--method joint's reward: the mean over all tasks of each reward divided by its scale s_k, one (B,) score, so
     that one adapter is trained on every task at once (the upper reference of continual learning, docs/method.md)."""
     return lambda images, prompts: sum(r(images, prompts).float() / s for r, s in zip(rewards, scales)) / len(rewards)

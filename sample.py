@@ -18,15 +18,20 @@ on a GPU, with an adapter:
 Import it:
     from sample import load_pipeline, encode_prompts, encode_uncond, initial_latents, sample
 """
-import argparse
+import functools
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from common import (UserError, atomic_dir, check_seed, hub_unreachable, image_grid, model_load_error, one_line_errors,
-                    pick_device_dtype, to_pil)
+
+class UserError(ValueError):
+    """Bad input (a model, a size, an adapter file): the message is one line that names the problem and the fix. rid's
+    scripts print that line and exit 2 (common.one_line_errors); a copy of this file raises it as a ValueError. It is
+    defined here, and common.py takes it from here, so that this file and losses.py copy out alone."""
+
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_model")
@@ -59,6 +64,39 @@ class Pipe:
     zero_uncond: bool = False  # SDXL's force_zeros_for_empty_prompt: the unconditional branch is all zeros
     prompt_cache: dict = None  # {(prompt, (H, W)): its context}, from cache_prompts, which drops the text encoders
 
+    @classmethod
+    def from_diffusers(cls, pipeline):
+        """A stock diffusers pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, or
+        another with the same parts) -> the Pipe the method needs, sharing the pipeline's modules: the family read from
+        its parts; the denoiser, VAE and text encoders frozen (set_adapters then makes one adapter trainable; without
+        this, every step would also build gradients for the VAE and the text encoders); for the UNet families a
+        DDIMScheduler made from the pipeline's scheduler config (SD 1.5's hub folder ships PNDM, whose grid repeats a
+        timestep and would take 11 updates for 10 steps); what the sampler cannot follow refused in one line."""
+        from diffusers import DDIMScheduler
+        parts, name = pipeline.components, type(pipeline).__name__
+        family = "sd3" if parts.get("transformer") is not None else "sdxl" if parts.get("text_encoder_2") else "sd"
+        if family != "sd3" and not hasattr(parts["scheduler"], "alphas_cumprod"):
+            raise UserError(f"{name}: its scheduler ({type(parts['scheduler']).__name__}) has no alpha-bar schedule "
+                            f"for rid's DDIM sampler to follow; give the pipeline a DDPM-family scheduler")
+        scheduler = parts["scheduler"] if family == "sd3" else DDIMScheduler.from_config(parts["scheduler"].config)
+        pipe = cls(family=family, denoiser=parts["transformer" if family == "sd3" else "unet"], vae=parts["vae"],
+                   text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], scheduler=scheduler,
+                   text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
+                   text_encoder_3=parts.get("text_encoder_3"), tokenizer_3=parts.get("tokenizer_3"),
+                   zero_uncond=family == "sdxl" and pipeline.config.get("force_zeros_for_empty_prompt", True))
+        check_scheduler(pipe, name)
+        return pipe.frozen()
+
+    def frozen(self, device=None):
+        """Every network frozen, in eval mode (and on `device`); a VAE in fp16 whose config asks for fp32 (SDXL's
+        overflows in fp16: force_upcast) in fp32, as diffusers decodes it. -> self"""
+        if self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False):
+            self.vae.to(torch.float32)
+        for net in (self.denoiser, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3):
+            if net is not None:
+                net.requires_grad_(False).eval().to(device)
+        return self
+
     @property
     def xl(self):
         return self.family == "sdxl"
@@ -83,6 +121,48 @@ def resolve_model(model):
     return TOY_MODEL if model == "toy" else model
 
 
+@functools.lru_cache(maxsize=None)
+def hub_unreachable():
+    """True when no hub can be asked: HF_HUB_OFFLINE is set, or (no proxy configured) the hub's host does not accept a
+    TCP connection within 3 s. In the second case HF_HUB_OFFLINE=1 is set for this process, so every loader reads the
+    local cache or fails at once, instead of retrying five times (about 28 s, a warning line per retry)."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False  # only the hub libraries know how to get through a proxy
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+        return False
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        if "huggingface_hub.constants" in sys.modules:  # read at import: set the imported value too
+            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+        return True
+
+
+def model_load_error(model, err, local):
+    """The one line for a model (a folder, or a hub id) that did not load: a damaged folder, an unreachable hub, a
+    repository the hub does not have."""
+    reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    chain, e = [], err  # diffusers and transformers wrap the hub's own errors in OSError: look at the causes
+    while e is not None and len(chain) < 8:
+        chain.append(type(e).__name__)
+        e = e.__cause__ or e.__context__
+    if local:
+        return f"cannot load model folder '{model}' ({reason}); the folder is damaged: save or download it again"
+    if hub_unreachable():
+        return (f"cannot load model '{model}': the hub cannot be reached from here (no network, or HF_HUB_OFFLINE=1) "
+                f"and the model is not in the local cache; on a machine with network run `hf download {model}`, or "
+                f"pass a local folder with --model DIR")
+    if "RepositoryNotFoundError" in chain or "GatedRepoError" in chain:
+        return (f"cannot load model '{model}': the hub has no repository '{model}' (removed, misspelt, or gated: "
+                f"then `hf auth login`); pass another hub id or a local folder with --model DIR")
+    return f"cannot load model '{model}' from the hub ({reason}); pass a local folder with --model DIR"
+
+
 def model_index(model):
     """-> (family, the model's model_index.json as a dict), before any weights load: a local folder's own file, or a
     few hundred bytes from the hub. family: "sd", "sdxl" or "sd3". One line (UserError) for a path that is not a
@@ -91,6 +171,9 @@ def model_index(model):
     from safetensors import SafetensorError
     path = resolve_model(model)
     local = os.path.isdir(path)
+    if model == "toy" and not local:  # a copy of this file, away from the repository
+        raise UserError(f"'toy' names the toy model shipped beside sample.py in toy_model/, and there is none at "
+                        f"{TOY_MODEL}; pass that folder's path, another model folder or a hub id")
     if not local and (os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise UserError(f"model folder '{model}' does not exist; pass a Stable Diffusion folder or a hub id")
     not_sd = f"'{model}' is not a Stable Diffusion folder (missing %s); pass a folder saved by a diffusers pipeline's " \
@@ -140,20 +223,26 @@ def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
             zero_uncond=family == "sdxl" and index.get("force_zeros_for_empty_prompt", True))
     except (OSError, ValueError, SafetensorError) as e:  # a damaged weight file raises the last
         raise UserError(model_load_error(model, e, os.path.isdir(path))) from None
+    check_scheduler(pipe, f"model '{model}'")
+    return pipe.frozen(device)
+
+
+def check_scheduler(pipe, what):
+    """What the sampler cannot follow gets one line: a flow model without FlowMatchEulerDiscreteScheduler's grid; a DDIM
+    config with dynamic thresholding, an unknown prediction type, or zero terminal SNR with epsilon prediction."""
     config = pipe.scheduler.config
-    if not pipe.flow and config.thresholding:
-        raise UserError(f"model '{model}': dynamic thresholding in the scheduler config is not supported")
-    if not pipe.flow and config.prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise UserError(f"model '{model}': unknown prediction_type '{config.prediction_type}' in its scheduler config")
-    if not pipe.flow and config.get("rescale_betas_zero_snr") and config.prediction_type == "epsilon":
-        raise UserError(f"model '{model}': zero terminal SNR (rescale_betas_zero_snr) needs v_prediction or sample "
-                        f"prediction; an epsilon model cannot predict x_0 at the first step")  # x_0 = (x_T - eps) / 0
-    if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
-        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; its config asks for fp32, as diffusers does
-    for net in (pipe.denoiser, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        if net is not None:
-            net.requires_grad_(False).eval().to(device)
-    return pipe
+    if pipe.flow:
+        if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+            raise UserError(f"{what}: rid's flow sampler steps FlowMatchEulerDiscreteScheduler's grid, not "
+                            f"{type(pipe.scheduler).__name__}'s; give the pipeline that scheduler")
+        return
+    if config.thresholding:
+        raise UserError(f"{what}: dynamic thresholding in the scheduler config is not supported")
+    if config.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise UserError(f"{what}: unknown prediction_type '{config.prediction_type}' in its scheduler config")
+    if config.get("rescale_betas_zero_snr") and config.prediction_type == "epsilon":
+        raise UserError(f"{what}: zero terminal SNR (rescale_betas_zero_snr) needs v_prediction or sample "
+                        f"prediction; an epsilon model cannot predict x_0 at the first step")  # x_0 = (z - eps) / 0
 
 
 def check_eta(family, eta):
@@ -203,7 +292,8 @@ def encode_prompts(pipe, prompts, size=None):
             t5 = hidden[0].new_zeros(len(prompts), 256, pipe.denoiser.config.joint_attention_dim)
         clip = torch.cat(hidden, -1)  # (B, 77, 768 + 1280)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return {"encoder_hidden_states": torch.cat([clip, t5.to(device)], -2), "pooled_projections": torch.cat(pooled, -1)}
+        return {"encoder_hidden_states": torch.cat([clip, t5.to(device)], -2),
+                "pooled_projections": torch.cat(pooled, -1)}
     h, w = size or pipe.size
     time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=pooled[1].dtype, device=device).repeat(len(prompts), 1)
     return {"encoder_hidden_states": torch.cat(hidden, -1),
@@ -263,7 +353,8 @@ def check_size(model, family, height=None, width=None):
     denoiser = "transformer" if family == "sd3" else "unet"
     try:
         configs = [getattr(diffusers, cls).load_config(path, subfolder=name) for cls, name in (
-            ("AutoencoderKL", "vae"), ("SD3Transformer2DModel" if family == "sd3" else "UNet2DConditionModel", denoiser))]
+            ("AutoencoderKL", "vae"),
+            ("SD3Transformer2DModel" if family == "sd3" else "UNet2DConditionModel", denoiser))]
     except (OSError, ValueError) as e:
         raise UserError(model_load_error(model, e, os.path.isdir(path))) from None
     step = size_step(*configs)
@@ -284,9 +375,9 @@ def image_size(pipe, height=None, width=None):
 
 
 def initial_latents(pipe, n, generator, height=None, width=None):
-    """x_T ~ N(0, I) (n, C, h, w). With generator=torch.Generator().manual_seed(seed) this is the same draw as
-    diffusers' pipeline given that generator, so images can be compared one for one. Drawn on the CPU always,
-    so a seed gives the same images on every device."""
+    """The initial noise z ~ N(0, I), (n, C, h, w). With generator=torch.Generator().manual_seed(seed) this is the
+    same draw as diffusers' pipeline given that generator, so images can be compared one for one. Drawn on the CPU
+    always, so a seed gives the same images on every device."""
     height, width = height or pipe.size[0], width or pipe.size[1]
     shape = (n, pipe.denoiser.config.in_channels, height // pipe.vae_scale, width // pipe.vae_scale)
     return torch.randn(shape, generator=generator) * getattr(pipe.scheduler, "init_noise_sigma", 1.0)
@@ -306,8 +397,8 @@ def randn_like(x, generator):
 def ddim_schedule(scheduler, ddim_steps, device="cpu"):
     """The time grid t_1 > ... > t_S, alpha-bar at each t and alpha-bar at the previous (less noisy) grid point,
     from the model's own scheduler config (spacing, steps_offset, set_alpha_to_one) so we match diffusers. All on
-    `device`, the latents' and the denoiser's: diffusers moves a 1-D timestep to the sample's device for no model (NOTES: SD 3 moves
-    none), so a grid left on the CPU stops a GPU run at its first denoiser call."""
+    `device`, the latents' and the denoiser's: diffusers moves a 1-D timestep to the sample's device for no model
+    (NOTES: SD 3 moves none), so a grid left on the CPU stops a GPU run at its first denoiser call."""
     scheduler.set_timesteps(ddim_steps, device=device)
     ts = scheduler.timesteps  # (S,) int64, descending
     abar = scheduler.alphas_cumprod.to(device)  # (1000,) alpha-bar_t = prod(1 - beta)
@@ -388,17 +479,18 @@ def decode(pipe, latents, checkpointing=False):
 
 def sample(pipe, cond, uncond, latents, ddim_steps=50, guidance_scale=7.5, eta=0.0, grad_steps=0,
            checkpointing=True, checkpoint_decode=False, generator=None, capture=(), progress=False):
-    """Guided sampling from x_T = latents (B, C, h, w) to images (B, 3, H, W) in [0, 1]: DDIM, or for SD 3 the
-    Euler steps of the flow ODE, with the same grad window.
+    """Guided sampling from the initial noise `latents` (B, C, h, w) to images (B, 3, H, W) in [0, 1]: DDIM, or for
+    SD 3 the Euler steps of the flow ODE, with the same grad window.
 
     cond, uncond: contexts (encode_prompts, encode_uncond) of the prompts and of the unconditional branch.
     ddim_steps:   S, the number of denoising steps (DDIM or Euler).
     grad_steps:   K; only the last K steps (and the decode) build an autograd graph. 0: no graph at all.
     checkpointing: recompute the grad window's denoiser blocks in backward instead of storing their activations.
     generator:    the noise source for eta > 0: one generator, or one per image (see randn_like).
-    capture:      step indices i at which to return (t, x_t, raw output); used by RID's teacher matching.
-    Returns (images, captured) with captured = {i: (t, x_t, raw output (2B or B, C, h, w))}; inside the grad
-    window both keep their graph.
+    capture:      step indices i at which to return (t, x_t, raw); used by RID's teacher matching.
+    Returns (images, captured) with captured = {i: (t, x_t, raw)}: raw is the denoiser's own output before guidance,
+    both branches stacked (2B rows, unconditional first; B rows without guidance), which RID's teacher is matched on;
+    inside the grad window x_t and raw keep their graph.
     """
     assert 0 <= grad_steps <= ddim_steps, f"grad_steps {grad_steps} must be in [0, ddim_steps={ddim_steps}]"
     if pipe.flow:
@@ -419,15 +511,15 @@ def sample(pipe, cond, uncond, latents, ddim_steps=50, guidance_scale=7.5, eta=0
         # number of steps; inside it every step keeps its graph for the reward gradient (DRaFT-K).
         with torch.set_grad_enabled(i >= ddim_steps - grad_steps):
             x_in = torch.cat([x, x]) if guided else x
-            out = denoise(pipe.denoiser, x_in, t, context)  # checkpointed per block inside the window (see above)
+            raw = denoise(pipe.denoiser, x_in, t, context)  # eps, v or x_0 of both branches; per-block checkpoints
             if i in capture:
-                captured[i] = (t, x, out)  # x keeps its graph inside the window (teacher_loss detaches it)
-            out_uncond, out_cond = out.chunk(2) if guided else (out, out)
-            out = out_uncond + guidance_scale * (out_cond - out_uncond)  # classifier-free guidance, on the raw output
+                captured[i] = (t, x, raw)  # x keeps its graph inside the window (teacher_loss detaches it)
+            raw_uncond, raw_cond = raw.chunk(2) if guided else (raw, raw)
+            pred = raw_uncond + guidance_scale * (raw_cond - raw_uncond)  # classifier-free guidance, on the raw output
             if pipe.flow:  # Euler step of dx/dsigma = v, from sigma_i down to sigma_{i+1}
-                x = x + (sigmas[i + 1] - sigmas[i]) * out
+                x = x + (sigmas[i + 1] - sigmas[i]) * pred
                 continue
-            x0_pred, eps = predict_x0_eps(out, x, abar[i], config.prediction_type)
+            x0_pred, eps = predict_x0_eps(pred, x, abar[i], config.prediction_type)
             if clip:
                 x0_pred = x0_pred.clamp(-clip, clip)
             noise = randn_like(x, generator) if eta > 0 else None
@@ -456,12 +548,17 @@ def generate(pipe, prompts, latents, ddim_steps=50, guidance_scale=7.5, eta=0.0,
 # -----------------------------------------------------------------------------
 # LoRA adapters: one per task, on top of diffusers' peft integration
 
-def add_lora(net, name, rank=4, alpha=4.0):
-    """Add a new LoRA adapter called `name` to the denoiser (B = 0, so the model is unchanged); -> its config."""
+def add_lora(net, name, rank=4, alpha=4.0, seed=None):
+    """Add a new LoRA adapter called `name` to the denoiser (B = 0, so the model is unchanged); -> its config.
+    The weight change is (alpha / rank) B A; A starts Gaussian (peft's "gaussian" init), drawn from `seed` on the CPU
+    so that an adapter is the same on every run and device (none: torch's global generator, as peft draws it)."""
     from peft import LoraConfig
     targets = LORA_TARGETS["transformer" if hasattr(net.config, "joint_attention_dim") else "unet"]
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
-    net.add_adapter(config, adapter_name=name)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):  # the global generator is left as it was
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)  # peft builds the A matrices on the CPU, then moves them
+        net.add_adapter(config, adapter_name=name)
     net.to(net.device)  # the new adapter where the network is: peft leaves a second one on the CPU when the first
     for p in lora_params(net, name).values():  # sits on meta (the tests' stand-in for a GPU)
         p.data = p.data.float()  # trainable weights in fp32 even when the network runs in bf16 (peft casts inputs)
@@ -474,16 +571,18 @@ def lora_params(net, name):
 
 
 def set_adapters(net, names, trainable=None, weights=None):
-    """Make exactly `names` active (their LoRA deltas summed, W0 + w_1 A_1 + ... + w_t A_t; weights default 1) and
-    only `trainable` trainable. diffusers' set_adapters marks every active adapter trainable again: re-freeze."""
+    """Make exactly `names` active (their LoRA weight changes summed, W0 + w_1 dW_1 + ... + w_k dW_k; weights
+    default 1) and only `trainable` trainable. diffusers' set_adapters marks every active adapter trainable again:
+    re-freeze."""
     net.set_adapters(list(names), weights=list(weights) if weights is not None else None)
     for k, p in net.named_parameters():
         p.requires_grad_(".lora_" in k and k.split(".")[-2] == trainable)
 
 
 def save_lora(pipe, name, out_dir):
-    """Save one adapter of the denoiser in diffusers' LoRA format (what pipe.load_lora_weights reads), atomically.
-    Its config goes in as metadata: without it diffusers assumes lora_alpha = rank. The UNet's keys go through
+    """Save one adapter of the denoiser in diffusers' LoRA format (what pipe.load_lora_weights reads) into out_dir
+    (train_rid.py writes a temporary folder and renames it, so a kill leaves no half-written adapter). Its config goes
+    in as metadata: without it diffusers assumes lora_alpha = rank. The UNet's keys go through
     convert_state_dict_to_diffusers, as diffusers' SD and SDXL LoRA examples save them; SD 3's stay in peft's names,
     as its SD 3 example saves them: converted, half of them would be dropped by the SD 3 loader (NOTES.md)."""
     import diffusers
@@ -492,13 +591,12 @@ def save_lora(pipe, name, out_dir):
     state = get_peft_model_state_dict(pipe.denoiser, adapter_name=name)
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     metadata = pipe.denoiser.peft_config[name].to_dict()
-    with atomic_dir(out_dir) as tmp:
-        if pipe.flow:
-            diffusers.StableDiffusion3Pipeline.save_lora_weights(
-                tmp, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata)
-        else:
-            (diffusers.StableDiffusionXLPipeline if pipe.xl else diffusers.StableDiffusionPipeline).save_lora_weights(
-                tmp, unet_lora_layers=convert_state_dict_to_diffusers(state), unet_lora_adapter_metadata=metadata)
+    if pipe.flow:
+        diffusers.StableDiffusion3Pipeline.save_lora_weights(
+            out_dir, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata)
+    else:
+        (diffusers.StableDiffusionXLPipeline if pipe.xl else diffusers.StableDiffusionPipeline).save_lora_weights(
+            out_dir, unet_lora_layers=convert_state_dict_to_diffusers(state), unet_lora_adapter_metadata=metadata)
 
 
 def check_lora(path):
@@ -533,6 +631,8 @@ def load_lora(pipe, path, name):
 # CLI: prompts in, DIR/000.png ... and DIR/grid.png out
 
 def main():
+    import argparse
+    from common import atomic_dir, check_seed, image_grid, one_line_errors, pick_device_dtype, to_pil  # CLI plumbing
     parser = one_line_errors(argparse.ArgumentParser(description="Sample images with rid's sampler."))
     parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, SD/SDXL/SD 3 folder, or 'toy' (shipped model)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for more images")
@@ -590,4 +690,5 @@ def main():
 
 
 if __name__ == "__main__":
+    from sample import main  # run as module `sample`: its UserError is the one common.py's one-line errors know
     main()

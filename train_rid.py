@@ -10,12 +10,12 @@ forgotten (results.json, results.md, grid.png, heatmap.png). The losses are in l
 
 Methods (--method; docs/method.md):
   naive     one LoRA adapter trained through all tasks in turn: the forgetting baseline
-  adapters  a new adapter per task; earlier ones stay active and frozen (model = W0 + A_1 + ... + A_t)
-  rid       adapters + matching an EMA teacher: L = -r_t / s_t + lambda * ||eps_student - sg(eps_teacher)||^2
+  adapters  a new adapter per task; earlier ones stay active and frozen (model = W0 + dW_1 + ... + dW_k)
+  rid       adapters + matching an EMA teacher: L = -r_k / s_k + lambda * mean (eps_student - sg(eps_teacher))^2
   l2        adapters + an L2 pull of the current adapter's weight change towards zero: + w * ||dW_t||^2
   soup      rewarded soups: each adapter trained from the base model alone; the model after task t is
-            W0 + c * (A_1 + ... + A_t), c = --soup_weight (1: the sum)
-  joint     not sequential: one adapter trained on the mean of all tasks' rewards (each / s_t) at once, for the same
+            W0 + c * (dW_1 + ... + dW_k), c = --soup_weight (1: the sum)
+  joint     not sequential: one adapter trained on the mean of all tasks' rewards (each / s_k) at once, for the same
             total budget (T x iters steps), evaluated once: the upper reference that continual learning is judged by
 
 Run it:
@@ -29,7 +29,7 @@ What we simplified or chose ourselves (the paper's code is not public):
   - the teacher is the student with its current adapter replaced by that adapter's EMA (over the factors A and B);
     the matching loss is on eps (the UNet's output turned into eps for v- and x_0-prediction models), both guidance
     branches, at the K grad-window steps, each at its x_t taken as data (detached);
-  - each reward is divided by its standard deviation over the base model's evaluation images (s_t), so that one
+  - each reward is divided by its standard deviation over the base model's evaluation images (s_k), so that one
     lr, lambda and l2 weight mean the same trade-off for rewards of any scale (--no_reward_norm turns it off);
   - a fresh AdamW per task with a constant learning rate; the per-step randomness (prompts, noise, K) is a function
     of (seed, task, step), so a resumed run repeats an uninterrupted one exactly.
@@ -51,15 +51,15 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import baseline
-from common import (Tracker, UserError, atomic_dir, atomic_file, check_seed, folder_in_use, hold_folder,
-                    hub_unreachable, load_file, one_line_errors, open_run_folder, pick_device_dtype,
-                    remove_partial_writes, seed_for, to_pil, to_uint8, write_json, write_text)
+from common import (Tracker, UserError, atomic_dir, atomic_file, check_seed, folder_in_use, hold_folder, load_file,
+                    one_line_errors, open_run_folder, pick_device_dtype, remove_partial_writes, seed_for, to_pil,
+                    to_uint8, write_json, write_text)
 from eval import clip_at_hand, eval_set, evaluate, is_toy, ril_metrics, toy_reward_paths, write_report
 from losses import ema_update, joint_reward, l2_pull, step_losses, unet_calls_per_step
 from report import draw_grid
 from rewards import TOY as WEIGHT_FREE, check_reward_name, load_reward
-from sample import (DEFAULT_MODEL, DEFAULTS, add_lora, cache_prompts, check_eta, check_size, image_size,
-                    initial_latents, load_pipeline, lora_params, model_index, save_lora, set_adapters)
+from sample import (DEFAULT_MODEL, DEFAULTS, add_lora, cache_prompts, check_eta, check_size, hub_unreachable,
+                    image_size, initial_latents, load_pipeline, lora_params, model_index, save_lora, set_adapters)
 from toy import TOY_REWARDS, all_captions
 
 # -----------------------------------------------------------------------------
@@ -91,7 +91,7 @@ parser.add_argument("--batch_size", type=int, default=None,
 parser.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step and GPU (memory, not results)")
 parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the LoRA weights (no weight decay)")
 parser.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the LoRA gradient norm; 0 = no clipping")
-parser.add_argument("--no_reward_norm", action="store_true", help="s_t = 1: use each reward in its own units")
+parser.add_argument("--no_reward_norm", action="store_true", help="s_k = 1: use each reward in its own units")
 parser.add_argument("--lora_rank", type=int, default=4, help="LoRA rank r of each adapter")
 parser.add_argument("--lora_alpha", type=float, default=4.0, help="LoRA alpha (the update is scaled by alpha / r)")
 # RID and the other baselines' knobs
@@ -523,8 +523,8 @@ signal.signal(signal.SIGTERM, request_stop)
 # -----------------------------------------------------------------------------
 # Training: tasks one after another; within a task, DRaFT-K steps on the task's reward (+ the method's own term).
 
-# The reward scales s_t: each reward's standard deviation over the base model's evaluation images (our choice), so
-# that -r / s_t is about unit-sized for every reward. Measured once, from stage 0, and kept in the checkpoint.
+# The reward scales s_k: each reward's standard deviation over the base model's evaluation images (our choice), so
+# that -r / s_k is about unit-sized for every reward. Measured once, from stage 0, and kept in the checkpoint.
 for task in tasks[len(reward_scales):]:
     spread = stages[0]["scores"][task].float().std().item() if args.eval_n > 1 else 0.0
     reward_scales.append(1.0 if args.no_reward_norm or not spread > 0 else spread)
@@ -535,8 +535,8 @@ for t in range(start_task, P):
     reward_fn, scale = ((joint_reward([rewards[n] for n in tasks], reward_scales), 1.0) if joint else
                         (rewards[tasks[t]], 1.0 / reward_scales[t]))
     if name not in adapters_made:  # a new adapter starts with B = 0: the model is unchanged by adding it
-        torch.manual_seed(seed_for("lora", args.seed, t))  # its random A: a function of (seed, task), as all else
-        add_lora(pipe.denoiser, name, args.lora_rank, args.lora_alpha)
+        add_lora(pipe.denoiser, name, args.lora_rank, args.lora_alpha,  # its random A: a function of (seed, task)
+                 seed=seed_for("lora", args.seed, t))
         adapters_made.append(name)
     # soup trains each adapter from the base model alone; the others keep earlier adapters active and frozen
     set_adapters(pipe.denoiser, [name] if soup else adapters_made, trainable=name)
@@ -555,7 +555,7 @@ for t in range(start_task, P):
     if master and first == 0:
         scales = ", ".join(f"{n} {s:.4g}" for n, s in zip(tasks, reward_scales)) if joint else f"{reward_scales[t]:.4g}"
         print(f"{args.method if joint else 'task'} {t + 1}/{P}: {phase_name(t)} | adapter '{name}' | "
-              f"{sum(p.numel() for p in params.values()):,} trainable parameters | reward scale s_t = {scales}")
+              f"{sum(p.numel() for p in params.values()):,} trainable parameters | reward scale s_k = {scales}")
     bar = tqdm(range(first, ITERS), initial=first, total=ITERS, disable=not master, dynamic_ncols=True,
                desc=f"{args.method if joint else 'task'} {t + 1} {phase_name(t)}")
     if len(train_log) <= t:
@@ -578,7 +578,7 @@ for t in range(start_task, P):
                 r = r * float("nan")
             # The losses, side by side (losses.py). Each micro-batch adds its share of the global-batch mean, so the
             # summed gradient over micro-batches and processes is the gradient of the global-batch mean.
-            loss_reward = -scale * r.sum() / args.batch_size  # -mean(r_t) / s_t
+            loss_reward = -scale * r.sum() / args.batch_size  # -mean(r_k) / s_k
             loss_rid = loss_rid * micro / args.batch_size  # RID: matching the EMA teacher (0 for other methods)
             scaler.scale(loss_reward + args.rid_lambda * loss_rid).backward()
             stats[:3] += torch.tensor([r.detach().sum().item(), loss_reward.item(), loss_rid.item()])
@@ -596,7 +596,7 @@ for t in range(start_task, P):
             nonfinite_run = 0
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), args.max_grad_norm or float("inf")))
             scaler.step(optimizer)
-            if ema is not None:  # the EMA teacher, right after the optimiser step: A_T <- m A_T + (1 - m) A_t
+            if ema is not None:  # the EMA teacher, right after the optimiser step: A_ema <- m A_ema + (1 - m) A
                 ema_update(ema, params, args.ema_momentum)
         else:  # a NaN or inf anywhere: skip this step entirely, the weights stay as they were
             nonfinite_run += 0 if overflow else 1
@@ -614,7 +614,8 @@ for t in range(start_task, P):
     bar.close()
     # Task done: its adapter (diffusers LoRA format), then the evaluation of every reward, then a checkpoint.
     if master:
-        save_lora(pipe, name, os.path.join(args.out, adapter_dir(t)))
+        with atomic_dir(os.path.join(args.out, adapter_dir(t))) as tmp:  # the whole folder at once, or none
+            save_lora(pipe, name, tmp)
     if soup:  # the soup after task t: every adapter so far, each with weight c
         set_adapters(pipe.denoiser, adapters_made, weights=stage_adapters(t)[1])
     stages.append(run_eval(t + 1))

@@ -317,3 +317,76 @@ def test_sdxl_sampler_matches_diffusers_xl_pipeline(latents_stats, tiny_sdxl, tm
     uncond = sample.encode_uncond(pipe, 1)
     assert not uncond["encoder_hidden_states"].any() and not uncond["added_cond_kwargs"]["text_embeds"].any()
     assert uncond["added_cond_kwargs"]["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]]
+
+
+# -----------------------------------------------------------------------------
+# A stock diffusers pipeline in, what the method needs out (Pipe.from_diffusers)
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_a_stock_pipeline_becomes_a_pipe_that_samples_as_it_does(family, tiny_sd, tiny_sdxl, tiny_sd3):
+    """Pipe.from_diffusers on StableDiffusion(XL|3)Pipeline.from_pretrained: the family read from its parts, every
+    network frozen (a grad step reaches the LoRA weights alone, none of the VAE's or the text encoders'), DDIM built
+    from the UNet families' own scheduler config (the tiny SD folder ships SD 1.5's PNDM config: its grid would repeat
+    a timestep), and the same images as the stock pipeline with DDIM (SD 3: its own flow scheduler)."""
+    import diffusers
+    folder = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3}[family]
+    cls = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+    stock = getattr(diffusers, cls[family]).from_pretrained(folder)
+    stock.set_progress_bar_config(disable=True)
+    assert all(p.requires_grad for p in stock.vae.parameters())  # as diffusers loads it
+    pipe = sample.Pipe.from_diffusers(stock)
+    assert pipe.family == family and pipe.denoiser is (stock.transformer if family == "sd3" else stock.unet)
+    assert type(pipe.scheduler).__name__ == ("FlowMatchEulerDiscreteScheduler" if family == "sd3" else "DDIMScheduler")
+    if family == "sd":
+        assert type(stock.scheduler).__name__ == "PNDMScheduler"
+        ts = sample.ddim_schedule(pipe.scheduler, 10)[0]
+        assert len(ts) == len(set(ts.tolist())) == 10
+    if family != "sd3":
+        stock.scheduler = diffusers.DDIMScheduler.from_config(stock.scheduler.config)
+    latents = sample.initial_latents(pipe, 2, torch.Generator().manual_seed(4))
+    ours = sample.generate(pipe, PROMPTS[:2], latents, 4, 7.0, progress=False)
+    ref = stock(PROMPTS[:2], num_inference_steps=4, guidance_scale=7.0, generator=torch.Generator().manual_seed(4),
+                output_type="pt").images
+    assert ours.std() > 0.05
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    sample.add_lora(pipe.denoiser, "task1", seed=0)
+    sample.set_adapters(pipe.denoiser, ["task1"], trainable="task1")
+    with torch.no_grad():
+        for k, p in sample.lora_params(pipe.denoiser, "task1").items():
+            p.add_(0.1) if "lora_B" in k else None  # B != 0: the A matrices get gradients too
+    images, _ = sample.sample(pipe, sample.encode_prompts(pipe, PROMPTS[:2]), sample.encode_uncond(pipe, 2),
+                              latents, 3, 7.0, grad_steps=1)
+    images.mean().backward()
+    with_grad = {id(p) for m in (stock.vae, stock.text_encoder, pipe.denoiser) for p in m.parameters()
+                 if p.grad is not None}
+    assert with_grad == {id(p) for p in sample.lora_params(pipe.denoiser, "task1").values()}
+
+
+def test_a_stock_pipeline_the_sampler_cannot_follow_is_refused_in_one_line(tiny_sd, tiny_sd3):
+    """A scheduler without an alpha-bar schedule under a UNet, a flow scheduler other than FlowMatchEulerDiscrete
+    under SD 3, and a DDIM config with dynamic thresholding: one line each (UserError, a ValueError)."""
+    import diffusers
+    sd = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd)
+    sd.scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+    with pytest.raises(ValueError, match="no alpha-bar schedule"):
+        sample.Pipe.from_diffusers(sd)
+    sd.scheduler = diffusers.DDIMScheduler(thresholding=True)
+    with pytest.raises(UserError, match="dynamic thresholding"):
+        sample.Pipe.from_diffusers(sd)
+    sd3 = diffusers.StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    sd3.scheduler = diffusers.FlowMatchHeunDiscreteScheduler.from_config(sd3.scheduler.config)
+    with pytest.raises(UserError, match="FlowMatchEulerDiscreteScheduler's grid, not FlowMatchHeunDiscreteScheduler"):
+        sample.Pipe.from_diffusers(sd3)
+
+
+def test_a_seeded_adapter_starts_the_same_and_leaves_the_global_generator_alone(tiny_sd):
+    pipe = sample.load_pipeline(tiny_sd)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    for name in ("a", "b"):
+        sample.add_lora(pipe.denoiser, name, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    a, b = (list(sample.lora_params(pipe.denoiser, n).values()) for n in ("a", "b"))
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and any(x.abs().sum() > 0 for x in a)
+    sample.add_lora(pipe.denoiser, "c", seed=8)
+    assert not all(torch.equal(x, y) for x, y in zip(a, sample.lora_params(pipe.denoiser, "c").values()))
