@@ -38,14 +38,14 @@ import torch
 import rewards
 from common import UserError, check_seed, one_line_errors, pick_device_dtype, seed_for, write_json
 from losses import ema_update, l2_pull, step_losses
-from sample import (DEFAULTS, Pipe, add_lora, cache_prompts, check_eta, encode_prompts, encode_uncond, image_size,
-                    initial_latents, load_pipeline, lora_params, sample, set_adapters)
+from sample import (DEFAULTS, Pipe, add_lora, cache_prompts, check_eta, encode_prompts, encode_uncond,
+                    flux_text_length, image_size, initial_latents, load_pipeline, lora_params, sample, set_adapters)
 
 PHASES = ("sample", "diffusers", "naive", "adapters", "rid", "l2", "soup", "reward")
 parser = one_line_errors(argparse.ArgumentParser(description="rid: time and memory of sampling and training steps"))
 # model and batch
-parser.add_argument("--model", default="toy", help="'toy' (shipped), 'sd15-arch' / 'sdxl-arch' / 'sd35-arch' (their "
-                    "shapes, random weights), or a folder or hub id")
+parser.add_argument("--model", default="toy", help="'toy' (shipped), 'sd15-arch' / 'sdxl-arch' / 'sd35-arch' / "
+                    "'flux-arch' (their shapes, random weights), or a folder or hub id")
 parser.add_argument("--reward", default=None, help="a rewards.py name, or 'aesthetic-arch' (ViT-L/14 + MLP, random "
                     "weights); none = aesthetic-arch for the -arch models, brightness otherwise")
 parser.add_argument("--reward_path", default=None, help="NAME=PATH: local weights of --reward (as train_rid.py's)")
@@ -136,6 +136,15 @@ SD3_VAE = dict(SD_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0
 T5_XXL = dict(  # the encoder only: 4,762,310,656 parameters
     vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, feed_forward_proj="gated-gelu",
     relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6)
+# FLUX.1 [dev] (transformer/, vae/ and scheduler/ configs of black-forest-labs/FLUX.1-dev): 19 joint and 38 single
+# blocks with the guidance embedding (schnell: the same without it), a 16-channel VAE with a shift and no quant
+# convs, CLIP-L's text tower (its pooled output) and T5-XXL's encoder, the dynamically shifted flow scheduler.
+FLUX_DEV_TRANSFORMER = dict(  # 11,901,408,320 parameters
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_VAE = dict(SD3_VAE, scaling_factor=0.3611, shift_factor=0.1159)  # 83,819,683
+FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
+                      use_dynamic_shifting=True)
 
 
 def random_weights(build, device, dtype):
@@ -194,12 +203,18 @@ def t5_char_tokenizer():
 
 
 def arch_pipe(model, device, dtype):
-    """sd15-arch / sdxl-arch / sd35-arch: the real shapes with random weights."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           UNet2DConditionModel)
+    """sd15-arch / sdxl-arch / sd35-arch / flux-arch: the real shapes with random weights."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,
+                           SD3Transformer2DModel, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     build = lambda make: random_weights(make, device, dtype)
     clip_g = lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT))
+    if model == "flux-arch":
+        return Pipe(family="flux", denoiser=build(lambda: FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)),
+                    vae=build(lambda: AutoencoderKL(**FLUX_VAE)),
+                    text_encoder=build(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT))), tokenizer=char_tokenizer(),
+                    text_encoder_2=build(lambda: T5EncoderModel(T5Config(**T5_XXL))), tokenizer_2=t5_char_tokenizer(),
+                    scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER))
     if model == "sd35-arch":
         return Pipe(family="sd3", denoiser=build(lambda: SD3Transformer2DModel(**SD35M_TRANSFORMER)),
                     vae=build(lambda: AutoencoderKL(**SD3_VAE)),
@@ -331,7 +346,10 @@ def reference_pipeline(pipe):
     """diffusers' own pipeline around the same modules (DDIM for the UNet families, as rid samples them)."""
     import diffusers
     parts = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-    if pipe.flow:
+    if pipe.family == "flux":
+        ref = diffusers.FluxPipeline(**parts, transformer=pipe.denoiser, scheduler=pipe.scheduler,
+                                     text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
+    elif pipe.flow:
         ref = diffusers.StableDiffusion3Pipeline(**parts, transformer=pipe.denoiser, scheduler=pipe.scheduler,
                                                  text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
                                                  text_encoder_3=pipe.text_encoder_3, tokenizer_3=pipe.tokenizer_3)
@@ -385,9 +403,10 @@ class Phases:
         a = self.args
         self.ref = self.ref or reference_pipeline(self.pipe)
         set_adapters(self.pipe.denoiser, ["task0", "task1"])
-        eta = {} if self.pipe.flow else {"eta": a.eta}
+        extra = {"max_sequence_length": flux_text_length(self.pipe)} if self.pipe.family == "flux" else \
+            {} if self.pipe.flow else {"eta": a.eta}
         return self.ref(self.prompts, height=self.H, width=self.W, num_inference_steps=a.ddim_steps,
-                        guidance_scale=a.guidance_scale, **eta, generator=torch.Generator().manual_seed(a.seed),
+                        guidance_scale=a.guidance_scale, **extra, generator=torch.Generator().manual_seed(a.seed),
                         output_type="pt").images
 
     def use_adapters(self, method):  # naive and soup train with one adapter active, the others on top of task0
@@ -578,7 +597,8 @@ def estimate(args):
 # The GPU check (--gpu_check): what a first GPU should confirm, with nothing downloaded (random weights at the real
 # shapes), in a few minutes. Each model as docs/speed_and_memory.md runs it, at batch 1 and its own size.
 GPU_CHECK = [("sd15-arch", []), ("sdxl-arch", []), ("sd35-arch", []),
-             ("sd35-arch", ["--cache_prompts", "--checkpoint_decode"])]  # SD 3.5 as the docs run it in 24 GB
+             ("sd35-arch", ["--cache_prompts", "--checkpoint_decode"]),  # SD 3.5 as the docs run it in 24 GB
+             ("flux-arch", ["--cache_prompts", "--checkpoint_decode"])]  # FLUX.1-dev as the docs run it in 48 GB
 
 
 def rerun(argv):
@@ -618,7 +638,7 @@ def gpu_check(args):
     return {"gpu_check": rows, "device": torch.cuda.get_device_name()}
 
 
-ARCH = ("sd15-arch", "sdxl-arch", "sd35-arch")
+ARCH = ("sd15-arch", "sdxl-arch", "sd35-arch", "flux-arch")
 LIBRARIES = ("torch", "diffusers", "transformers", "peft")
 
 

@@ -20,8 +20,8 @@ the form of the loss is our reconstruction (docs/method.md).
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from sample import (cat_context, checkpoint_blocks, denoise, encode_prompts, encode_uncond, lora_params, predict_x0_eps,
-                    sample)
+from sample import (checkpoint_blocks, denoise, denoiser_context, encode_prompts, encode_uncond, lora_params,
+                    predict_x0_eps, sample)
 
 
 def step_losses(pipe, reward, prompts, latents, ddim_steps, guidance_scale=7.5, eta=0.0, grad_steps=1, teacher=None,
@@ -41,7 +41,7 @@ def step_losses(pipe, reward, prompts, latents, ddim_steps, guidance_scale=7.5, 
         r = reward(images.to(dtype), prompts).float()  # (B,)
     if teacher is None:
         return r, torch.zeros((), device=r.device)
-    context = cat_context(uncond, cond) if guidance_scale > 1 else cond
+    context = denoiser_context(pipe, cond, uncond, guidance_scale, len(latents))  # as the sampler called it
     return r, teacher_loss(pipe, captured, context, teacher, checkpointing)
 
 

@@ -1,22 +1,24 @@
 """
-sample.py: the sampler core of rid. Loads a model in diffusers' format (SD 1.x, 2.x, SDXL or SD 3.5, the family
-read from the folder's model_index.json), encodes prompts, draws the initial noise, runs the one sampler that
-training, evaluation and this CLI all use (DDIM for the UNet families, the flow-matching Euler sampler for SD 3.5),
-decodes to images in [0, 1], and handles the LoRA adapters (add, freeze, activate, save in diffusers' format, load
-back). The losses of a training step live in losses.py.
+sample.py: the sampler core of rid. Loads a model in diffusers' format (SD 1.x, 2.x, SDXL, SD 3.5 or FLUX.1, the
+family read from the folder's model_index.json), or takes a stock diffusers pipeline (Pipe.from_diffusers), encodes
+prompts, draws the initial noise, runs the one sampler that training, evaluation and this CLI all use (DDIM for the
+UNet families, the flow-matching Euler sampler for SD 3.5 and FLUX.1), decodes to images in [0, 1], and handles
+the LoRA adapters (add, freeze, activate, save in diffusers' format, load back). The losses of a training step live
+in losses.py; this file and that one copy out alone (docs/method.md).
 
 The sampler is differentiable: the last `grad_steps` (K) denoising steps keep their autograd graph (DRaFT-K /
-AlignProp), each denoiser call there under activation checkpointing, and the VAE decode keeps its graph too, so a
+AlignProp), the denoiser's blocks there under activation checkpointing, and the VAE decode keeps its graph too, so a
 reward on the images can be backpropagated into LoRA weights.
 
 Run it (offline, on the shipped toy model, a few seconds on a laptop CPU):
     python sample.py --model toy --prompt "a green triangle on a yellow background" --out out/green
-Stable Diffusion 1.5 (or --model stabilityai/stable-diffusion-xl-base-1.0, stabilityai/stable-diffusion-3.5-medium)
-on a GPU, with an adapter:
+Stable Diffusion 1.5 (or --model stabilityai/stable-diffusion-xl-base-1.0, stabilityai/stable-diffusion-3.5-medium,
+black-forest-labs/FLUX.1-dev) on a GPU, with an adapter:
     python sample.py --prompt "a photo of a cat" --prompt "a red bicycle" --out out/cats \
         --lora runs/rid/adapters/task1_aesthetic
 Import it:
-    from sample import load_pipeline, encode_prompts, encode_uncond, initial_latents, sample
+    from sample import Pipe, load_pipeline, encode_prompts, encode_uncond, initial_latents, sample
+    pipe = Pipe.from_diffusers(StableDiffusionPipeline.from_pretrained(...))   # or a pipeline you already have
 """
 import functools
 import os
@@ -37,27 +39,35 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_model")
 # LoRA on the attention projections, as diffusers' own LoRA training examples do (SD 3.5: the image and the text
 # stream's projections of each joint attention block, as train_dreambooth_lora_sd3.py targets them).
+# FLUX.1: the modules diffusers' FLUX LoRA example (train_dreambooth_lora_flux.py) targets by default, the joint blocks'
+# attention and feed-forward layers of both streams (its single blocks' attn.to_q/k/v match too).
 LORA_TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0"],
-                "transformer": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
-                                "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]}
+                "sd3": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                        "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
+                "flux": ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                         "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                         "ff_context.net.2"]}
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' save/load_lora_weights use
 PARTS = {"sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),  # what a folder of each family holds
          "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
-         "sd3": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")}
-DEFAULTS = {"sd": (50, 7.5), "sdxl": (50, 7.5), "sd3": (28, 7.0)}  # sampling steps and guidance (SD3: its pipeline's)
+         "sd3": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+         "flux": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")}
+# Sampling steps and guidance: SD 3's and FLUX.1's are their pipelines' defaults (FLUX.1's guidance is the distilled
+# scale that dev takes as an input; schnell has no guidance input and ignores it; its model card samples 4 steps).
+DEFAULTS = {"sd": (50, 7.5), "sdxl": (50, 7.5), "sd3": (28, 7.0), "flux": (28, 3.5)}
 
 # -----------------------------------------------------------------------------
 # Loading: a folder or hub id in diffusers' format -> frozen denoiser, VAE, text encoder(s), tokenizer(s)
 
 @dataclass
 class Pipe:
-    family: str  # "sd" (1.x, 2.x), "sdxl" or "sd3" (SD 3 and 3.5: flow matching)
-    denoiser: torch.nn.Module  # the UNet2DConditionModel, or SD 3's SD3Transformer2DModel (MMDiT)
+    family: str  # "sd" (1.x, 2.x), "sdxl", "sd3" (SD 3 and 3.5: flow matching) or "flux" (FLUX.1: flow, distilled)
+    denoiser: torch.nn.Module  # the UNet2DConditionModel, SD 3's SD3Transformer2DModel or FLUX.1's transformer
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
     scheduler: object  # DDIMScheduler or FlowMatchEulerDiscreteScheduler: we take its time grid, never its step()
-    text_encoder_2: torch.nn.Module = None  # SDXL, SD 3: CLIPTextModelWithProjection, gives the pooled embedding
+    text_encoder_2: torch.nn.Module = None  # SDXL, SD 3: CLIPTextModelWithProjection, pooled; FLUX.1: T5
     tokenizer_2: object = None
     text_encoder_3: torch.nn.Module = None  # SD 3: T5 (optional: None gives zeros in its place, as diffusers does)
     tokenizer_3: object = None
@@ -74,12 +84,14 @@ class Pipe:
         timestep and would take 11 updates for 10 steps); what the sampler cannot follow refused in one line."""
         from diffusers import DDIMScheduler
         parts, name = pipeline.components, type(pipeline).__name__
-        family = "sd3" if parts.get("transformer") is not None else "sdxl" if parts.get("text_encoder_2") else "sd"
-        if family != "sd3" and not hasattr(parts["scheduler"], "alphas_cumprod"):
+        family = ("flux" if "guidance_embeds" in getattr(parts.get("transformer"), "config", {}) else
+                  "sd3" if parts.get("transformer") is not None else "sdxl" if parts.get("text_encoder_2") else "sd")
+        if family in ("sd", "sdxl") and not hasattr(parts["scheduler"], "alphas_cumprod"):
             raise UserError(f"{name}: its scheduler ({type(parts['scheduler']).__name__}) has no alpha-bar schedule "
                             f"for rid's DDIM sampler to follow; give the pipeline a DDPM-family scheduler")
-        scheduler = parts["scheduler"] if family == "sd3" else DDIMScheduler.from_config(parts["scheduler"].config)
-        pipe = cls(family=family, denoiser=parts["transformer" if family == "sd3" else "unet"], vae=parts["vae"],
+        flow = family in ("sd3", "flux")
+        scheduler = parts["scheduler"] if flow else DDIMScheduler.from_config(parts["scheduler"].config)
+        pipe = cls(family=family, denoiser=parts["transformer" if flow else "unet"], vae=parts["vae"],
                    text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], scheduler=scheduler,
                    text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
                    text_encoder_3=parts.get("text_encoder_3"), tokenizer_3=parts.get("tokenizer_3"),
@@ -103,7 +115,7 @@ class Pipe:
 
     @property
     def flow(self):  # sampled with the flow-matching Euler sampler instead of DDIM
-        return self.family == "sd3"
+        return self.family in ("sd3", "flux")
 
     @property
     def vae_scale(self):  # 8 for SD: each latent pixel covers vae_scale x vae_scale image pixels
@@ -111,7 +123,7 @@ class Pipe:
 
     @property
     def size(self):  # default (height, width) in pixels, as diffusers derives it (sample_size: an int or [h, w])
-        s = self.denoiser.config.sample_size
+        s = self.denoiser.config.get("sample_size", 128)  # FLUX.1's config has none: its pipeline's default, 128
         h, w = (s, s) if isinstance(s, int) else s
         return h * self.vae_scale, w * self.vae_scale
 
@@ -189,11 +201,24 @@ def model_index(model):
         index = DiffusionPipeline.load_config(path)
     except (OSError, ValueError, SafetensorError) as e:
         raise UserError(model_load_error(model, e, local)) from None
-    family = "sd3" if "transformer" in index else "sdxl" if "text_encoder_2" in index else "sd"
+    denoiser = (index.get("transformer") or [None, None])[1]  # ["diffusers", class name]
+    family = ("flux" if denoiser == "FluxTransformer2DModel" else "sd3" if denoiser else
+              "sdxl" if "text_encoder_2" in index else "sd")
     missing = [p for p in PARTS[family] if local and not os.path.exists(os.path.join(path, p))]
     if missing:
         raise UserError(not_sd % ", ".join(missing))
     return family, index
+
+
+# The classes each family's parts load with: denoiser, text_encoder, text_encoder_2 and tokenizer_2 (none: not in the
+# family), scheduler. SD 1.5 ships a PNDM config and SDXL an Euler one; DDIM reads the same betas, offsets and spacing.
+CLASSES = {"sd": ("UNet2DConditionModel", "CLIPTextModel", None, None, "DDIMScheduler"),
+           "sdxl": ("UNet2DConditionModel", "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer",
+                    "DDIMScheduler"),
+           "sd3": ("SD3Transformer2DModel", "CLIPTextModelWithProjection", "CLIPTextModelWithProjection",
+                   "CLIPTokenizer", "FlowMatchEulerDiscreteScheduler"),
+           "flux": ("FluxTransformer2DModel", "CLIPTextModel", "T5EncoderModel", "T5TokenizerFast",
+                    "FlowMatchEulerDiscreteScheduler")}
 
 
 def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
@@ -203,21 +228,19 @@ def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     from safetensors import SafetensorError
     (family, index), path = model_index(model), resolve_model(model)
     part = lambda lib, cls, name, **kw: getattr(lib, cls).from_pretrained(path, subfolder=name, **kw)
-    clip = "CLIPTextModelWithProjection"  # SDXL's second and both of SD 3's CLIP encoders: with the projection
+    denoiser, encoder, encoder_2, tokenizer_2, scheduler = CLASSES[family]
+    flow = family in ("sd3", "flux")
     try:
         t5 = family == "sd3" and (index.get("text_encoder_3") or [None])[0] is not None  # [null, null]: saved without
         pipe = Pipe(
             family=family,
-            denoiser=part(diffusers, "SD3Transformer2DModel" if family == "sd3" else "UNet2DConditionModel",
-                          "transformer" if family == "sd3" else "unet", torch_dtype=dtype),
+            denoiser=part(diffusers, denoiser, "transformer" if flow else "unet", torch_dtype=dtype),
             vae=part(diffusers, "AutoencoderKL", "vae", torch_dtype=dtype),
-            text_encoder=part(transformers, clip if family == "sd3" else "CLIPTextModel", "text_encoder", dtype=dtype),
+            text_encoder=part(transformers, encoder, "text_encoder", dtype=dtype),
             tokenizer=part(transformers, "CLIPTokenizer", "tokenizer"),
-            # SD 1.5 ships a PNDM config and SDXL an Euler one; DDIM reads the same betas, offsets and spacing.
-            scheduler=part(diffusers, "FlowMatchEulerDiscreteScheduler" if family == "sd3" else "DDIMScheduler",
-                           "scheduler"),
-            text_encoder_2=part(transformers, clip, "text_encoder_2", dtype=dtype) if family != "sd" else None,
-            tokenizer_2=part(transformers, "CLIPTokenizer", "tokenizer_2") if family != "sd" else None,
+            scheduler=part(diffusers, scheduler, "scheduler"),
+            text_encoder_2=part(transformers, encoder_2, "text_encoder_2", dtype=dtype) if encoder_2 else None,
+            tokenizer_2=part(transformers, tokenizer_2, "tokenizer_2") if tokenizer_2 else None,
             text_encoder_3=part(transformers, "T5EncoderModel", "text_encoder_3", dtype=dtype) if t5 else None,
             tokenizer_3=part(transformers, "T5TokenizerFast", "tokenizer_3") if t5 else None,
             zero_uncond=family == "sdxl" and index.get("force_zeros_for_empty_prompt", True))
@@ -246,10 +269,11 @@ def check_scheduler(pipe, what):
 
 
 def check_eta(family, eta):
-    """DDIM's noise is defined for the DDIM families only: SD 3's flow sampler is deterministic (one line otherwise).
-    family: "sd", "sdxl" or "sd3" (model_index, or Pipe.family), so a script can check before loading anything."""
-    if family == "sd3" and eta > 0:
-        raise UserError(f"--eta {eta}: SD 3's flow-matching Euler sampler is deterministic; drop --eta (or pass 0)")
+    """DDIM's noise is defined for the DDIM families only: the flow sampler (SD 3, FLUX.1) is deterministic (one line
+    otherwise). family: model_index's (or Pipe.family), so a script can check before loading anything."""
+    if family in ("sd3", "flux") and eta > 0:
+        raise UserError(f"--eta {eta}: the flow-matching Euler sampler of SD 3 and FLUX.1 is deterministic; drop --eta "
+                        f"(or pass 0)")
 
 
 # -----------------------------------------------------------------------------
@@ -269,7 +293,8 @@ def encode_prompts(pipe, prompts, size=None):
     hidden states of both text encoders side by side, the second one's pooled projection, and the time ids
     (original size, crop top-left, target size) of images of `size` (H, W). SD 3: both CLIPs' penultimate hidden
     states side by side, zero-padded to T5's width, then T5's 256 tokens (zeros without T5) after them; the two
-    pooled projections side by side."""
+    pooled projections side by side. FLUX.1: T5's hidden states (512 tokens for dev, 256 for schnell, as diffusers'
+    FLUX docs run them) and CLIP's pooled output."""
     device = pipe.denoiser.device
     if pipe.prompt_cache is not None:  # every prompt encoded once (cache_prompts)
         key = tuple(size or pipe.size)
@@ -279,6 +304,11 @@ def encode_prompts(pipe, prompts, size=None):
     if pipe.family == "sd":
         ids = tokenize(pipe.tokenizer, prompts)
         return {"encoder_hidden_states": pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].to(device)}
+    if pipe.family == "flux":
+        clip, t5 = pipe.text_encoder, pipe.text_encoder_2
+        pooled = clip(tokenize(pipe.tokenizer, prompts).to(clip.device)).pooler_output  # (B, 768)
+        hidden = t5(tokenize(pipe.tokenizer_2, prompts, flux_text_length(pipe)).to(t5.device))[0]  # (B, 512, 4096)
+        return {"encoder_hidden_states": hidden.to(device), "pooled_projections": pooled.to(device)}
     hidden, pooled = [], []
     for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
         length = pipe.tokenizer.model_max_length if pipe.flow else None  # SD 3: both at the first one's length
@@ -300,9 +330,17 @@ def encode_prompts(pipe, prompts, size=None):
             "added_cond_kwargs": {"text_embeds": pooled[1], "time_ids": time_ids}}
 
 
+def flux_text_length(pipe):
+    """FLUX.1's T5 tokens: 512 for dev (a guidance input), 256 for schnell."""
+    return 512 if pipe.denoiser.config.guidance_embeds else 256
+
+
 def encode_uncond(pipe, n, size=None):
     """The unconditional branch of classifier-free guidance for n images: the context of "" (SD, SD 3), or zeros
-    where SDXL's config asks for them (force_zeros_for_empty_prompt), as diffusers does with no negative prompt."""
+    where SDXL's config asks for them (force_zeros_for_empty_prompt), as diffusers does with no negative prompt.
+    None for FLUX.1, which is guidance-distilled: one branch, the guidance scale an input of dev's transformer."""
+    if pipe.family == "flux":
+        return None
     context = encode_prompts(pipe, [""] * n, size)
     if pipe.zero_uncond:
         context["encoder_hidden_states"] = torch.zeros_like(context["encoder_hidden_states"])
@@ -330,6 +368,18 @@ def context_to(context, device):
     return {k: context_to(v, device) if isinstance(v, dict) else v.to(device) for k, v in context.items()}
 
 
+def denoiser_context(pipe, cond, uncond, guidance_scale, n):
+    """The context of each step's one denoiser call for n images: with classifier-free guidance both branches
+    stacked (2n rows, the unconditional first; as diffusers, guidance 1 means no unconditional branch at all);
+    FLUX.1 is guidance-distilled: one branch, with dev's guidance scale an input of its transformer (n,)."""
+    if pipe.family == "flux":
+        if not pipe.denoiser.config.guidance_embeds:  # schnell
+            return cond
+        guidance = torch.full((n,), float(guidance_scale), device=cond["encoder_hidden_states"].device)
+        return {**cond, "guidance": guidance}
+    return cat_context(uncond, cond) if guidance_scale > 1.0 else cond
+
+
 def cat_context(*contexts):
     """Contexts stacked along the batch: cat_context(uncond, cond) feeds both guidance branches in one call."""
     if isinstance(contexts[0], dict):
@@ -339,8 +389,10 @@ def cat_context(*contexts):
 
 def size_step(vae_config, denoiser_config):
     """Image sizes are multiples of this many pixels: the VAE's downscale (8 for SD), times the transformer's patch
-    for SD 3 (2, so 16 for SD 3.5), so that the latents split into whole patches."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1) * denoiser_config.get("patch_size", 1)
+    for SD 3 (2, so 16 for SD 3.5) or FLUX.1's 2 x 2 packing of latents into tokens (16), so that the latents split
+    into whole patches."""
+    patch = 2 if "guidance_embeds" in denoiser_config else denoiser_config.get("patch_size", 1)
+    return 2 ** (len(vae_config["block_out_channels"]) - 1) * patch
 
 
 def check_size(model, family, height=None, width=None):
@@ -350,11 +402,10 @@ def check_size(model, family, height=None, width=None):
         return
     import diffusers
     path = resolve_model(model)
-    denoiser = "transformer" if family == "sd3" else "unet"
+    denoiser = "transformer" if family in ("sd3", "flux") else "unet"
     try:
         configs = [getattr(diffusers, cls).load_config(path, subfolder=name) for cls, name in (
-            ("AutoencoderKL", "vae"),
-            ("SD3Transformer2DModel" if family == "sd3" else "UNet2DConditionModel", denoiser))]
+            ("AutoencoderKL", "vae"), (CLASSES[family][0], denoiser))]
     except (OSError, ValueError) as e:
         raise UserError(model_load_error(model, e, os.path.isdir(path))) from None
     step = size_step(*configs)
@@ -379,7 +430,8 @@ def initial_latents(pipe, n, generator, height=None, width=None):
     same draw as diffusers' pipeline given that generator, so images can be compared one for one. Drawn on the CPU
     always, so a seed gives the same images on every device."""
     height, width = height or pipe.size[0], width or pipe.size[1]
-    shape = (n, pipe.denoiser.config.in_channels, height // pipe.vae_scale, width // pipe.vae_scale)
+    channels = pipe.denoiser.config.in_channels // (4 if pipe.family == "flux" else 1)  # FLUX.1: 2 x 2 packed
+    shape = (n, channels, height // pipe.vae_scale, width // pipe.vae_scale)
     return torch.randn(shape, generator=generator) * getattr(pipe.scheduler, "init_noise_sigma", 1.0)
 
 
@@ -429,30 +481,64 @@ def ddim_step(x0_pred, eps, abar_t, abar_prev, eta=0.0, noise=None):
 
 
 def flow_schedule(pipe, steps, latents):
-    """SD 3's grid: sigma_1 = 1 > ... > sigma_S, then 0, and the timesteps 1000 sigma the transformer sees, from the
-    model's FlowMatchEulerDiscreteScheduler config (its shift; with use_dynamic_shifting, mu from the image's
-    token count, as StableDiffusion3Pipeline computes it). x_sigma = (1 - sigma) x_0 + sigma noise: the model
-    predicts the velocity v = noise - x_0 (rectified flow; Esser et al. 2024)."""
-    config, mu, patch = pipe.scheduler.config, None, pipe.denoiser.config.patch_size
+    """The flow families' grid: sigma_1 = 1 > ... > sigma_S, then 0, and the timesteps 1000 sigma, from the model's
+    FlowMatchEulerDiscreteScheduler config (its shift; with use_dynamic_shifting, mu from the image's token count, as
+    the pipelines compute it). FLUX.1's pipeline starts from sigmas linspace(1, 1/S, S) before the shift, SD 3's from
+    the scheduler's own range. x_sigma = (1 - sigma) x_0 + sigma noise: the model predicts the velocity
+    v = noise - x_0 (rectified flow; Esser et al. 2024)."""
+    config, mu, flux = pipe.scheduler.config, None, pipe.family == "flux"
+    patch = 2 if flux else pipe.denoiser.config.patch_size  # FLUX.1 packs 2 x 2 latents into a token
     if config.get("use_dynamic_shifting"):
         tokens = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
         slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
         mu = config.base_shift + slope * (tokens - config.base_image_seq_len)
-    pipe.scheduler.set_timesteps(steps, mu=mu, device=latents.device)
+    if flux:
+        import numpy as np
+        pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=latents.device)
+    else:
+        pipe.scheduler.set_timesteps(steps, mu=mu, device=latents.device)
     return pipe.scheduler.timesteps, pipe.scheduler.sigmas  # (S,), (S + 1,), on the latents' device
 
 
 def denoise(net, x, t, context, weights=None):
     """One call of the denoiser (UNet or MMDiT) in the compute dtype (that of the text embeddings: diffusers'
-    `unet.dtype` walks every submodule, ~2 ms a call); the raw output (eps, v or x_0; SD 3: the velocity) comes back
-    in fp32 for the sampler's arithmetic. weights: {name: tensor} to call it with instead of its own parameters
-    (RID's teacher, through torch.func.functional_call)."""
+    `unet.dtype` walks every submodule, ~2 ms a call); the raw output (eps, v or x_0; SD 3, FLUX.1: the velocity)
+    comes back in fp32 for the sampler's arithmetic, shaped like x (B, C, h, w). weights: {name: tensor} to call it
+    with instead of its own parameters (RID's teacher, through torch.func.functional_call)."""
     kwargs = {"timestep": t.expand(len(x)), **context, "return_dict": False}
     x = x.to(context["encoder_hidden_states"].dtype)
+    shape, flux = x.shape, "guidance_embeds" in net.config
+    if flux:  # FLUX.1 takes 2 x 2 latent patches as tokens, their positions, and the time as a fraction (sigma)
+        kwargs.update(flux_ids(x, context["encoder_hidden_states"]), timestep=kwargs["timestep"].to(x.dtype) / 1000)
+        x = pack(x)  # (B, h w / 4, 4 C)
     if weights is None:
-        return net(x, **kwargs)[0].float()
-    from torch.func import functional_call
-    return functional_call(net, weights, (x,), kwargs)[0].float()
+        out = net(x, **kwargs)[0]
+    else:
+        from torch.func import functional_call
+        out = functional_call(net, weights, (x,), kwargs)[0]
+    return (unpack(out, shape) if flux else out).float()
+
+
+def pack(x):
+    """(B, C, h, w) latents -> FLUX.1's tokens (B, h/2 * w/2, 4 C), each a 2 x 2 patch (FluxPipeline._pack_latents)."""
+    B, C, h, w = x.shape
+    return x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
+
+
+def unpack(tokens, shape):
+    """pack's inverse: (B, h/2 * w/2, 4 C) -> (B, C, h, w) = shape (FluxPipeline._unpack_latents)."""
+    B, C, h, w = shape
+    return tokens.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
+
+
+def flux_ids(x, text):
+    """FLUX.1's position ids: (h/2 * w/2, 3) for the image tokens, (row, column) in the last two places, and zeros
+    (L, 3) for the text tokens, as FluxPipeline makes them."""
+    h2, w2 = x.shape[-2] // 2, x.shape[-1] // 2
+    ids = torch.zeros(h2, w2, 3, device=x.device, dtype=x.dtype)
+    ids[..., 1] += torch.arange(h2, device=x.device, dtype=x.dtype)[:, None]
+    ids[..., 2] += torch.arange(w2, device=x.device, dtype=x.dtype)[None, :]
+    return {"img_ids": ids.reshape(h2 * w2, 3), "txt_ids": torch.zeros(text.shape[1], 3, device=x.device, dtype=x.dtype)}
 
 
 def checkpoint_blocks(net, on):
@@ -503,8 +589,8 @@ def sample(pipe, cond, uncond, latents, ddim_steps=50, guidance_scale=7.5, eta=0
     # in backward, so the step holds one block's activations at a time, not the whole call's (SD 3.5 at 1024 px:
     # 33.7 -> 28.3 GiB at the peak, estimated; docs/speed_and_memory.md). The no-grad steps keep nothing either way.
     checkpoint_blocks(pipe.denoiser, checkpointing)
-    guided = guidance_scale > 1.0  # as diffusers: guidance 1 means no unconditional branch at all
-    context = cat_context(uncond, cond) if guided else cond  # 2B rows: one batched call per step
+    context = denoiser_context(pipe, cond, uncond, guidance_scale, len(latents))
+    guided = len(context["encoder_hidden_states"]) == 2 * len(latents)  # both branches in one batched call
     x, captured = latents.float(), {}
     for i, t in enumerate(tqdm(ts, desc="sampling steps", leave=False, disable=not progress)):
         # The grad window: steps before the last K run with no graph, so memory does not grow with the
@@ -553,7 +639,8 @@ def add_lora(net, name, rank=4, alpha=4.0, seed=None):
     The weight change is (alpha / rank) B A; A starts Gaussian (peft's "gaussian" init), drawn from `seed` on the CPU
     so that an adapter is the same on every run and device (none: torch's global generator, as peft draws it)."""
     from peft import LoraConfig
-    targets = LORA_TARGETS["transformer" if hasattr(net.config, "joint_attention_dim") else "unet"]
+    targets = LORA_TARGETS["flux" if "guidance_embeds" in net.config else
+                           "sd3" if hasattr(net.config, "joint_attention_dim") else "unet"]
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
     with torch.random.fork_rng(devices=[], enabled=seed is not None):  # the global generator is left as it was
         if seed is not None:
@@ -591,8 +678,8 @@ def save_lora(pipe, name, out_dir):
     state = get_peft_model_state_dict(pipe.denoiser, adapter_name=name)
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     metadata = pipe.denoiser.peft_config[name].to_dict()
-    if pipe.flow:
-        diffusers.StableDiffusion3Pipeline.save_lora_weights(
+    if pipe.flow:  # SD 3 and FLUX.1: peft's names, as diffusers' LoRA examples of both save them
+        (diffusers.FluxPipeline if pipe.family == "flux" else diffusers.StableDiffusion3Pipeline).save_lora_weights(
             out_dir, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata)
     else:
         (diffusers.StableDiffusionXLPipeline if pipe.xl else diffusers.StableDiffusionPipeline).save_lora_weights(
@@ -689,6 +776,5 @@ def main():
     print(f"wrote {len(images)} images and grid.png to {args.out}")
 
 
-if __name__ == "__main__":
-    from sample import main  # run as module `sample`: its UserError is the one common.py's one-line errors know
-    main()
+if __name__ == "__main__":  # run as module `sample`: its UserError is the one common.py's one-line errors know
+    __import__("sample").main()

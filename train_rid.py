@@ -1,7 +1,7 @@
 """
 train_rid.py: Reward Incremental Learning (RIL) with Reward Incremental Distillation (RID).
 
-Fine-tunes a Stable-Diffusion-format model (SD 1.x, 2.x or SDXL) on a sequence of differentiable rewards, one task
+Fine-tunes a diffusers-format model (SD 1.x, 2.x, SDXL, SD 3.5 or FLUX.1) on a sequence of differentiable rewards, one task
 after another (Wang, Mao, Wang, Yamasaki, arXiv 2411.17310). Each optimiser step samples images with guided DDIM,
 keeps the graph only through the last K denoising steps and the VAE decode (DRaFT-K), scores them with the task's
 reward and backpropagates -reward into LoRA weights. After each task it saves that task's adapter in diffusers' LoRA

@@ -122,9 +122,8 @@ def build_tiny_sd3(folder, t5=True, seed=0):
     transformers 5 rebuilds T5TokenizerFast as Unigram on load) or none, a 16-channel AutoencoderKL with a shift and no
     quant convs, FlowMatchEulerDiscreteScheduler(shift=3.0). T5's width is the joint attention width, at least the two
     CLIP widths summed (the pipeline zero-pads the CLIP states up to it). 32x32 images."""
-    import string
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(os.path.join(folder, "_tok"))
     tokenizer_2 = CLIPTokenizer.from_pretrained(os.path.join(folder, "_tok"), pad_token="!", model_max_length=16)
@@ -140,19 +139,7 @@ def build_tiny_sd3(folder, t5=True, seed=0):
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
         sample_size=32, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
-    t5_encoder = t5_tokenizer = None
-    if t5:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-        from transformers import T5TokenizerFast
-        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [
-            (p + c, -2.0) for c in string.ascii_lowercase + string.digits + "!.,'" for p in ("", "\u2581")]
-        tok = Tokenizer(models.Unigram(pieces, unk_id=2))
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-        t5_tokenizer = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                       extra_ids=0)
-        t5_encoder = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=64, d_ff=64, d_kv=16, num_layers=1,
-                                             num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    t5_tokenizer, t5_encoder = tiny_t5(64) if t5 else (None, None)
     with torch.no_grad():  # structure in the images (see build_tiny_pipeline)
         vae.decoder.conv_out.weight.mul_(2)
         transformer.proj_out.weight.mul_(5)
@@ -161,6 +148,55 @@ def build_tiny_sd3(folder, t5=True, seed=0):
         text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer_2=tokenizer_2, text_encoder_3=t5_encoder,
         tokenizer_3=t5_tokenizer).save_pretrained(folder)
     return folder
+
+
+def build_tiny_flux(folder, guidance=True, seed=0):
+    """Random-weight FLUX.1 pipeline in the hub layout: a FluxTransformer2DModel with one joint and one single block
+    (dev-like with the guidance embedding, schnell-like without), CLIP's pooled output and T5 (the small Unigram
+    tokenizer of build_tiny_sd3), a 4-channel AutoencoderKL with FLUX's scale and shift, and FLUX's
+    FlowMatchEulerDiscreteScheduler config (dynamic shifting). Latents are packed 2 x 2: 32 px images are 64 tokens."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(os.path.join(folder, "_tok"))
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="quick_gelu"))
+    t5_tokenizer, t5 = tiny_t5(64)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                                max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
+    with torch.no_grad():  # structure in the images (see build_tiny_pipeline)
+        vae.decoder.conv_out.weight.mul_(2)
+        transformer.proj_out.weight.mul_(5)
+    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
+                 tokenizer_2=t5_tokenizer, transformer=transformer).save_pretrained(folder)
+    return folder
+
+
+def tiny_t5(width):
+    """A small T5 encoder of `width` and its Unigram tokenizer (transformers 5 rebuilds T5TokenizerFast as Unigram on
+    load, so a WordLevel one would not load back)."""
+    import string
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [
+        (p + c, -2.0) for c in string.ascii_lowercase + string.digits + "!.,'" for p in ("", "\u2581")]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                extra_ids=0)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=width, d_ff=64, d_kv=16, num_layers=1,
+                                      num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    return tokenizer, encoder
 
 
 def shared(tmp_path_factory, worker_id, name, make):
@@ -198,6 +234,19 @@ def tiny_sd3(tmp_path_factory, worker_id):
 def tiny_sd3_no_t5(tmp_path_factory, worker_id):
     """Path of a tiny SD 3 folder saved without T5 (model_index.json lists text_encoder_3 as null)."""
     return str(shared(tmp_path_factory, worker_id, "tiny_sd3_no_t5", lambda f: build_tiny_sd3(str(f), t5=False))[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory, worker_id):
+    """Path of a tiny FLUX.1-dev-like folder (the guidance embedding; T5 at 512 tokens)."""
+    return str(shared(tmp_path_factory, worker_id, "tiny_flux", lambda f: build_tiny_flux(str(f)))[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tmp_path_factory, worker_id):
+    """Path of a tiny FLUX.1-schnell-like folder (no guidance input; T5 at 256 tokens)."""
+    return str(shared(tmp_path_factory, worker_id, "tiny_flux_schnell",
+                      lambda f: build_tiny_flux(str(f), guidance=False))[0])
 
 
 @pytest.fixture(scope="session")

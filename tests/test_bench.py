@@ -54,6 +54,19 @@ def test_sd35_medium_arch_has_its_published_shapes():
     assert pipe.flow and pipe.size == (1024, 1024) and pipe.denoiser.config.in_channels == 16
 
 
+def test_flux_dev_arch_has_its_published_shapes():
+    """FLUX.1 [dev] from its published configs (on the meta device): the transformer, 19 joint and 38 single blocks
+    of width 3072 with the guidance embedding, 11,901,408,320 parameters (the model card: 12B); the 16-channel VAE
+    83,819,683; CLIP-L's text tower 123,060,480 (its pooled output); T5-XXL's encoder; 1024 px by default, 16 px a
+    size step (VAE 8 x the 2 x 2 packing)."""
+    from sample import size_step
+    pipe = bench.arch_pipe("flux-arch", "meta", torch.bfloat16)
+    n = lambda net: sum(p.numel() for p in net.parameters())
+    assert n(pipe.denoiser) == 11_901_408_320 and n(pipe.vae) == 83_819_683 and n(pipe.text_encoder) == 123_060_480
+    assert n(pipe.text_encoder_2) == 4_762_310_656 and pipe.family == "flux" and pipe.size == (1024, 1024)
+    assert size_step(pipe.vae.config, pipe.denoiser.config) == 16
+
+
 def test_random_weights_fills_every_tensor():
     from transformers import CLIPTextConfig, CLIPTextModel
     config = dict(bench.CLIP_L14_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)

@@ -1,6 +1,7 @@
 """The meta device stands in for a GPU (NOTES.md): every network goes to `meta` and the code runs unchanged, so a
 tensor that the sampler, the losses or a reward makes on the CPU meets meta weights and fails, as it would fail on
-CUDA. Covered for every family on the tiny layouts (SD 1.x eps, SD 2.x v-prediction, SDXL, SD 3 with and without T5):
+CUDA. Covered for every family on the tiny layouts (SD 1.x eps, SD 2.x v-prediction, SDXL, SD 3 with and without T5,
+FLUX.1 dev-like and schnell-like):
 one whole training step of RID with K = 2 (the grad window, the decode and a reward, the teacher loss, backward, the
 optimiser step and the EMA update) and one evaluation batch up to its images. Each real reward's forward and backward
 on meta is in test_rewards.py. Nothing is computed on meta, only shapes and devices: these tests are about placement."""
@@ -16,12 +17,13 @@ PROMPTS = ["a red circle on a blue background", "a green square"]
 
 
 @pytest.fixture
-def folders(tiny_sd, tiny_sdxl, tiny_sd3, tiny_sd3_no_t5, tmp_path):
+def folders(tiny_sd, tiny_sdxl, tiny_sd3, tiny_sd3_no_t5, tiny_flux, tiny_flux_schnell, tmp_path):
     return {"sd1-eps": tiny_sd, "sd2-v": lambda: variant(tiny_sd, tmp_path, scheduler={"prediction_type": "v_prediction"}),
-            "sdxl": tiny_sdxl, "sd3": tiny_sd3, "sd3-no-t5": tiny_sd3_no_t5}
+            "sdxl": tiny_sdxl, "sd3": tiny_sd3, "sd3-no-t5": tiny_sd3_no_t5, "flux-dev": tiny_flux,
+            "flux-schnell": tiny_flux_schnell}
 
 
-@pytest.mark.parametrize("family", ["sd1-eps", "sd2-v", "sdxl", "sd3", "sd3-no-t5"])
+@pytest.mark.parametrize("family", ["sd1-eps", "sd2-v", "sdxl", "sd3", "sd3-no-t5", "flux-dev", "flux-schnell"])
 def test_a_rid_step_and_an_evaluation_batch_run_with_every_network_on_meta(family, folders):
     folder = folders[family]() if callable(folders[family]) else folders[family]
     pipe = sample.load_pipeline(folder, device="meta")  # denoiser, VAE and text encoders: the real loader, on meta
@@ -35,7 +37,8 @@ def test_a_rid_step_and_an_evaluation_batch_run_with_every_network_on_meta(famil
     optimizer = torch.optim.AdamW(params.values(), lr=1e-3)
     ema = {k: p.detach().clone() for k, p in params.items()}
     # the latents are drawn on the CPU, as training and evaluation draw them, then moved as they move them
-    latents = sample.initial_latents(pipe, 2, torch.Generator().manual_seed(0)).to("meta")
+    size = (32, 32)  # the tiny layouts' (FLUX.1's default would be 128 latent pixels)
+    latents = sample.initial_latents(pipe, 2, torch.Generator().manual_seed(0), *size).to("meta")
     r, loss_rid = losses.step_losses(pipe, reward, PROMPTS, latents, ddim_steps=3, guidance_scale=7.5, grad_steps=2,
                                      teacher=ema)
     assert r.shape == (2,) and r.device.type == loss_rid.device.type == "meta"
@@ -46,7 +49,6 @@ def test_a_rid_step_and_an_evaluation_batch_run_with_every_network_on_meta(famil
     losses.ema_update(ema, params, 0.99)
     assert all(v.device.type == "meta" for v in ema.values())
     with torch.no_grad():  # an evaluation batch, as sample.generate samples it, and its scores
-        size = sample.image_size(pipe)
         images, _ = sample.sample(pipe, sample.encode_prompts(pipe, PROMPTS, size),
                                   sample.encode_uncond(pipe, 2, size), latents, 3, 7.5)
         scores = reward(images, PROMPTS)

@@ -322,31 +322,33 @@ def test_sdxl_sampler_matches_diffusers_xl_pipeline(latents_stats, tiny_sdxl, tm
 # -----------------------------------------------------------------------------
 # A stock diffusers pipeline in, what the method needs out (Pipe.from_diffusers)
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
-def test_a_stock_pipeline_becomes_a_pipe_that_samples_as_it_does(family, tiny_sd, tiny_sdxl, tiny_sd3):
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_a_stock_pipeline_becomes_a_pipe_that_samples_as_it_does(family, tiny_sd, tiny_sdxl, tiny_sd3, tiny_flux):
     """Pipe.from_diffusers on StableDiffusion(XL|3)Pipeline.from_pretrained: the family read from its parts, every
     network frozen (a grad step reaches the LoRA weights alone, none of the VAE's or the text encoders'), DDIM built
     from the UNet families' own scheduler config (the tiny SD folder ships SD 1.5's PNDM config: its grid would repeat
     a timestep), and the same images as the stock pipeline with DDIM (SD 3: its own flow scheduler)."""
     import diffusers
-    folder = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3}[family]
-    cls = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+    folder = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}[family]
+    cls = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+           "flux": "FluxPipeline"}
     stock = getattr(diffusers, cls[family]).from_pretrained(folder)
     stock.set_progress_bar_config(disable=True)
     assert all(p.requires_grad for p in stock.vae.parameters())  # as diffusers loads it
     pipe = sample.Pipe.from_diffusers(stock)
-    assert pipe.family == family and pipe.denoiser is (stock.transformer if family == "sd3" else stock.unet)
-    assert type(pipe.scheduler).__name__ == ("FlowMatchEulerDiscreteScheduler" if family == "sd3" else "DDIMScheduler")
+    assert pipe.family == family and pipe.denoiser is (stock.unet if family in ("sd", "sdxl") else stock.transformer)
+    flow = family in ("sd3", "flux")
+    assert type(pipe.scheduler).__name__ == ("FlowMatchEulerDiscreteScheduler" if flow else "DDIMScheduler")
     if family == "sd":
         assert type(stock.scheduler).__name__ == "PNDMScheduler"
         ts = sample.ddim_schedule(pipe.scheduler, 10)[0]
         assert len(ts) == len(set(ts.tolist())) == 10
-    if family != "sd3":
+    if not flow:
         stock.scheduler = diffusers.DDIMScheduler.from_config(stock.scheduler.config)
-    latents = sample.initial_latents(pipe, 2, torch.Generator().manual_seed(4))
+    latents = sample.initial_latents(pipe, 2, torch.Generator().manual_seed(4), 32, 32)
     ours = sample.generate(pipe, PROMPTS[:2], latents, 4, 7.0, progress=False)
-    ref = stock(PROMPTS[:2], num_inference_steps=4, guidance_scale=7.0, generator=torch.Generator().manual_seed(4),
-                output_type="pt").images
+    ref = stock(PROMPTS[:2], height=32, width=32, num_inference_steps=4, guidance_scale=7.0,
+                generator=torch.Generator().manual_seed(4), output_type="pt").images
     assert ours.std() > 0.05
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
     sample.add_lora(pipe.denoiser, "task1", seed=0)
@@ -354,8 +356,8 @@ def test_a_stock_pipeline_becomes_a_pipe_that_samples_as_it_does(family, tiny_sd
     with torch.no_grad():
         for k, p in sample.lora_params(pipe.denoiser, "task1").items():
             p.add_(0.1) if "lora_B" in k else None  # B != 0: the A matrices get gradients too
-    images, _ = sample.sample(pipe, sample.encode_prompts(pipe, PROMPTS[:2]), sample.encode_uncond(pipe, 2),
-                              latents, 3, 7.0, grad_steps=1)
+    images, _ = sample.sample(pipe, sample.encode_prompts(pipe, PROMPTS[:2], (32, 32)),
+                              sample.encode_uncond(pipe, 2, (32, 32)), latents, 3, 7.0, grad_steps=1)
     images.mean().backward()
     with_grad = {id(p) for m in (stock.vae, stock.text_encoder, pipe.denoiser) for p in m.parameters()
                  if p.grad is not None}

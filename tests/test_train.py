@@ -215,6 +215,24 @@ def test_sd3_run_writes_results_adapters_and_pictures_and_resumes_after_sigkill(
     same_results(ref, kill_twice_and_resume(tiny_sd3, tmp_path / "killed", []))
 
 
+def test_flux_run_writes_results_adapters_and_pictures_and_resumes_after_sigkill(trained, tiny_flux, tmp_path):
+    """train_rid.py --method rid on a tiny FLUX.1-dev-like folder (guidance-distilled: one branch, the guidance scale
+    an input): its family's defaults (28 Euler steps and guidance 3.5, FluxPipeline's; here 4 steps), results,
+    adapters and pictures, the teacher matched on the velocity (0 at each task's first step); killed twice and
+    resumed, it ends bit for bit where the uninterrupted run does."""
+    ref, stdout = trained("rid", *FLUX_32, model=tiny_flux)
+    assert "| flux" in stdout
+    res = json.load(open(ref / "results.json"))
+    assert res["config"]["guidance_scale"] == 3.5 and res["image_size"] == [32, 32]
+    assert res["adapters"][-1] == ["adapters/task1_brightness", "adapters/task2_saturation"]
+    assert all(np.isfinite(res["matrix"]).flatten()) and res["matrix"][1][0] > res["matrix"][0][0]
+    for f in ("results.md", "grid.png", "heatmap.png", "samples/stage2/003.png"):
+        assert (ref / f).is_file(), f
+    log = [json.loads(line) for line in open(ref / "log.jsonl")]
+    assert [row["loss_rid"] == 0 for row in log] == [True, False, False] * 2
+    same_results(ref, kill_twice_and_resume(tiny_flux, tmp_path / "killed", list(FLUX_32)))
+
+
 def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path):
     out = tmp_path / "ctrlc"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_rid.py"), "--model", tiny_sd, "--out", str(out),
@@ -304,25 +322,30 @@ def test_fp16_trains_with_a_loss_scaler(tiny_sd, tmp_path):
 def stock_pipeline(family, folder):
     """diffusers' own pipeline of the family, with DDIM for the UNet families (as rid samples them)."""
     import diffusers
-    cls = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+    cls = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+           "flux": "FluxPipeline"}
     pipe = getattr(diffusers, cls[family]).from_pretrained(folder)
-    if family != "sd3":
+    if family in ("sd", "sdxl"):
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+FLUX_32 = ("--height", "32", "--width", "32")  # the tiny FLUX layout's size (FluxPipeline's default: 128 latent px)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
 def test_an_adapter_reloads_whole_and_gives_the_images_the_run_evaluated(family, trained, tiny_sd, tiny_sdxl,
-                                                                          tiny_sd3, tmp_path):
+                                                                          tiny_sd3, tiny_flux, tmp_path):
     """The adapter that task 1 of a train_rid.py run saved, against the images the run's model in memory made of
     its evaluation set after that task (samples/stage1.pt): loaded by a stock diffusers pipeline, every tensor of the
     file becomes a weight of the denoiser and the pipeline gives those images to 1/255; sampled through
     `sample.py --lora`, the first image again. The family comes from model_index.json."""
     from conftest import assert_loaded_whole
     from eval import eval_set
-    folder = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3}[family]
-    out, stdout = trained("rid", *METHOD_FLAGS["rid"]) if family == "sd" else trained("rid", model=folder)
+    folder = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}[family]
+    size = FLUX_32 if family == "flux" else ()
+    out, stdout = trained("rid", *METHOD_FLAGS["rid"]) if family == "sd" else trained("rid", *size, model=folder)
     assert f"| {family}" in stdout
     res = json.load(open(out / "results.json"))
     config, adapter = res["config"], str(out / res["adapters"][1][0])
@@ -331,14 +354,16 @@ def test_an_adapter_reloads_whole_and_gives_the_images_the_run_evaluated(family,
     assert np.abs(memory - base).max() > 20, "task 1 must visibly change the images for the comparison to mean anything"
     pipe = stock_pipeline(family, folder)
     pipe.load_lora_weights(adapter, adapter_name="task1")
-    assert_loaded_whole(adapter, pipe.transformer if family == "sd3" else pipe.unet, "task1")
+    assert_loaded_whole(adapter, pipe.unet if family in ("sd", "sdxl") else pipe.transformer, "task1")
     prompts, seeds = eval_set(folder, config["eval_n"])
-    stock = np.stack([np.asarray(pipe(p, num_inference_steps=config["ddim_steps"], guidance_scale=config["guidance_scale"],
+    h, w = res["image_size"]
+    stock = np.stack([np.asarray(pipe(p, height=h, width=w, num_inference_steps=config["ddim_steps"],
+                                      guidance_scale=config["guidance_scale"],
                                       generator=torch.Generator().manual_seed(s)).images[0]) for p, s in zip(prompts, seeds)])
     assert np.abs(stock.astype(int) - memory).max() <= 1
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", folder, "--prompt", prompts[0],
                         "--seed", str(seeds[0]), "--ddim_steps", str(config["ddim_steps"]), "--guidance_scale",
-                        str(config["guidance_scale"]), "--lora", adapter, "--out", str(tmp_path / "cli")],
+                        str(config["guidance_scale"]), "--lora", adapter, *size, "--out", str(tmp_path / "cli")],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert np.abs(np.asarray(Image.open(tmp_path / "cli" / "000.png")).astype(int) - memory[0]).max() <= 1
