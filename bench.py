@@ -531,6 +531,10 @@ class FusedAttention(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def fused_sdpa(query, key, value, *args, **kwargs):  # F.scaled_dot_product_attention's signature (FLUX passes keywords)
+    return FusedAttention.apply(query, key, value)
+
+
 def tracked_peak(phases, method="rid"):
     """The second optimiser step of `method` (the first made Adam's state, which every later step holds) on the meta
     device under MemTracker. -> {kind: bytes} at the step's peak, and "Total"."""
@@ -554,7 +558,7 @@ def tracked_peak(phases, method="rid"):
         def forward(self):
             return phases.loss(method, self.lo)
     pipe, sdpa = phases.pipe, torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = lambda q, k, v, *a, **kw: FusedAttention.apply(q, k, v)
+    torch.nn.functional.scaled_dot_product_attention = fused_sdpa
     try:
         phases.train_step(method)  # untracked: Adam's state appears in the first step's update
         tracker = Tracker()

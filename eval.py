@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from common import UserError, one_line_errors, pick_device_dtype, seed_for, to_uint8
+import toy_world
 from report import write_files
 from sample import (cache_prompts, check_lora, generate, initial_latents, load_lora, load_pipeline,
                     resolve_model, set_adapters)
@@ -60,8 +61,7 @@ def eval_set(model, n, seed=0):
     whose (colour, shape, background) triple was held out of pretraining; otherwise EVAL_PROMPTS cycled. Seed of
     image k: seed_for("eval", seed, k), a stream that no training draw shares (our choice)."""
     if is_toy(model):
-        import toy  # lazily: only the toy world needs it
-        prompts = toy.toy_captions(n, seed, split="heldout")
+        prompts = toy_world.toy_captions(n, seed, split="heldout")
     else:
         prompts = [EVAL_PROMPTS[k % len(EVAL_PROMPTS)] for k in range(n)]
     return prompts, [seed_for("eval", seed, k) for k in range(n)]
@@ -172,7 +172,6 @@ def structure_of(images, prompts, base_images=None, toy=False, clip_model=None, 
                              for b in range(0, len(prompts), batch_size)])
             structure["clip"] = mean_se(cos)
     if toy:  # caption fidelity: does image k still show the shape, colour and background its caption asks for?
-        import toy as toy_world
         ok = toy_world.check_captions(q(images), prompts)  # {"shape", "colour", "background"}: (N,) bool
         structure["caption"] = {**mean_se((ok["shape"] & ok["colour"] & ok["background"]).float()),
                                 **{k: v.float().mean().item() for k, v in ok.items()}}
@@ -230,18 +229,74 @@ def ril_metrics(matrix, tol=1e-6, scale=None):
     return {"gain": gain, "forgetting": forgetting, "average": average, "warnings": warnings}
 
 # -----------------------------------------------------------------------------
+# Reward hacking (toy world): how far a learned reward's gain outruns what its ground truth's gain explains
+
+MIN_OFF_MODE = 5  # base images whose truth differs from its most common value, needed to fit beta (our choice)
+
+
+def hacking_gap(r0, ri, g0, gi):
+    """The score's gain that its truth's gain does not explain, in units of the score's base spread (our choice):
+        gap_i = (mean r_i - mean r_0 - beta (mean g_i - mean g_0)) / sd_0(r),  beta = cov_0(r, g) / var_0(g),
+    beta the regression of the score on its truth over the base model's images. An honest proxy r = a g + noise has
+    beta = a and reads 0 however noisy it is; a score that rises while its truth stays or falls reads above 0. r0, ri,
+    g0, gi: per-image scores and truths (N,) of the base model and of stage i, the same prompts and seeds. The
+    standard error adds the paired per-image differences' and beta's own (sd_0 taken as known).
+    -> (gap, its standard error, None), or (None, None, why) where the base images cannot fit beta."""
+    r0, ri, g0, gi = (torch.as_tensor(v, dtype=torch.float64).flatten() for v in (r0, ri, g0, gi))
+    off = int((g0 != g0.mode().values).sum())
+    if off < MIN_OFF_MODE:
+        return None, None, f"its truth varies on {off} of {len(g0)} base images, too few to fit beta"
+    if not r0.std() > 0:
+        return None, None, "its score does not vary on the base images"
+    beta = ((r0 - r0.mean()) * (g0 - g0.mean())).mean() / g0.var(correction=0)
+    d = (ri - r0) - beta * (gi - g0)  # (N,) each image's unexplained gain
+    residual = r0 - r0.mean() - beta * (g0 - g0.mean())  # of the base regression: beta's own uncertainty
+    var_beta = residual.var() / (len(g0) * g0.var(correction=0))
+    se = (d.var() / len(d) + (gi.mean() - g0.mean()) ** 2 * var_beta).sqrt() / r0.std()
+    return (d.mean() / r0.std()).item(), se.item(), None
+
+
+def hacking(results, prompts, stage_images, stage_scores, ncol=8):
+    """The learned toy rewards among a run's tasks beside their ground truths (toy_world.py's rules, on 8-bit images,
+    as the structure is measured). Adds "truth" (per stage, {reward: {"mean", "se"}}), "hacking_gap" and
+    "hacking_gap_se" ({reward: [per stage]}; hacking_gap above, null where beta cannot be fitted), "hacking_note"
+    ({reward: why null, or None}) and "hacked_images" ({reward: count}) to results. stage_scores: per stage,
+    {reward: (N,) per-image scores}. -> the final stage's images whose score rose while their truth fell, the largest
+    rise first, for hacking.png: [(reward, image index, score rise, truth change)] (empty when none)."""
+    from rewards import LEARNED_TOY
+    names = [n for n in dict.fromkeys(results["rewards"]) if n in LEARNED_TOY]
+    if not names:
+        return []
+    rule = {"toyclip": lambda x: toy_world.caption_truth(x, prompts), "toypref": toy_world.preference_truth}
+    per_stage = [{n: rule[n](to_uint8(x).float() / 255).float() for n in names} for x in stage_images]
+    results["truth"] = [{n: mean_se(t[n]) for n in names} for t in per_stage]
+    for key in ("hacking_gap", "hacking_gap_se", "hacking_note", "hacked_images"):
+        results[key] = {}
+    columns = []
+    for n in names:
+        r, g = [s[n] for s in stage_scores], [t[n] for t in per_stage]
+        gaps = [hacking_gap(r[0], ri, g[0], gi) for ri, gi in zip(r, g)]
+        results["hacking_gap"][n], results["hacking_gap_se"][n] = [v[0] for v in gaps], [v[1] for v in gaps]
+        results["hacking_note"][n] = gaps[0][2]
+        rose, fell = r[-1] - r[0], g[-1] - g[0]
+        hacked = ((rose > 0) & (fell < 0)).nonzero().flatten()
+        results["hacked_images"][n] = len(hacked)
+        columns += [(n, k, rose[k].item(), fell[k].item())
+                    for k in hacked[rose[hacked].argsort(descending=True)][:ncol].tolist()]
+    return columns
+
+# -----------------------------------------------------------------------------
 # A finished run's measures, then its files (report.py)
 
 def write_report(run_dir, results, stage_images, stage_scores=None):
     """Adds ril_metrics to `results` (in place), writes the run's files into run_dir (report.write_files), returns the
     Markdown table. stage_scores: per stage, {reward: (N,) per-image scores}; with them, a toy-world run whose tasks
-    include a learned reward also gets its ground truth, hacking gap and hacking.png (toy.hacking)."""
+    include a learned reward also gets its ground truth, hacking gap and hacking.png (hacking, above)."""
     results.update(ril_metrics(results["matrix"]))
     hacked = []
     if stage_scores and is_toy(results["config"]["model"]):  # the learned toy rewards beside their ground truths
-        import toy
         prompts = eval_set(results["config"]["model"], len(stage_images[0]))[0]
-        hacked = toy.hacking(results, prompts, stage_images, stage_scores)
+        hacked = hacking(results, prompts, stage_images, stage_scores)
     return write_files(run_dir, results, stage_images, hacked)
 
 # -----------------------------------------------------------------------------

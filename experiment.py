@@ -21,8 +21,9 @@ The measures, from each run's results.json (definitions in docs/method.md):
   final gain     the final model's reference-normalised gains summed over all tasks
                  (a reward whose reference gain is not positive is not learnable at the budget: it is left out of
                  the normalised measures, and its raw score and hacking gap speak for it)
-  hacking gap    for learned toy rewards (toyclip, toypref): the final model's gain in the reward minus that in its
-                 ground truth, each in units of its base spread (toy.hacking), averaged over them; > 0 = hacked
+  hacking gap    for learned toy rewards (toyclip, toypref): the final model's gain in the reward that the gain in
+                 its ground truth does not explain, in the reward's base spread (eval.hacking_gap), averaged over
+                 them; > 0 = hacked, 0 for an honest proxy
   joint          (--method joint) every task at once with the same total budget: a point on the final-gain panels,
                  and each method's distance to it
   SSIM, caption  structure after the last task against the base model's images (caption: toy world only)
@@ -39,7 +40,7 @@ import subprocess
 import sys
 
 from common import UserError, check_seed, one_line_errors, save_png, write_json, write_text
-from toy import TOY_REWARDS
+from toy_world import TOY_REWARDS
 
 # The knob of each method's curve and its values on the toy world (our choice). Every other setting is the same
 # for every method: train_rid.py's defaults.

@@ -52,10 +52,14 @@ def markdown_table(results):
         names = list(results["truth"][0])
         head = ["stage", *[c for n in names for c in (f"{n} truth", f"{n} hacking gap")]]
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        se = results.get("hacking_gap_se") or {}
+        gap = lambda n, i: None if results["hacking_gap"][n][i] is None else {  # the gap, ± its standard error
+            "mean": results["hacking_gap"][n][i], "se": se[n][i] if n in se else None}
         for i, stage in enumerate(stage_names(results)):
-            cells = [c for n in names for c in (fmt(results["truth"][i][n]), fmt(results["hacking_gap"][n][i], 3))]
+            cells = [c for n in names for c in (fmt(results["truth"][i][n]), fmt(gap(n, i), 3))]
             lines.append("| " + " | ".join([stage, *cells]) + " |")
-    return "\n".join(lines + [f"\n> warning: {w}" for w in results.get("warnings", [])]) + "\n"
+    notes = [f"{n}: no hacking gap, {why}" for n, why in (results.get("hacking_note") or {}).items() if why]
+    return "\n".join(lines + [f"\n> warning: {w}" for w in results.get("warnings", []) + notes]) + "\n"
 
 # -----------------------------------------------------------------------------
 # Pictures: PIL images of the stages, the gains and the hacked images
@@ -217,8 +221,8 @@ def draw_method(K=2):
 
 def write_files(run_dir, results, stage_images, hacked=()):
     """results.json, results.md, grid.png, heatmap.png (and hacking.png when `hacked` lists images) in run_dir.
-    results: a run's record with eval.ril_metrics (and toy.hacking's measures) in it; stage_images: per stage,
-    (N, 3, H, W) in [0, 1]; hacked: [(reward, image index, score rise, truth change)] (toy.hacking). -> the table."""
+    results: a run's record with eval.ril_metrics (and eval.hacking's measures) in it; stage_images: per stage,
+    (N, 3, H, W) in [0, 1]; hacked: [(reward, image index, score rise, truth change)] (eval.hacking). -> the table."""
     os.makedirs(run_dir, exist_ok=True)
     table = markdown_table(results)
     write_text(os.path.join(run_dir, "results.md"), table)

@@ -60,7 +60,7 @@ from report import draw_grid
 from rewards import TOY as WEIGHT_FREE, check_reward_name, load_reward
 from sample import (DEFAULT_MODEL, DEFAULTS, add_lora, cache_prompts, check_eta, check_size, hub_unreachable,
                     image_size, initial_latents, load_pipeline, lora_params, model_index, save_lora, set_adapters)
-from toy import TOY_REWARDS, all_captions
+from toy_world import TOY_REWARDS, all_captions
 
 # -----------------------------------------------------------------------------
 # Settings: every knob is a flag; the defaults are for Stable Diffusion 1.5 at 512 px on one GPU.

@@ -189,3 +189,18 @@ def test_fused_attention_keeps_what_a_flash_kernel_keeps():
 def test_gpu_check_needs_a_gpu():
     r = run_bench("--gpu_check")
     assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_the_estimate_runs_flux_whose_attention_is_called_with_keywords(tiny_flux):
+    """FLUX's attention processor calls F.scaled_dot_product_attention with keyword arguments, which the estimate's
+    stand-in takes too; with --cache_prompts neither text encoder's weights are on the device."""
+    import argparse
+    args = vars(bench.parser.parse_args(["--model", tiny_flux, "--batch_size", "1", "--ddim_steps", "2", "--height", "32",
+                                         "--width", "32", "--estimate", "--reward", "brightness", "--device", "meta",
+                                         "--dtype", "bfloat16", "--cache_prompts"]))
+    phases = bench.build(argparse.Namespace(**args))
+    peak = bench.tracked_peak(phases)
+    assert phases.pipe.text_encoder is None and phases.pipe.text_encoder_2 is None
+    weights = {id(p): p for m in (phases.pipe.denoiser, phases.pipe.vae) for p in m.parameters()}
+    assert peak["Parameter"] == sum(p.numel() * p.element_size() for p in weights.values())
+    assert peak["Activation"] > 0

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import sample
+import toy_world
 from common import UserError
 from conftest import ROOT
 from eval import eval_set, evaluate, ril_metrics, ssim, write_report
@@ -171,14 +172,13 @@ def test_caption_structure_on_a_hand_made_stage():
     """Six images whose verdicts are known by construction: four drawn for their captions, one flat (no shape, no
     shape colour, right background), one drawn for another caption with the same background (wrong colour and
     shape). Caption match = 4/6, shape 4/6, colour 4/6, background 6/6; SSIM to itself 1."""
-    import toy
     from eval import structure_of
     captions = ["a red circle on a blue background", "a green square on a black background",
                 "a yellow triangle on a magenta background", "a white circle on a red background",
                 "a cyan square on a green background", "a blue triangle on a yellow background"]
-    images = toy.render(captions, seed=3)
+    images = toy_world.render(captions, seed=3)
     images[4] = images[4, :, :1, :1].expand(3, 32, 32)  # flat: the background colour everywhere
-    images[5] = toy.render(["a red square on a yellow background"], seed=4)[0]
+    images[5] = toy_world.render(["a red square on a yellow background"], seed=4)[0]
     s = structure_of(images, captions, base_images=images, toy=True)
     assert s["caption"]["mean"] == pytest.approx(4 / 6) and s["caption"]["background"] == 1.0
     assert s["caption"]["shape"] == pytest.approx(4 / 6) and s["caption"]["colour"] == pytest.approx(4 / 6)
@@ -247,11 +247,11 @@ def test_ril_metrics_joint():
 
 def test_hacking_gap_by_hand_and_the_picture(tmp_path):
     """A learned toy reward beside its ground truth: images 0 and 1 turn into flat backgrounds (truth 0) while their
-    toypref score rises; image 4's score rises with its truth unchanged. The gap is the reward's gain minus the truth's,
-    each over its base spread; hacking.png shows images 0 and 1, the larger rise first."""
-    import toy
+    toypref score rises; image 4's score rises with its truth unchanged. The gap is the score's gain less beta times
+    the truth's, over the score's base spread, beta fitted on the base images, all by hand here; hacking.png shows
+    images 0 and 1, the larger rise first."""
     prompts = eval_set("toy", 6)[0]
-    base = toy.render(prompts, seed=5, min_half=9, max_half=11)
+    base = toy_world.render(prompts, seed=5, min_half=9, max_half=11)
     final = base.clone()
     final[:2] = base[:2, :, :1, :1]  # each image's background colour (the corner pixel) everywhere
     r0 = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
@@ -260,11 +260,14 @@ def test_hacking_gap_by_hand_and_the_picture(tmp_path):
                "matrix": [[r0.mean().item(), 0.5], [r0.mean().item(), 0.6], [r1.mean().item(), 0.7]]}
     scores = [{"toypref": r0}, {"toypref": r0}, {"toypref": r1}]
     table = write_report(str(tmp_path), results, [base, base, final], scores)
-    g0, g1 = toy.preference_truth(base).double(), toy.preference_truth(final).double()
+    g0, g1 = toy_world.preference_truth(base).double(), toy_world.preference_truth(final).double()
     assert g1[2:].tolist() == g0[2:].tolist() and all(g1[:2] == 0) and all(g0[:2] > 0.5)
-    want = ((r1.mean() - r0.mean()) / r0.std()).item() - ((g1.mean() - g0.mean()) / g0.std()).item()
+    r0d, r1d = r0.double(), r1.double()
+    beta = sum((r0d - r0d.mean()) * (g0 - g0.mean())) / sum((g0 - g0.mean()) ** 2)  # the regression slope, by hand
+    want = ((r1d.mean() - r0d.mean() - beta * (g1.mean() - g0.mean())) / r0d.std()).item()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["hacking_gap"]["toypref"] == [0.0, 0.0, pytest.approx(want, rel=1e-6)] and want > 0
+    assert saved["hacking_gap_se"]["toypref"][2] > 0 and saved["hacking_note"] == {"toypref": None}
     assert saved["hacked_images"] == {"toypref": 2}
     assert saved["truth"][2]["toypref"]["mean"] == pytest.approx(g1.mean().item(), rel=1e-6)
     assert "toypref truth" in table and "toypref hacking gap" in table
@@ -272,6 +275,49 @@ def test_hacking_gap_by_hand_and_the_picture(tmp_path):
     assert picture.size == (70 + 2 * 98 + 2, 2 * 98 + 2 + 44)  # 2 columns of base over final, labels below
     top_left = np.asarray(picture)[2:98, 72:168]  # image 1 (rise 0.5) first, its base image above
     assert np.abs(top_left.astype(float) - (base[1].permute(1, 2, 0) * 255).numpy().repeat(3, 0).repeat(3, 1)).max() <= 1
+
+def test_the_hacking_gap_of_an_honest_noisy_proxy_is_zero_within_its_error():
+    """An honest but noisy proxy, r = 2 g + noise (correlation with its truth about 0.76), on 400 paired images whose
+    truth rises by 0.3, drawn 40 times: the gaps average 0 within three standard errors of their mean, their spread is
+    the standard error they report (to 30%), and at least 85% lie within two of it (95% expected). The measure it
+    replaced, the score's gain minus the truth's, each in its own base spread, reads (rho - 1) times the truth's gain:
+    clearly negative, every time."""
+    from eval import hacking_gap
+    gaps, ses, old = [], [], []
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        g0 = torch.rand(400, generator=g)
+        r0 = 2 * g0 + 0.5 * torch.randn(400, generator=g)
+        gi = g0 + 0.3
+        ri = 2 * gi + 0.5 * torch.randn(400, generator=g)
+        gap, se, why = hacking_gap(r0, ri, g0, gi)
+        assert why is None
+        gaps.append(gap)
+        ses.append(se)
+        old.append(((ri.mean() - r0.mean()) / r0.std() - (gi.mean() - g0.mean()) / g0.std()).item())
+    gaps, ses = torch.tensor(gaps), torch.tensor(ses)
+    assert gaps.mean().abs() < 3 * ses.mean() / 40 ** 0.5
+    assert 0.7 < gaps.std() / ses.mean() < 1.3
+    assert ((gaps.abs() < 2 * ses).float().mean() >= 0.85) and max(old) < -0.1
+
+
+def test_the_hacking_gap_of_a_score_that_rises_while_its_truth_falls_is_clearly_above_zero():
+    from eval import hacking_gap
+    g = torch.Generator().manual_seed(1)
+    g0 = torch.rand(200, generator=g)
+    r0 = 2 * g0 + 0.5 * torch.randn(200, generator=g)
+    gap, se, why = hacking_gap(r0, r0 + 0.6, g0, g0 - 0.1)  # the score up by 0.6, its truth down by 0.1
+    assert why is None and gap > 10 * se and gap == pytest.approx((0.6 + 0.1 * 2) / r0.double().std().item(), rel=0.1)
+
+
+def test_the_hacking_gap_is_null_with_its_reason_where_the_truth_barely_varies_at_the_base():
+    """toyclip's truth on the shipped model's base images is 1 on 63 of 64: one image cannot fit beta."""
+    from eval import hacking_gap
+    g0 = torch.ones(64)
+    g0[7] = 2 / 3
+    r0 = torch.linspace(0.2, 0.3, 64)
+    assert hacking_gap(r0, r0 + 0.1, g0, g0) == (None, None, "its truth varies on 1 of 64 base images, too few to "
+                                                              "fit beta")
 
 # -----------------------------------------------------------------------------
 # The CLI on a run folder built here the way train_rid.py builds it

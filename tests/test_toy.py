@@ -12,54 +12,55 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import toy  # noqa: E402
+import toy_world  # noqa: E402
 
 MODEL = ROOT / "toy_model"
 
 
 def test_checker_is_exact_on_real_images():
     for split in ("train", "heldout"):
-        captions = toy.toy_captions(512, seed=11, split=split)
-        rates = toy.match_rates(toy.render(captions, seed=12), captions)
+        captions = toy_world.toy_captions(512, seed=11, split=split)
+        rates = toy_world.match_rates(toy_world.render(captions, seed=12), captions)
         assert min(rates.values()) >= 0.98, (split, rates)
 
 
 def test_checker_rejects_wrong_captions():
-    captions = toy.toy_captions(384, seed=21)
-    images = toy.render(captions, seed=22)
+    captions = toy_world.toy_captions(384, seed=21)
+    images = toy_world.render(captions, seed=22)
     wrong = {"colour": [], "shape": [], "background": [], "swapped": []}
     for i, cap in enumerate(captions):
-        c, s, b = toy.parse_caption(cap)
-        others = [n for n in toy.NAMES if n not in (c, b)]  # a wrong colour that is not the other one either
+        c, s, b = toy_world.parse_caption(cap)
+        others = [n for n in toy_world.NAMES if n not in (c, b)]  # a wrong colour that is not the other one either
         wrong["colour"].append(f"a {others[i % len(others)]} {s} on a {b} background")
         wrong["background"].append(f"a {c} {s} on a {others[i % len(others)]} background")
-        wrong["shape"].append(f"a {c} {toy.SHAPES[(toy.SHAPES.index(s) + 1 + i % 2) % 3]} on a {b} background")
+        wrong["shape"].append(f"a {c} {toy_world.SHAPES[(toy_world.SHAPES.index(s) + 1 + i % 2) % 3]} on a {b} background")
         # the two colours swapped: a red circle on blue is not a blue circle on red
         wrong["swapped"].append(f"a {b} {s} on a {c} background")
     for key in ("colour", "shape", "background"):
-        assert toy.check_captions(images, wrong[key])[key].float().mean() < 0.02, key
-    swapped = toy.check_captions(images, wrong["swapped"])
+        assert toy_world.check_captions(images, wrong[key])[key].float().mean() < 0.02, key
+    swapped = toy_world.check_captions(images, wrong["swapped"])
     assert (swapped["colour"] | swapped["background"]).float().mean() < 0.02
     # a flat background (what reward hacking collapses to) has no shape and no shape colour
     flat = images[:, :, :1, :1].expand_as(images)
-    checks = toy.check_captions(flat, captions)
+    checks = toy_world.check_captions(flat, captions)
     assert not checks["shape"].any() and not checks["colour"].any() and checks["background"].all()
     # a blob of the right colour is not a shape: a plus sign (arms 5 px wide) matches none of the three
     cross = images[:, :, :1, :1].repeat(1, 1, 32, 32)
-    fg = torch.tensor([toy.COLOURS[toy.parse_caption(c)[0]] for c in captions])[:, :, None, None]
+    fg = torch.tensor([toy_world.COLOURS[toy_world.parse_caption(c)[0]] for c in captions])[:, :, None, None]
     cross[:, :, 6:27, 14:19] = fg
     cross[:, :, 14:19, 6:27] = fg
-    checks = toy.check_captions(cross, captions)
+    checks = toy_world.check_captions(cross, captions)
     assert checks["colour"].all() and checks["background"].all() and not checks["shape"].any()
 
 
 def test_heldout_split_holds_out_triples_but_no_pairs():
-    train, heldout = set(toy.all_captions("train")), set(toy.all_captions("heldout"))
-    assert not train & heldout and len(train | heldout) == len(toy.NAMES) * (len(toy.NAMES) - 1) * len(toy.SHAPES)
-    assert set(toy.toy_captions(5000, seed=0, split="train")) == train  # the sampler never leaves its split
-    assert set(toy.toy_captions(1000, seed=0, split="heldout")) == heldout
+    train, heldout = set(toy_world.all_captions("train")), set(toy_world.all_captions("heldout"))
+    assert not train & heldout and len(train | heldout) == len(toy_world.NAMES) * (len(toy_world.NAMES) - 1) * len(toy_world.SHAPES)
+    assert set(toy_world.toy_captions(5000, seed=0, split="train")) == train  # the sampler never leaves its split
+    assert set(toy_world.toy_captions(1000, seed=0, split="heldout")) == heldout
     # every pair of words in a held-out caption was seen together in training (composition, not new words)
-    parsed = [toy.parse_caption(c) for c in train]
-    for c, s, b in map(toy.parse_caption, heldout):
+    parsed = [toy_world.parse_caption(c) for c in train]
+    for c, s, b in map(toy_world.parse_caption, heldout):
         assert any(p[:2] == (c, s) for p in parsed) and any((p[0], p[2]) == (c, b) for p in parsed)
         assert any(p[1:] == (s, b) for p in parsed)
 
@@ -83,7 +84,7 @@ def test_shipped_model_is_small_and_in_diffusers_format():
 @pytest.fixture(scope="module")
 def shipped_samples():
     # the real loading path (from_pretrained of each part, in sample.load_pipeline) and the project's sampler
-    captions = toy.toy_captions(48, seed=31, split="heldout")
+    captions = toy_world.toy_captions(48, seed=31, split="heldout")
     images = toy.sample_toy(str(MODEL), captions, seed=32, ddim_steps=20, guidance_scale=7.5)
     return images, captions
 
@@ -91,7 +92,7 @@ def shipped_samples():
 def test_shipped_model_follows_heldout_captions(shipped_samples):
     images, captions = shipped_samples
     assert images.shape == (48, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
-    rates = toy.match_rates(images, captions)
+    rates = toy_world.match_rates(images, captions)
     # chance is 1/8 for each colour and 1/3 for the shape; the shipped model scores 0.969 or more (docs/toy_world.md)
     assert rates["colour"] >= 0.7 and rates["background"] >= 0.7 and rates["shape"] >= 0.6, rates
 
@@ -102,7 +103,7 @@ def test_shipped_model_samples_depend_on_the_caption(shipped_samples):
     images, captions = shipped_samples
     rolled = captions[1:] + captions[:1]
     same = [a == b for a, b in zip(captions, rolled)]
-    checks = toy.check_captions(images, rolled)
+    checks = toy_world.check_captions(images, rolled)
     allmatch = (checks["colour"] & checks["shape"] & checks["background"]).float()
     assert allmatch[[not s for s in same]].mean() < 0.3
 
@@ -138,17 +139,17 @@ def test_remake_script_runs_and_never_clobbers(tmp_path):
 def test_ground_truths_by_rule_without_any_network(monkeypatch):
     # transformers made unimportable: the truths are pixel rules, computed by hand here
     monkeypatch.setitem(sys.modules, "transformers", None)
-    x = toy.render(["a red circle on a blue background"], seed=3)
-    assert toy.caption_truth(x.expand(3, -1, -1, -1), ["a red circle on a blue background",
+    x = toy_world.render(["a red circle on a blue background"], seed=3)
+    assert toy_world.caption_truth(x.expand(3, -1, -1, -1), ["a red circle on a blue background",
                                                        "a green circle on a blue background",   # colour wrong
                                                        "a green square on a white background"]).tolist() == \
         pytest.approx([1, 2 / 3, 0])
     square = torch.zeros(1, 3, 32, 32)
     square[..., 8:24, 8:24] = 1  # white on black, centred, a quarter of the image
-    assert toy.preference_truth(square).item() == pytest.approx((0.25 / 0.4 + 1 + 1) / 3)
+    assert toy_world.preference_truth(square).item() == pytest.approx((0.25 / 0.4 + 1 + 1) / 3)
     square[..., 8:24, 8:24] = torch.tensor([1.0, 0, 1])[:, None, None]  # magenta on black: sqrt 2 apart of sqrt 3
-    assert toy.preference_truth(square).item() == pytest.approx((0.25 / 0.4 + 1 + (2 / 3) ** 0.5) / 3)
-    assert toy.preference_truth(torch.zeros(1, 3, 32, 32)).item() == 0  # no shape
+    assert toy_world.preference_truth(square).item() == pytest.approx((0.25 / 0.4 + 1 + (2 / 3) ** 0.5) / 3)
+    assert toy_world.preference_truth(torch.zeros(1, 3, 32, 32)).item() == 0  # no shape
 
 
 @pytest.mark.parametrize("name", ["toyclip", "toypref"])
@@ -165,10 +166,10 @@ def test_learned_reward_gradient_reaches_the_image(name):
 def test_toyclip_scores_the_right_caption_above_a_wrong_one():
     import rewards
     reward = rewards.load_reward("toyclip")
-    captions = toy.toy_captions(30, seed=7, split="heldout")
-    x = toy.render(captions, seed=8)
+    captions = toy_world.toy_captions(30, seed=7, split="heldout")
+    x = toy_world.render(captions, seed=8)
     wrong = [toy.change_one_part(c, k) for k, c in enumerate(captions)]  # shape, colour, background in turn
-    assert all(toy.caption_truth(x, wrong) < 1) and all(toy.caption_truth(x, captions) == 1)
+    assert all(toy_world.caption_truth(x, wrong) < 1) and all(toy_world.caption_truth(x, captions) == 1)
     with torch.no_grad():
         right_first = (reward(x, captions) > reward(x, wrong)).float()
     assert right_first.mean() >= 0.9, right_first  # shipped: 0.961 on 512 blurred held-out images (toy.json)
@@ -182,7 +183,7 @@ def test_toypref_prefers_what_its_rule_prefers():
            "a white triangle on a black background", "a green circle on a magenta background"]
     near = ["a red circle on a magenta background", "a blue square on a cyan background",
             "a white triangle on a yellow background", "a green circle on a cyan background"]
-    preferred, rejected = toy.render(far, seed=9, min_half=10, max_half=11), toy.render(near, seed=9, min_half=4, max_half=5)
-    assert all(toy.preference_truth(preferred) > toy.preference_truth(rejected) + 0.2)
+    preferred, rejected = toy_world.render(far, seed=9, min_half=10, max_half=11), toy_world.render(near, seed=9, min_half=4, max_half=5)
+    assert all(toy_world.preference_truth(preferred) > toy_world.preference_truth(rejected) + 0.2)
     with torch.no_grad():
         assert all(reward(preferred, [""] * 4) > reward(rejected, [""] * 4))
