@@ -186,10 +186,12 @@ def model_index(model):
     if model == "toy" and not local:  # a copy of this file, away from the repository
         raise UserError(f"'toy' names the toy model shipped beside sample.py in toy_model/, and there is none at "
                         f"{TOY_MODEL}; pass that folder's path, another model folder or a hub id")
-    if not local and (os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1):
-        raise UserError(f"model folder '{model}' does not exist; pass a Stable Diffusion folder or a hub id")
-    not_sd = f"'{model}' is not a Stable Diffusion folder (missing %s); pass a folder saved by a diffusers pipeline's " \
-             f"save_pretrained, or a hub id"
+    if not local and (os.path.exists(path) or path.startswith((".", "/", "~")) or path.endswith("/")
+                      or path.count("/") != 1):  # a path, not a hub id (owner/name)
+        raise UserError(f"model folder '{model}' does not exist; pass a model folder (SD, SDXL, SD 3 or FLUX.1, in "
+                        f"diffusers' layout) or a hub id")
+    not_sd = f"'{model}' is not a diffusers folder of SD, SDXL, SD 3 or FLUX.1 (missing %s); pass a folder saved by " \
+             f"a diffusers pipeline's save_pretrained, or a hub id"
     if local and not os.path.isfile(os.path.join(path, "model_index.json")):  # name the parts its folders suggest
         guess = "sd3" if os.path.isdir(os.path.join(path, "transformer")) else (
             "sdxl" if os.path.isdir(os.path.join(path, "text_encoder_2")) else "sd")
@@ -538,7 +540,8 @@ def flux_ids(x, text):
     ids = torch.zeros(h2, w2, 3, device=x.device, dtype=x.dtype)
     ids[..., 1] += torch.arange(h2, device=x.device, dtype=x.dtype)[:, None]
     ids[..., 2] += torch.arange(w2, device=x.device, dtype=x.dtype)[None, :]
-    return {"img_ids": ids.reshape(h2 * w2, 3), "txt_ids": torch.zeros(text.shape[1], 3, device=x.device, dtype=x.dtype)}
+    return {"img_ids": ids.reshape(h2 * w2, 3),
+            "txt_ids": torch.zeros(text.shape[1], 3, device=x.device, dtype=x.dtype)}
 
 
 def checkpoint_blocks(net, on):
