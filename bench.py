@@ -55,9 +55,9 @@ parser.add_argument("--width", type=int, default=None, help="image width in px; 
 parser.add_argument("--prompt", default="a red circle on a blue background", help="every image's prompt (cost-neutral)")
 # sampler
 parser.add_argument("--ddim_steps", type=int, default=None, help="sampling steps S, the same in all phases; none = the "
-                    "family's default (50; SD 3: 28)")
+                    "family's default (50; SD 3, FLUX.1: 28)")
 parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance; 1 = none; none = the "
-                    "family's default (7.5; SD 3: 7.0)")
+                    "family's default (7.5; SD 3: 7.0; FLUX.1: 3.5, an input of its transformer)")
 parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic")
 # training step
 parser.add_argument("--grad_steps", type=int, default=1, help="K: the last K DDIM steps keep their graph (DRaFT-K)")
@@ -548,7 +548,7 @@ def tracked_peak(phases, method="rid"):
                     self._peak_mem[dev], self._peak_mem_snap[dev] = snap["Total"], deepcopy(snap)
 
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):  # frozen weights refuse the
-            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)  # grad hook (NOTES)
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)  # grad hook
 
     class MicroBatch(torch.nn.Module):  # one root call per micro-batch: MemTracker refuses a root module called twice
         def __init__(self, lo):          # in one step, and the sampler calls the denoiser S times
@@ -681,7 +681,8 @@ def measure(args):
     print(f"model {args.model} ({sum(p.numel() for p in pipe.denoiser.parameters()) / 1e6:.0f}M UNet parameters), "
           f"reward {args.reward}, {device} {str(dtype)[6:]}, {B} images of {phases.H}x{phases.W}, {S} DDIM steps, "
           f"guidance {args.guidance_scale}; built in {time.perf_counter() - t0:.1f} s")
-    print(f"per training step: {S * n} UNet calls of batch {(2 if args.guidance_scale > 1 else 1) * phases.micro}, "
+    branches = 2 if args.guidance_scale > 1 and pipe.family != "flux" else 1  # FLUX.1: one branch, guidance an input
+    print(f"per training step: {S * n} denoiser calls of batch {branches * phases.micro}, "
           f"{K * n} of them with grad; rid adds {K * n} teacher forwards and {(K - 1) * n} student forwards; "
           f"{sum(p.numel() for p in phases.params.values()):,} trainable LoRA weights")
     gc.collect()

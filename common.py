@@ -44,7 +44,7 @@ def one_line_errors(parser):
             print(f"error: {value}", file=sys.stderr)
             sys.stderr.flush()
             sys.exit(2)
-        if issubclass(kind, torch.OutOfMemoryError):  # a step that does not fit: the levers, in the same one line
+        if issubclass(kind, torch.cuda.OutOfMemoryError):  # a step that does not fit: the levers, in the same one line
             print(f"error: out of GPU memory ({str(value).strip().splitlines()[0][:90]}); lower a step's peak with "
                   f"--grad_accum N (the same results in N passes), --checkpoint_decode or --cache_prompts "
                   f"(docs/speed_and_memory.md); a stopped run continues from its last checkpoint with --resume",
@@ -195,22 +195,37 @@ def load_file(path, check=lambda data: True):
 HELD = {}  # run folders this process holds: (device, inode) -> open descriptor, flock'ed until the process ends
 
 
+def try_lock(fd):
+    """An exclusive flock on an open folder, without waiting. -> True (ours), False (another process holds it), or
+    None where the filesystem cannot lock a folder (NFS emulates flock with byte-range locks, which a read-only
+    descriptor cannot take; Lustre without -o flock refuses): then nothing is locked, and the caller says so."""
+    import errno
+    import fcntl
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        return False if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+
+
 def hold_folder(folder):
     """Mark a run folder as in use by this process: an exclusive flock on the folder itself, which the OS drops when
     the process ends, killed or not. Two processes can then never train into one folder (a baseline still stopping
-    and the one a quick --resume starts, or two runs given the same --out). One line if another process holds it."""
-    import fcntl
+    and the one a quick --resume starts, or two runs given the same --out). One line if another process holds it; a
+    warning line where the filesystem cannot lock (try_lock), and the run goes on unguarded."""
     fd = os.open(folder, os.O_RDONLY)
     key = os.fstat(fd).st_dev, os.fstat(fd).st_ino
     if key in HELD:  # held already (a second open file would conflict with our own lock)
         os.close(fd)
         return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    locked = try_lock(fd)
+    if locked is False:
         os.close(fd)
         raise UserError(f"run folder '{folder}' is in use by another process (a run, or a baseline beside one, still "
-                        f"training or saving); wait until it ends, or choose another --out") from None
+                        f"training or saving); wait until it ends, or choose another --out")
+    if locked is None:
+        print(f"warning: this filesystem cannot lock '{folder}'; make sure no other process trains into it",
+              file=sys.stderr)
     HELD[key] = fd
 
 
@@ -221,22 +236,22 @@ def folder_in_use(folder):
         return False
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except BlockingIOError:
-        return True
+        locked = try_lock(fd)
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return locked is False
     finally:
         os.close(fd)
 
 
-def open_run_folder(out, resume, overwrite):
+def open_run_folder(out, resume, overwrite, hold=True):
     """A run folder before anything is loaded or written: an earlier run in it is refused unless --overwrite, and
-    --resume needs an unfinished one. -> its checkpoint (dict) on --resume, else None."""
+    --resume needs an unfinished one; hold: this process holds it from now on (hold_folder; under torchrun only the
+    first process, which writes its files, takes it). -> its checkpoint (dict) on --resume, else None."""
     ckpt_path, finished = os.path.join(out, "checkpoint.pt"), os.path.isfile(os.path.join(out, "results.json"))
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one")
-    if os.path.isdir(out):
+    if os.path.isdir(out) and hold:
         hold_folder(out)  # from here to the end of this process: nobody else trains into it
     if resume:
         if not os.path.isfile(ckpt_path):

@@ -50,8 +50,8 @@ def teacher_loss(pipe, captured, context, teacher, checkpointing=True):
     grad-window steps, both guidance branches' raw outputs (before guidance mixes them) and every element. A mean,
     not a sum: the default lambda = 3 is set against it (docs/experiments.md).
     The error is measured on eps whatever the model predicts (our choice): both raw outputs are converted first, so a
-    v-prediction model (SD 2.x) is matched on sqrt(abar_t) (v_student - v_teacher), not on v itself. SD 3 is matched
-    on the velocity it predicts, its own output (docs/method.md says why).
+    v-prediction model (SD 2.x) is matched on sqrt(abar_t) (v_student - v_teacher), not on v itself. SD 3 and FLUX.1
+    are matched on the velocity they predict, their own output (docs/method.md says why; FLUX.1 has one branch).
     x_t is data here, as the teacher sees it: the student's output is reused where x_t carries no graph (the first
     grad-window step), and recomputed on the detached x_t at the later window steps, whose x_t would otherwise pass
     the matching gradient back into the steps before them.
@@ -73,7 +73,7 @@ def teacher_loss(pipe, captured, context, teacher, checkpointing=True):
 
 
 def matched_space(pipe, raw, x_t, t):
-    """The space RID matches in: eps for the DDIM families (whatever they predict), the velocity for SD 3."""
+    """The space RID matches in: eps for the DDIM families (whatever they predict), the velocity for SD 3, FLUX.1."""
     if pipe.flow:
         return raw
     # alpha-bar at t: the scheduler keeps it on the CPU; a 1-element index gathers on t's device, never syncing

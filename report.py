@@ -145,80 +145,6 @@ def draw_hacking(columns, base, final, label_h=44):
 # -----------------------------------------------------------------------------
 # The files of a run
 
-def draw_method(K=2):
-    """The method as a picture (docs/method.md): one training step of task k, from the initial noise z through the
-    S - K steps without a graph, the K grad-window steps (each with its EMA teacher at the same x_t), the decode and
-    the reward, and where each loss term enters and the gradient flows. -> a PIL image"""
-    from PIL import Image, ImageDraw
-    grey, orange, blue, red, ink = (225, 225, 225), (255, 205, 150), (40, 90, 200), (200, 40, 40), "black"
-    im = Image.new("RGB", (1360, 560), "white")
-    d = ImageDraw.Draw(im)
-
-    def box(x, y, w, h, lines, fill, dashed=False, colour=ink, size=14):
-        if dashed:  # PIL draws no dashed outline: short strokes along the four sides
-            for a in range(x, x + w, 12):
-                d.line([(a, y), (min(a + 6, x + w), y)], fill=colour, width=2)
-                d.line([(a, y + h), (min(a + 6, x + w), y + h)], fill=colour, width=2)
-            for a in range(y, y + h, 12):
-                d.line([(x, a), (x, min(a + 6, y + h))], fill=colour, width=2)
-                d.line([(x + w, a), (x + w, min(a + 6, y + h))], fill=colour, width=2)
-        else:
-            d.rectangle([x, y, x + w, y + h], fill=fill, outline=colour, width=2)
-        for i, line in enumerate(lines):
-            d.text((x + 8, y + 6 + i * (size + 4)), line, fill=colour, font=font(size))
-
-    def arrow(x0, y0, x1, y1, colour=ink, width=2):
-        d.line([(x0, y0), (x1, y1)], fill=colour, width=width)
-        dx, dy = x1 - x0, y1 - y0
-        n = max(1.0, math.hypot(dx, dy))
-        ux, uy = dx / n, dy / n
-        d.polygon([(x1, y1), (x1 - 10 * ux + 5 * uy, y1 - 10 * uy - 5 * ux), (x1 - 10 * ux - 5 * uy, y1 - 10 * uy + 5 * ux)],
-                  fill=colour)
-
-    d.text((20, 14), f"One training step of task k (here K = {K}): the denoiser is W0 + dW_1 + ... + dW_(k-1) (frozen) "
-           "+ dW_k = (alpha / r) B A (trained)", fill=ink, font=font(17))
-    y = 70
-    box(20, y, 110, 60, ["z ~ N(0, I)", "initial noise"], "white")
-    arrow(130, y + 30, 160, y + 30)
-    box(160, y, 250, 60, ["S - K steps without a graph", "(no_grad): time, no memory"], grey)
-    x = 440
-    arrow(410, y + 30, x, y + 30)
-    for i in range(K):
-        box(x, y, 190, 60, [f"window step {i + 1} of K: grad,", "blocks checkpointed"], orange)
-        box(x + 60, y + 150, 130, 60, ["EMA teacher,", "no grad"], None, dashed=True, colour=blue)
-        arrow(x + 125, y + 60, x + 125, y + 150, colour=blue)  # x_t goes to the teacher (detached)
-        d.text((x + 130, y + 95), "same x_t", fill=blue, font=font(12))
-        arrow(x + 30, y + 60, x + 30, y + 260)  # the student's own raw output at x_t
-        d.text((x + 35, y + 125), "eps_student", fill=ink, font=font(12))
-        arrow(x + 190, y + 30, x + 220, y + 30)
-        x += 220
-    box(x, y, 150, 60, ["VAE decode", "(with grad)"], orange)
-    arrow(x + 150, y + 30, x + 180, y + 30)
-    box(x + 180, y, 160, 60, ["reward r_k", "images in [0, 1]"], orange)
-    rx = x + 180
-    # the two loss terms
-    box(rx - 40, y + 260, 250, 60, ["L_reward = -mean r_k / s_k", "(s_k: r_k's spread at the base)"], "white")
-    arrow(rx + 80, y + 60, rx + 80, y + 260)
-    box(440, y + 260, 2 * 220 - 30, 60, ["L_rid = mean (eps_student - sg(eps_teacher))^2",
-                                         "over the K steps, both guidance branches, all elements"], "white",
-        colour=blue)
-    for i in range(K):
-        arrow(440 + 220 * i + 125, y + 210, 440 + 220 * i + 125, y + 260, colour=blue)
-    box(560, y + 370, 520, 50, ["L = L_reward + lambda * L_rid   ->   backward into dW_k only"], (255, 235, 235),
-        colour=red, size=16)
-    arrow(440 + 205, y + 320, 700, y + 370)
-    arrow(rx + 80, y + 320, 940, y + 370)
-    # gradient flow, right to left, under the forward arrows
-    d.line([(rx + 80, y - 12), (452, y - 12)], fill=red, width=3)
-    arrow(460, y - 12, 448, y - 12, colour=red, width=3)
-    d.text((470, y - 32), "gradient: back through the reward, the decode and the K window steps only (earlier steps "
-           "are constants: a truncated, biased gradient)", fill=red, font=font(12))
-    d.text((20, y + 440), "After optimizer.step(): the teacher's A and B follow the student's, "
-           "A_ema <- m A_ema + (1 - m) A. At a task's first step B = 0, so the teacher is the model after task k - 1 "
-           "and L_rid = 0.", fill=ink, font=font(14))
-    return im
-
-
 def write_files(run_dir, results, stage_images, hacked=()):
     """results.json, results.md, grid.png, heatmap.png (and hacking.png when `hacked` lists images) in run_dir.
     results: a run's record with eval.ril_metrics (and eval.hacking's measures) in it; stage_images: per stage,
@@ -237,3 +163,78 @@ def write_files(run_dir, results, stage_images, hacked=()):
     # kill before this line leaves a run that --resume completes, never a "finished" one without its pictures.
     write_json(os.path.join(run_dir, "results.json"), results)
     return table
+
+
+# -----------------------------------------------------------------------------
+# The method as a picture (docs/method.md's), drawn from code as the run's pictures are
+
+INK, GREY, ORANGE, BLUE, RED = "black", (225, 225, 225), (255, 205, 150), (40, 90, 200), (200, 40, 40)
+
+
+def box(d, x, y, w, h, lines, fill, dashed=False, colour=INK, size=14):
+    """A labelled box on drawing d; dashed: short strokes along its sides (PIL draws no dashed outline)."""
+    if dashed:
+        for a in range(x, x + w, 12):
+            d.line([(a, y), (min(a + 6, x + w), y)], fill=colour, width=2)
+            d.line([(a, y + h), (min(a + 6, x + w), y + h)], fill=colour, width=2)
+        for a in range(y, y + h, 12):
+            d.line([(x, a), (x, min(a + 6, y + h))], fill=colour, width=2)
+            d.line([(x + w, a), (x + w, min(a + 6, y + h))], fill=colour, width=2)
+    else:
+        d.rectangle([x, y, x + w, y + h], fill=fill, outline=colour, width=2)
+    for i, line in enumerate(lines):
+        d.text((x + 8, y + 6 + i * (size + 4)), line, fill=colour, font=font(size))
+
+
+def arrow(d, x0, y0, x1, y1, colour=INK, width=2):
+    d.line([(x0, y0), (x1, y1)], fill=colour, width=width)
+    n = max(1.0, math.hypot(x1 - x0, y1 - y0))
+    ux, uy = (x1 - x0) / n, (y1 - y0) / n
+    d.polygon([(x1, y1), (x1 - 10 * ux + 5 * uy, y1 - 10 * uy - 5 * ux),
+               (x1 - 10 * ux - 5 * uy, y1 - 10 * uy + 5 * ux)], fill=colour)
+
+
+def draw_method(K=2):
+    """One training step of task k, from the initial noise z through the S - K steps without a graph, the K
+    grad-window steps (each with its EMA teacher at the same x_t), the decode and the reward, and where each loss
+    term enters and the gradient flows. -> a PIL image"""
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (1360, 560), "white")
+    d, y, x = ImageDraw.Draw(im), 70, 440
+    d.text((20, 14), f"One training step of task k (here K = {K}): the denoiser is W0 + dW_1 + ... + dW_(k-1) (frozen) "
+           "+ dW_k = (alpha / r) B A (trained)", fill=INK, font=font(17))
+    box(d, 20, y, 110, 60, ["z ~ N(0, I)", "initial noise"], "white")
+    arrow(d, 130, y + 30, 160, y + 30)
+    box(d, 160, y, 250, 60, ["S - K steps without a graph", "(no_grad): time, no memory"], GREY)
+    arrow(d, 410, y + 30, x, y + 30)
+    for i in range(K):  # each window step, its teacher below it, both outputs into L_rid
+        box(d, x, y, 190, 60, [f"window step {i + 1} of K: grad,", "blocks checkpointed"], ORANGE)
+        box(d, x + 60, y + 150, 130, 60, ["EMA teacher,", "no grad"], None, dashed=True, colour=BLUE)
+        arrow(d, x + 125, y + 60, x + 125, y + 150, colour=BLUE)  # x_t goes to the teacher (detached)
+        d.text((x + 130, y + 95), "same x_t", fill=BLUE, font=font(12))
+        arrow(d, x + 30, y + 60, x + 30, y + 260)  # the student's own raw output at x_t
+        d.text((x + 35, y + 125), "eps_student", fill=INK, font=font(12))
+        arrow(d, x + 125, y + 210, x + 125, y + 260, colour=BLUE)
+        arrow(d, x + 190, y + 30, x + 220, y + 30)
+        x += 220
+    box(d, x, y, 150, 60, ["VAE decode", "(with grad)"], ORANGE)
+    arrow(d, x + 150, y + 30, x + 180, y + 30)
+    rx = x + 180
+    box(d, rx, y, 160, 60, ["reward r_k", "images in [0, 1]"], ORANGE)
+    box(d, rx - 40, y + 260, 250, 60, ["L_reward = -mean r_k / s_k", "(s_k: r_k's spread at the base)"], "white")
+    arrow(d, rx + 80, y + 60, rx + 80, y + 260)
+    box(d, 440, y + 260, 2 * 220 - 30, 60, ["L_rid = mean (eps_student - sg(eps_teacher))^2",
+                                            "over the K steps, both guidance branches, all elements"], "white",
+        colour=BLUE)
+    box(d, 560, y + 370, 520, 50, ["L = L_reward + lambda * L_rid   ->   backward into dW_k only"], (255, 235, 235),
+        colour=RED, size=16)
+    arrow(d, 440 + 205, y + 320, 700, y + 370)
+    arrow(d, rx + 80, y + 320, 940, y + 370)
+    d.line([(rx + 80, y - 12), (452, y - 12)], fill=RED, width=3)  # the gradient, right to left, over the forward
+    arrow(d, 460, y - 12, 448, y - 12, colour=RED, width=3)
+    d.text((470, y - 32), "gradient: back through the reward, the decode and the K window steps only (earlier steps "
+           "are constants: a truncated, biased gradient)", fill=RED, font=font(12))
+    d.text((20, y + 440), "After optimizer.step(): the teacher's A and B follow the student's, "
+           "A_ema <- m A_ema + (1 - m) A. At a task's first step B = 0, so the teacher is the model after task k - 1 "
+           "and L_rid = 0.", fill=INK, font=font(14))
+    return im

@@ -371,7 +371,7 @@ TOY = {
     # plus estimated JPEG bytes/pixel. Hacked by high-frequency noise.
     "incompressibility": lambda x: jpeg_bytes_per_pixel(x),
 }
-# Toy-world sequences: contrast -> saturation -> brightness is the default (toy.TOY_REWARDS); docs/experiments.md
+# Toy-world sequences: contrast -> saturation -> brightness is the default (toy_world.TOY_REWARDS); docs/experiments.md
 # measures it and brightness -> warmth -> contrast. The greedy path for brightness is white, which erases saturation
 # and contrast (forgetting shows), yet brightness and saturation can be high at once (pure yellow: luma 0.89,
 # chroma 1). compressibility and incompressibility are exact opposites: not jointly satisfiable, avoid the pair.
@@ -390,8 +390,8 @@ def load_toy(name):
 # -----------------------------------------------------------------------------
 # The toy world's learned rewards, trained by toy.py and shipped in toy_model/ (docs/toy_world.md): toyclip, a tiny
 # CLIP whose cosine of image and prompt stands for "the image shows its caption"; toypref, a tiny CLIP image tower
-# with the aesthetic predictor's head, trained on pairs ranked by a hidden rule (toy.preference_truth). Each has a
-# ground truth computed from the pixels by rule, so that hacking them shows (toy.hacking).
+# with the aesthetic predictor's head, trained on pairs ranked by a hidden rule (toy_world.preference_truth). Each has
+# a ground truth computed from the pixels by rule, so that hacking them shows (eval.hacking).
 TOY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_model")
 LEARNED_TOY = ("toyclip", "toypref")
 

@@ -177,7 +177,7 @@ def model_load_error(model, err, local):
 
 def model_index(model):
     """-> (family, the model's model_index.json as a dict), before any weights load: a local folder's own file, or a
-    few hundred bytes from the hub. family: "sd", "sdxl" or "sd3". One line (UserError) for a path that is not a
+    few hundred bytes from the hub. family: "sd", "sdxl", "sd3" or "flux". One line (UserError) for a path that is not a
     folder of one of the families, and for a hub id that cannot be reached or does not exist."""
     from diffusers import DiffusionPipeline
     from safetensors import SafetensorError
@@ -301,7 +301,9 @@ def encode_prompts(pipe, prompts, size=None):
     if pipe.prompt_cache is not None:  # every prompt encoded once (cache_prompts)
         key = tuple(size or pipe.size)
         missing = [p for p in prompts if (p, key) not in pipe.prompt_cache]
-        assert not missing, f"prompts not in the cache (cache_prompts): {missing[:3]} at {key}"
+        if missing:  # the text encoders are gone: say which prompt was not encoded beforehand
+            raise UserError(f"prompt {missing[0]!r} at {key[0]}x{key[1]} px was not encoded by cache_prompts; "
+                            f"give cache_prompts every prompt (and size) the run will use")
         return context_to(cat_context(*[pipe.prompt_cache[(p, key)] for p in prompts]), device)
     if pipe.family == "sd":
         ids = tokenize(pipe.tokenizer, prompts)
@@ -354,7 +356,8 @@ def cache_prompts(pipe, prompts, size=None, store="cpu"):
     """Encode every prompt and "" once, each alone, keep their contexts (on `store`), and drop the text encoders:
     encode_prompts reads the cache from then on. A training run knows its prompts in advance, and the encoders' GPU
     memory is then free for the step (SD 3.5's T5-XXL: 8.9 GiB in bf16), as diffusers' SD 3 LoRA example frees it.
-    size: the images' (H, W), which SDXL's time ids hold; none = the model's default."""
+    size: the images' (H, W), which SDXL's time ids hold; none = the model's default. The encoders' memory is freed
+    where nothing else holds them: a pipeline that Pipe.from_diffusers took them from still does (delete it too)."""
     assert pipe.prompt_cache is None, "cache_prompts once: the text encoders are gone after it"
     size, cache = tuple(size or pipe.size), {}
     with torch.no_grad():
@@ -452,7 +455,7 @@ def ddim_schedule(scheduler, ddim_steps, device="cpu"):
     """The time grid t_1 > ... > t_S, alpha-bar at each t and alpha-bar at the previous (less noisy) grid point,
     from the model's own scheduler config (spacing, steps_offset, set_alpha_to_one) so we match diffusers. All on
     `device`, the latents' and the denoiser's: diffusers moves a 1-D timestep to the sample's device for no model
-    (NOTES: SD 3 moves none), so a grid left on the CPU stops a GPU run at its first denoiser call."""
+    (and SD 3's time embedding moves none), so a grid left on the CPU stops a GPU run at its first denoiser call."""
     scheduler.set_timesteps(ddim_steps, device=device)
     ts = scheduler.timesteps  # (S,) int64, descending
     abar = scheduler.alphas_cumprod.to(device)  # (1000,) alpha-bar_t = prod(1 - beta)
@@ -569,7 +572,7 @@ def decode(pipe, latents, checkpointing=False):
 def sample(pipe, cond, uncond, latents, ddim_steps=50, guidance_scale=7.5, eta=0.0, grad_steps=0,
            checkpointing=True, checkpoint_decode=False, generator=None, capture=(), progress=False):
     """Guided sampling from the initial noise `latents` (B, C, h, w) to images (B, 3, H, W) in [0, 1]: DDIM, or for
-    SD 3 the Euler steps of the flow ODE, with the same grad window.
+    SD 3 and FLUX.1 the Euler steps of the flow ODE, with the same grad window.
 
     cond, uncond: contexts (encode_prompts, encode_uncond) of the prompts and of the unconditional branch.
     ddim_steps:   S, the number of denoising steps (DDIM or Euler).
@@ -591,6 +594,8 @@ def sample(pipe, cond, uncond, latents, ddim_steps=50, guidance_scale=7.5, eta=0
     # Checkpointing the grad window: each block of a window step's denoiser call keeps only its inputs and runs again
     # in backward, so the step holds one block's activations at a time, not the whole call's (SD 3.5 at 1024 px:
     # 33.7 -> 28.3 GiB at the peak, estimated; docs/speed_and_memory.md). The no-grad steps keep nothing either way.
+    # It is set here, not as a checkpoint() call in the loop body: diffusers checkpoints inside the call, per block,
+    # which a call-level checkpoint cannot (it would recompute, and hold, the whole call in backward).
     checkpoint_blocks(pipe.denoiser, checkpointing)
     context = denoiser_context(pipe, cond, uncond, guidance_scale, len(latents))
     guided = len(context["encoder_hidden_states"]) == 2 * len(latents)  # both branches in one batched call
@@ -674,7 +679,8 @@ def save_lora(pipe, name, out_dir):
     (train_rid.py writes a temporary folder and renames it, so a kill leaves no half-written adapter). Its config goes
     in as metadata: without it diffusers assumes lora_alpha = rank. The UNet's keys go through
     convert_state_dict_to_diffusers, as diffusers' SD and SDXL LoRA examples save them; SD 3's stay in peft's names,
-    as its SD 3 example saves them: converted, half of them would be dropped by the SD 3 loader (NOTES.md)."""
+    as its SD 3 example saves them: converted (to_q/k/v/out renamed to the old lora.down/up names, the add_* keys
+    left in peft's), the SD 3 loader reads the file as peft's and drops the renamed half with a warning."""
     import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -728,10 +734,10 @@ def main():
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for more images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial latents of the whole batch, as "
                         "diffusers' generator takes it (0 to 2^64 - 1; torch's CPU generator reads its low 32 bits)")
-    parser.add_argument("--ddim_steps", type=int, default=None, help="sampling steps (DDIM; SD 3: Euler); none = the "
-                        "family's default (50; SD 3: 28)")
+    parser.add_argument("--ddim_steps", type=int, default=None, help="sampling steps (DDIM; SD 3, FLUX.1: Euler); none "
+                        "= the family's default (50; SD 3, FLUX.1: 28)")
     parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance; 1 = none; "
-                        "none = the family's default (7.5; SD 3: 7.0)")
+                        "none = the family's default (7.5; SD 3: 7.0; FLUX.1: 3.5, an input of its transformer)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
     parser.add_argument("--lora", action="append", default=[], help="diffusers LoRA folder; repeat to stack adapters")
     parser.add_argument("--height", type=int, default=None, help="image height in pixels; none = the model's default")

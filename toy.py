@@ -28,7 +28,7 @@ from toy_world import (NAMES, SHAPES, all_captions, classify, match_rates, parse
                        toy_captions)
 
 # ---------------------------------------------------------------------------------------------------
-# Flags. Parsed only under __main__, so that `import toy` from eval.py / train_rid.py never reads argv.
+# Flags. Parsed only under __main__, so that `import toy` (the tests) never reads argv.
 parser = argparse.ArgumentParser(description="pretrain the toy text-to-image model, or evaluate one")
 # I/O
 parser.add_argument("--out", type=str, default="toy_model", help="output pipeline folder (refused if non-empty, see --overwrite)")

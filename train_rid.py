@@ -1,19 +1,19 @@
 """
 train_rid.py: Reward Incremental Learning (RIL) with Reward Incremental Distillation (RID).
 
-Fine-tunes a diffusers-format model (SD 1.x, 2.x, SDXL, SD 3.5 or FLUX.1) on a sequence of differentiable rewards, one task
-after another (Wang, Mao, Wang, Yamasaki, arXiv 2411.17310). Each optimiser step samples images with guided DDIM,
-keeps the graph only through the last K denoising steps and the VAE decode (DRaFT-K), scores them with the task's
-reward and backpropagates -reward into LoRA weights. After each task it saves that task's adapter in diffusers' LoRA
-format, evaluates every reward of the sequence on a fixed evaluation set and writes what was kept and what was
-forgotten (results.json, results.md, grid.png, heatmap.png). The losses are in losses.py, the sampler in sample.py.
+Fine-tunes a diffusers-format model (SD 1.x, 2.x, SDXL, SD 3.5 or FLUX.1) on a sequence of differentiable rewards,
+one task after another (Wang, Mao, Wang, Yamasaki, arXiv 2411.17310). Each optimiser step samples images with guided
+DDIM (the flow families: Euler steps), keeps the graph only through the last K denoising steps and the VAE decode
+(DRaFT-K), scores them with the task's reward and backpropagates -reward into LoRA weights. After each task it saves
+that task's adapter in diffusers' LoRA format, evaluates every reward of the sequence on a fixed evaluation set and
+writes what was kept and what was forgotten (results.json, results.md, grid.png, heatmap.png). The losses are in losses.py, the sampler in sample.py.
 
 Methods (--method; docs/method.md):
   naive     one LoRA adapter trained through all tasks in turn: the forgetting baseline
   adapters  a new adapter per task; earlier ones stay active and frozen (model = W0 + dW_1 + ... + dW_k)
   rid       adapters + matching an EMA teacher: L = -r_k / s_k + lambda * mean (eps_student - sg(eps_teacher))^2
-  l2        adapters + an L2 pull of the current adapter's weight change towards zero: + w * ||dW_t||^2
-  soup      rewarded soups: each adapter trained from the base model alone; the model after task t is
+  l2        adapters + an L2 pull of the current adapter's weight change towards zero: + w * ||dW_k||^2
+  soup      rewarded soups: each adapter trained from the base model alone; the model after task k is
             W0 + c * (dW_1 + ... + dW_k), c = --soup_weight (1: the sum)
   joint     not sequential: one adapter trained on the mean of all tasks' rewards (each / s_k) at once, for the same
             total budget (T x iters steps), evaluated once: the upper reference that continual learning is judged by
@@ -68,19 +68,20 @@ from toy_world import TOY_REWARDS, all_captions
 METHODS = ["naive", "adapters", "rid", "l2", "soup", "joint"]
 parser = one_line_errors(argparse.ArgumentParser(description="Reward incremental fine-tuning with RID."))
 # model and tasks
-parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, SD/SDXL folder, or 'toy' (the shipped model)")
+parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, a folder of SD, SDXL, SD 3 or FLUX.1, or 'toy' "
+                    "(the shipped model)")
 parser.add_argument("--rewards", default=None, help="the task sequence: reward names, comma-separated "
                     f"(default aesthetic,hps; {TOY_REWARDS} with --model toy)")
 parser.add_argument("--reward_path", action="append", default=[], help="NAME=PATH: local weights of a reward; repeat")
 parser.add_argument("--method", default="rid", choices=METHODS, help="see the docstring")
 parser.add_argument("--prompts", default=None, help="training prompts, one per line; none = built-in list")
 # sampling (DDIM, classifier-free guidance)
-parser.add_argument("--ddim_steps", type=int, default=None, help="sampling steps S per image, DDIM (SD 3: Euler); default "
-                    "50 (SD 3: 28, its pipeline's; 20 with --model toy)")
+parser.add_argument("--ddim_steps", type=int, default=None, help="sampling steps S per image, DDIM (SD 3, FLUX.1: "
+                    "Euler); default 50 (SD 3, FLUX.1: 28, their pipelines'; 20 with --model toy)")
 parser.add_argument("--grad_steps", type=int, default=1, help="K: last steps that keep the graph (DRaFT-K)")
 parser.add_argument("--random_grad_steps", action="store_true", help="draw K in [1, grad_steps] per step (AlignProp)")
 parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance; 1 = none (default 7.5; "
-                    "SD 3: 7.0, its pipeline's)")
+                    "SD 3: 7.0; FLUX.1 dev: 3.5, the distilled guidance its transformer takes as an input)")
 parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
 parser.add_argument("--height", type=int, default=None, help="image height in px; none = the model's default")
 parser.add_argument("--width", type=int, default=None, help="image width in px; none = the model's default")
@@ -98,7 +99,7 @@ parser.add_argument("--lora_alpha", type=float, default=4.0, help="LoRA alpha (t
 parser.add_argument("--rid_lambda", type=float, default=3.0, help="lambda: weight of the teacher-matching loss "
                     "(3: our choice from docs/experiments.md)")
 parser.add_argument("--ema_momentum", type=float, default=0.99, help="m of the EMA teacher; 1 = frozen previous model")
-parser.add_argument("--l2_weight", type=float, default=1.0, help="l2: weight w of ||dW_t||^2 (summed over layers)")
+parser.add_argument("--l2_weight", type=float, default=1.0, help="l2: weight w of ||dW_k||^2 (summed over layers)")
 parser.add_argument("--soup_weight", type=float, default=1.0, help="soup: weight c of every adapter; 1 = their sum")
 # memory and precision
 parser.add_argument("--no_checkpointing", action="store_true", help="keep the grad window's denoiser activations "
@@ -130,7 +131,7 @@ parser.add_argument("--baseline", default=None, choices=["none"] + METHODS, help
 parser.add_argument("--log", default="none", choices=["none", "tensorboard", "wandb"],
                     help="also log to an experiment tracker (log.jsonl is always written)")
 args = parser.parse_args()
-given = {k for k, v in vars(args).items() if v != parser.get_default(k)}  # the flags the user set
+given = {k for k, v in vars(args).items() if v != parser.get_default(k)}  # the flags set away from their default
 # Defaults that depend on the model: SD 1.5's by default, the steps and guidance of the family's own pipeline (read
 # from the model's model_index.json); with --model toy, a run that ends in minutes on a CPU.
 family, _ = model_index(args.model)
@@ -225,13 +226,16 @@ config = {**vars(args), "command": sys.argv[1:]}  # the flags as given (experime
 # The baseline trained beside this run, in its own process (baseline.py; the toy quick start's), not yet started.
 side = (baseline.Baseline(os.path.abspath(__file__), sys.argv[1:], args.baseline, args.out, len(tasks) * args.iters)
         if args.baseline not in ("none", args.method) and int(os.environ.get("WORLD_SIZE", 1)) == 1 else None)
+
+
 def continue_command():
     """The command that continues this run when stopped: the same interpreter, launcher and flags, with --resume and
     without --overwrite (which would delete the run; --resume refuses it), quoted for a shell."""
     own = lambda a, flag: len(a) > 3 and flag.startswith(a.split("=")[0])  # argparse takes unique prefixes too
     flags = [a for a in sys.argv[1:] if not (own(a, "--resume") or own(a, "--overwrite"))]
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={world}"] if world > 1 else [])
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))  # processes on this node
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={here}"] if here > 1 else [])
+    # (on several nodes, each node's own launch flags, --nnodes and the rendezvous, go before the script again)
     return shlex.join([*launcher, sys.argv[0], *flags, "--resume"])
 
 
@@ -240,7 +244,8 @@ only_beside = args.resume and baseline.finished(args.out) and side is not None a
 if side is not None and folder_in_use(side.folder):  # a baseline of an earlier start still saving, or orphaned
     raise UserError(f"the baseline beside this run still runs in '{side.folder}' (a process of an earlier start); "
                     f"wait until it ends (its log: {side.folder}.log), then run this command again")
-ckpt = None if only_beside else open_run_folder(args.out, args.resume, args.overwrite)  # the checkpoint on --resume
+ckpt = (None if only_beside else  # the checkpoint on --resume; under torchrun the first process holds the folder
+        open_run_folder(args.out, args.resume, args.overwrite, hold=int(os.environ.get("RANK", 0)) == 0))
 if ckpt is not None:
     ignored = {"out", "resume", "overwrite", "save_every", "eval_batch_size", "device", "log", "baseline", "compile",
                "command"}
@@ -472,9 +477,10 @@ def trim_log(path, task, step):
     steps that ran before the kill), which the resumed run logs again."""
     if os.path.isfile(path):
         with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            lines = f.readlines()
+        rows = [json.loads(line) for line in lines if line.endswith("\n")]  # not a line a kill cut short
         keep = [r for r in rows if (r["task"] - 1, r["step"]) <= (task, step)]
-        if len(keep) < len(rows):
+        if len(keep) < len(lines):
             write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 

@@ -1,4 +1,4 @@
-"""The meta device stands in for a GPU (NOTES.md): every network goes to `meta` and the code runs unchanged, so a
+"""The meta device stands in for a GPU: every network goes to `meta` and the code runs unchanged, so a
 tensor that the sampler, the losses or a reward makes on the CPU meets meta weights and fails, as it would fail on
 CUDA. Covered for every family on the tiny layouts (SD 1.x eps, SD 2.x v-prediction, SDXL, SD 3 with and without T5,
 FLUX.1 dev-like and schnell-like):

@@ -247,3 +247,33 @@ def test_out_of_gpu_memory_is_one_line_that_names_the_levers(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in lines[0] and "--grad_accum" in lines[0]
+
+
+def test_under_torchrun_only_the_first_process_holds_the_run_folder(workdir, tiny_sd, monkeypatch, capsys):
+    """The folder held (as rank 0 holds it), the second process of a torchrun --resume does not try to hold it too: it
+    gets as far as the folder's own verdict (here: nothing to resume), not "in use by another process"."""
+    import fcntl
+    fd = os.open(workdir / "finished", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    try:
+        code, stderr = train_in_process(["--model", tiny_sd, "--out", "finished", *OK, "--resume"], workdir,
+                                        monkeypatch, capsys)
+    finally:
+        os.close(fd)
+    assert code == 2 and "nothing to resume" in stderr and "in use" not in stderr, stderr
+
+
+def test_a_filesystem_that_cannot_lock_a_folder_gets_a_warning_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """NFS (flock emulated with byte-range locks, which a read-only descriptor cannot take) and Lustre without
+    -o flock refuse the lock with an error that is not "held": a warning line, not a traceback and not a refusal."""
+    import errno
+    import fcntl
+    import common
+
+    def refuse(fd, op):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    common.hold_folder(str(tmp_path))
+    assert "cannot lock" in capsys.readouterr().err and not common.folder_in_use(str(tmp_path))

@@ -151,5 +151,5 @@ def test_prompts_encoded_once_give_the_same_images_without_the_text_encoders(fam
     assert all(t.device.type == "cpu" for c in pipe.prompt_cache.values() for t in c.values() if torch.is_tensor(t))
     cached = sample.generate(pipe, PROMPTS[:2], latents, 4, 6.0, progress=False)
     torch.testing.assert_close(cached, direct, rtol=0, atol=2e-4)
-    with pytest.raises(AssertionError, match="not in the cache"):
+    with pytest.raises(UserError, match="was not encoded by cache_prompts"):
         sample.encode_prompts(pipe, [PROMPTS[2]], (32, 32))

@@ -84,7 +84,7 @@ def test_toy_model_defaults(tmp_path):
     """A toy-world model picks the toy world's task sequence and CPU-sized defaults, recognised by its folder's
     toy.json, not its name: here a copy of the shipped model under another name, as toy.py --out DIR makes one."""
     import shutil
-    from toy import TOY_REWARDS
+    from toy_world import TOY_REWARDS
     out, model = tmp_path / "toy", shutil.copytree(os.path.join(ROOT, "toy_model"), tmp_path / "my_toy")
     cmd = [sys.executable, os.path.join(ROOT, "train_rid.py"), "--model", str(model), "--out", str(out), "--iters", "1",
            "--eval_n", "8", "--ddim_steps", "6"]
