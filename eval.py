@@ -51,8 +51,9 @@ def is_toy(model):
 def toy_reward_paths(model):
     """A toy-world model's own learned rewards ({"toyclip": DIR/toyclip, ...}, as toy.py writes them beside the
     model), which load_reward takes instead of the shipped ones; {} for any other model."""
+    from rewards import LEARNED_TOY
     folder = resolve_model(model)
-    names = ("toyclip", "toypref") if is_toy(model) else ()
+    names = LEARNED_TOY if is_toy(model) else ()
     return {n: os.path.join(folder, n) for n in names if os.path.isdir(os.path.join(folder, n))}
 
 

@@ -76,7 +76,7 @@ def matched_space(pipe, raw, x_t, t):
     """The space RID matches in: eps for the DDIM families (whatever they predict), the velocity for SD 3, FLUX.1."""
     if pipe.flow:
         return raw
-    # alpha-bar at t: the scheduler keeps it on the CPU; a 1-element index gathers on t's device, never syncing
+    # alpha-bar at t, gathered on t's device from the scheduler's table (which stays on the CPU); t stays a tensor
     abar_t = pipe.scheduler.alphas_cumprod.to(t.device)[t.view(1)].squeeze(0)
     return predict_x0_eps(raw, x_t, abar_t, pipe.scheduler.config.prediction_type)[1]
 

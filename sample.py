@@ -48,7 +48,9 @@ LORA_TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0"],
                          "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                          "ff_context.net.2"]}
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' save/load_lora_weights use
-PARTS = {"sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),  # what a folder of each family holds
+FLOW = ("sd3", "flux")  # the families sampled with the flow-matching Euler sampler instead of DDIM
+# What a folder of each family holds, the denoiser's subfolder first
+PARTS = {"sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
          "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
          "sd3": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
          "flux": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")}
@@ -58,6 +60,10 @@ DEFAULTS = {"sd": (50, 7.5), "sdxl": (50, 7.5), "sd3": (28, 7.0), "flux": (28, 3
 
 # -----------------------------------------------------------------------------
 # Loading: a folder or hub id in diffusers' format -> frozen denoiser, VAE, text encoder(s), tokenizer(s)
+
+def is_flux(denoiser_config):  # FLUX.1's transformer is the one whose config has guidance_embeds (SD 3's has not)
+    return "guidance_embeds" in denoiser_config
+
 
 @dataclass
 class Pipe:
@@ -84,14 +90,13 @@ class Pipe:
         timestep and would take 11 updates for 10 steps); what the sampler cannot follow refused in one line."""
         from diffusers import DDIMScheduler
         parts, name = pipeline.components, type(pipeline).__name__
-        family = ("flux" if "guidance_embeds" in getattr(parts.get("transformer"), "config", {}) else
+        family = ("flux" if is_flux(getattr(parts.get("transformer"), "config", {})) else
                   "sd3" if parts.get("transformer") is not None else "sdxl" if parts.get("text_encoder_2") else "sd")
-        if family in ("sd", "sdxl") and not hasattr(parts["scheduler"], "alphas_cumprod"):
+        if family not in FLOW and not hasattr(parts["scheduler"], "alphas_cumprod"):
             raise UserError(f"{name}: its scheduler ({type(parts['scheduler']).__name__}) has no alpha-bar schedule "
                             f"for rid's DDIM sampler to follow; give the pipeline a DDPM-family scheduler")
-        flow = family in ("sd3", "flux")
-        scheduler = parts["scheduler"] if flow else DDIMScheduler.from_config(parts["scheduler"].config)
-        pipe = cls(family=family, denoiser=parts["transformer" if flow else "unet"], vae=parts["vae"],
+        scheduler = parts["scheduler"] if family in FLOW else DDIMScheduler.from_config(parts["scheduler"].config)
+        pipe = cls(family=family, denoiser=parts[PARTS[family][0]], vae=parts["vae"],
                    text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], scheduler=scheduler,
                    text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
                    text_encoder_3=parts.get("text_encoder_3"), tokenizer_3=parts.get("tokenizer_3"),
@@ -115,7 +120,7 @@ class Pipe:
 
     @property
     def flow(self):  # sampled with the flow-matching Euler sampler instead of DDIM
-        return self.family in ("sd3", "flux")
+        return self.family in FLOW
 
     @property
     def vae_scale(self):  # 8 for SD: each latent pixel covers vae_scale x vae_scale image pixels
@@ -231,12 +236,11 @@ def load_pipeline(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     (family, index), path = model_index(model), resolve_model(model)
     part = lambda lib, cls, name, **kw: getattr(lib, cls).from_pretrained(path, subfolder=name, **kw)
     denoiser, encoder, encoder_2, tokenizer_2, scheduler = CLASSES[family]
-    flow = family in ("sd3", "flux")
     try:
         t5 = family == "sd3" and (index.get("text_encoder_3") or [None])[0] is not None  # [null, null]: saved without
         pipe = Pipe(
             family=family,
-            denoiser=part(diffusers, denoiser, "transformer" if flow else "unet", torch_dtype=dtype),
+            denoiser=part(diffusers, denoiser, PARTS[family][0], torch_dtype=dtype),
             vae=part(diffusers, "AutoencoderKL", "vae", torch_dtype=dtype),
             text_encoder=part(transformers, encoder, "text_encoder", dtype=dtype),
             tokenizer=part(transformers, "CLIPTokenizer", "tokenizer"),
@@ -273,7 +277,7 @@ def check_scheduler(pipe, what):
 def check_eta(family, eta):
     """DDIM's noise is defined for the DDIM families only: the flow sampler (SD 3, FLUX.1) is deterministic (one line
     otherwise). family: model_index's (or Pipe.family), so a script can check before loading anything."""
-    if family in ("sd3", "flux") and eta > 0:
+    if family in FLOW and eta > 0:
         raise UserError(f"--eta {eta}: the flow-matching Euler sampler of SD 3 and FLUX.1 is deterministic; drop --eta "
                         f"(or pass 0)")
 
@@ -396,7 +400,7 @@ def size_step(vae_config, denoiser_config):
     """Image sizes are multiples of this many pixels: the VAE's downscale (8 for SD), times the transformer's patch
     for SD 3 (2, so 16 for SD 3.5) or FLUX.1's 2 x 2 packing of latents into tokens (16), so that the latents split
     into whole patches."""
-    patch = 2 if "guidance_embeds" in denoiser_config else denoiser_config.get("patch_size", 1)
+    patch = 2 if is_flux(denoiser_config) else denoiser_config.get("patch_size", 1)
     return 2 ** (len(vae_config["block_out_channels"]) - 1) * patch
 
 
@@ -407,10 +411,9 @@ def check_size(model, family, height=None, width=None):
         return
     import diffusers
     path = resolve_model(model)
-    denoiser = "transformer" if family in ("sd3", "flux") else "unet"
     try:
         configs = [getattr(diffusers, cls).load_config(path, subfolder=name) for cls, name in (
-            ("AutoencoderKL", "vae"), (CLASSES[family][0], denoiser))]
+            ("AutoencoderKL", "vae"), (CLASSES[family][0], PARTS[family][0]))]
     except (OSError, ValueError) as e:
         raise UserError(model_load_error(model, e, os.path.isdir(path))) from None
     step = size_step(*configs)
@@ -512,7 +515,7 @@ def denoise(net, x, t, context, weights=None):
     with instead of its own parameters (RID's teacher, through torch.func.functional_call)."""
     kwargs = {"timestep": t.expand(len(x)), **context, "return_dict": False}
     x = x.to(context["encoder_hidden_states"].dtype)
-    shape, flux = x.shape, "guidance_embeds" in net.config
+    shape, flux = x.shape, is_flux(net.config)
     if flux:  # FLUX.1 takes 2 x 2 latent patches as tokens, their positions, and the time as a fraction (sigma)
         kwargs.update(flux_ids(x, context["encoder_hidden_states"]), timestep=kwargs["timestep"].to(x.dtype) / 1000)
         x = pack(x)  # (B, h w / 4, 4 C)
@@ -647,7 +650,7 @@ def add_lora(net, name, rank=4, alpha=4.0, seed=None):
     The weight change is (alpha / rank) B A; A starts Gaussian (peft's "gaussian" init), drawn from `seed` on the CPU
     so that an adapter is the same on every run and device (none: torch's global generator, as peft draws it)."""
     from peft import LoraConfig
-    targets = LORA_TARGETS["flux" if "guidance_embeds" in net.config else
+    targets = LORA_TARGETS["flux" if is_flux(net.config) else
                            "sd3" if hasattr(net.config, "joint_attention_dim") else "unet"]
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
     with torch.random.fork_rng(devices=[], enabled=seed is not None):  # the global generator is left as it was
@@ -706,7 +709,7 @@ def load_lora(pipe, path, name):
     frozen. A file that is damaged, or holds no LoRA for this denoiser, gets one line (UserError)."""
     from safetensors import SafetensorError, safe_open
     check_lora(path)
-    file, net, prefix = os.path.join(path, LORA_WEIGHTS), pipe.denoiser, "transformer" if pipe.flow else "unet"
+    file, net, prefix = os.path.join(path, LORA_WEIGHTS), pipe.denoiser, PARTS[pipe.family][0]
     try:
         net.load_lora_adapter(path, prefix=prefix, adapter_name=name, weight_name=LORA_WEIGHTS)
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:

@@ -6,7 +6,8 @@ one task after another (Wang, Mao, Wang, Yamasaki, arXiv 2411.17310). Each optim
 DDIM (the flow families: Euler steps), keeps the graph only through the last K denoising steps and the VAE decode
 (DRaFT-K), scores them with the task's reward and backpropagates -reward into LoRA weights. After each task it saves
 that task's adapter in diffusers' LoRA format, evaluates every reward of the sequence on a fixed evaluation set and
-writes what was kept and what was forgotten (results.json, results.md, grid.png, heatmap.png). The losses are in losses.py, the sampler in sample.py.
+writes what was kept and what was forgotten (results.json, results.md, grid.png, heatmap.png). The losses are in
+losses.py, the sampler in sample.py.
 
 Methods (--method; docs/method.md):
   naive     one LoRA adapter trained through all tasks in turn: the forgetting baseline
@@ -207,17 +208,22 @@ else:  # our own simple subjects, in the spirit of DDPO's animal prompts, and ev
         "a sailboat on a calm lake", "a city skyline at night", "a cottage garden in spring",
         "a bookshelf in a cosy library", "a plate of pasta", "an old train station", "a forest path in autumn"]
 
+# The processes: torchrun starts one per GPU (set up below, once the run folder is settled); a plain `python` run
+# is a world of one. Only the first process speaks and writes.
+world = int(os.environ.get("WORLD_SIZE", 1))
+rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+master = rank == 0
+
 # Flags that would change nothing with these settings: a warning line each, or one line and exit where the user
 # cannot have meant it.
-if "baseline" in given and args.baseline != "none" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+if "baseline" in given and args.baseline != "none" and world > 1:
     raise UserError(f"--baseline {args.baseline} trains beside a one-process run only; under torchrun, train it as "
                     f"a run of its own (--method {args.baseline} --out {args.out}_{args.baseline})")
-rank0 = int(os.environ.get("RANK", 0)) == 0  # (the processes are set up below; only the first one speaks)
 for flag, owner in (("rid_lambda", "rid"), ("ema_momentum", "rid"), ("l2_weight", "l2"), ("soup_weight", "soup")):
-    if flag in given and args.method != owner and rank0:
+    if flag in given and args.method != owner and master:
         print(f"warning: --{flag} {getattr(args, flag)} changes nothing with --method {args.method} (it is "
               f"{owner}'s); ignored", file=sys.stderr)
-if "baseline" in given and args.baseline == args.method and rank0:
+if "baseline" in given and args.baseline == args.method and master:
     print(f"warning: --baseline {args.baseline} is this run's own method: no baseline is trained", file=sys.stderr)
 
 # The run folder: refuse to touch an earlier run unless asked; resume only a run with the same settings.
@@ -225,7 +231,7 @@ ckpt_path = os.path.join(args.out, "checkpoint.pt")
 config = {**vars(args), "command": sys.argv[1:]}  # the flags as given (experiment.py compares them before reusing a run)
 # The baseline trained beside this run, in its own process (baseline.py; the toy quick start's), not yet started.
 side = (baseline.Baseline(os.path.abspath(__file__), sys.argv[1:], args.baseline, args.out, len(tasks) * args.iters)
-        if args.baseline not in ("none", args.method) and int(os.environ.get("WORLD_SIZE", 1)) == 1 else None)
+        if args.baseline not in ("none", args.method) and world == 1 else None)
 
 
 def continue_command():
@@ -233,7 +239,7 @@ def continue_command():
     without --overwrite (which would delete the run; --resume refuses it), quoted for a shell."""
     own = lambda a, flag: len(a) > 3 and flag.startswith(a.split("=")[0])  # argparse takes unique prefixes too
     flags = [a for a in sys.argv[1:] if not (own(a, "--resume") or own(a, "--overwrite"))]
-    here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))  # processes on this node
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this node
     launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={here}"] if here > 1 else [])
     # (on several nodes, each node's own launch flags, --nnodes and the rendezvous, go before the script again)
     return shlex.join([*launcher, sys.argv[0], *flags, "--resume"])
@@ -245,7 +251,7 @@ if side is not None and folder_in_use(side.folder):  # a baseline of an earlier 
     raise UserError(f"the baseline beside this run still runs in '{side.folder}' (a process of an earlier start); "
                     f"wait until it ends (its log: {side.folder}.log), then run this command again")
 ckpt = (None if only_beside else  # the checkpoint on --resume; under torchrun the first process holds the folder
-        open_run_folder(args.out, args.resume, args.overwrite, hold=int(os.environ.get("RANK", 0)) == 0))
+        open_run_folder(args.out, args.resume, args.overwrite, hold=master))
 if ckpt is not None:
     ignored = {"out", "resume", "overwrite", "save_every", "eval_batch_size", "device", "log", "baseline", "compile",
                "command"}
@@ -268,11 +274,8 @@ if only_beside:  # this run is finished and its baseline was stopped: continue t
     sys.exit(side.finish(open(os.path.join(args.out, "results.md")).read(), False, again, args.method))
 
 # -----------------------------------------------------------------------------
-# Processes and devices: torchrun starts one process per GPU; a plain `python` run is a world of one.
+# Processes and devices: one process per GPU under torchrun, joined here.
 
-world = int(os.environ.get("WORLD_SIZE", 1))
-rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-master = rank == 0
 if args.batch_size % (world * args.grad_accum):
     raise UserError(f"--batch_size {args.batch_size} must be divisible by processes x grad_accum = "
                     f"{world * args.grad_accum}")
