@@ -199,12 +199,11 @@ def test_resume_after_sigkill_equals_uninterrupted_run(trained, tiny_sd, tmp_pat
     same_results(ref_out, kill_twice_and_resume(tiny_sd, tmp_path / "killed", METHOD_FLAGS["rid"]))
 
 
-def test_sd3_run_writes_results_adapters_and_pictures_and_resumes_after_sigkill(trained, tiny_sd3, tmp_path):
-    """train_rid.py --method rid on a tiny SD 3 folder (flow matching, T5): results, adapters and pictures, with the
-    teacher matched on the velocity (0 at each task's first step); killed twice and resumed, it ends bit for bit where
-    the uninterrupted run does."""
-    ref, stdout = trained("rid", model=tiny_sd3)
-    assert "| sd3" in stdout
+def flow_run(trained, model, family, *flags):
+    """train_rid.py --method rid on a tiny flow-matching folder: results, adapters and pictures, with the teacher
+    matched on the velocity (0 at each task's first step). -> (its folder, its results.json)"""
+    ref, stdout = trained("rid", *flags, model=model)
+    assert f"| {family}" in stdout
     res = json.load(open(ref / "results.json"))
     assert res["adapters"][-1] == ["adapters/task1_brightness", "adapters/task2_saturation"]
     assert all(np.isfinite(res["matrix"]).flatten()) and res["matrix"][1][0] > res["matrix"][0][0]
@@ -212,6 +211,14 @@ def test_sd3_run_writes_results_adapters_and_pictures_and_resumes_after_sigkill(
         assert (ref / f).is_file(), f
     log = [json.loads(line) for line in open(ref / "log.jsonl")]
     assert [row["loss_rid"] == 0 for row in log] == [True, False, False] * 2
+    return ref, res
+
+
+def test_sd3_run_writes_results_adapters_and_pictures_and_resumes_after_sigkill(trained, tiny_sd3, tmp_path):
+    """train_rid.py --method rid on a tiny SD 3 folder (flow matching, T5): results, adapters and pictures, with the
+    teacher matched on the velocity (0 at each task's first step); killed twice and resumed, it ends bit for bit where
+    the uninterrupted run does."""
+    ref, _ = flow_run(trained, tiny_sd3, "sd3")
     same_results(ref, kill_twice_and_resume(tiny_sd3, tmp_path / "killed", []))
 
 
@@ -220,16 +227,8 @@ def test_flux_run_writes_results_adapters_and_pictures_and_resumes_after_sigkill
     an input): its family's defaults (28 Euler steps and guidance 3.5, FluxPipeline's; here 4 steps), results,
     adapters and pictures, the teacher matched on the velocity (0 at each task's first step); killed twice and
     resumed, it ends bit for bit where the uninterrupted run does."""
-    ref, stdout = trained("rid", *FLUX_32, model=tiny_flux)
-    assert "| flux" in stdout
-    res = json.load(open(ref / "results.json"))
+    ref, res = flow_run(trained, tiny_flux, "flux", *FLUX_32)
     assert res["config"]["guidance_scale"] == 3.5 and res["image_size"] == [32, 32]
-    assert res["adapters"][-1] == ["adapters/task1_brightness", "adapters/task2_saturation"]
-    assert all(np.isfinite(res["matrix"]).flatten()) and res["matrix"][1][0] > res["matrix"][0][0]
-    for f in ("results.md", "grid.png", "heatmap.png", "samples/stage2/003.png"):
-        assert (ref / f).is_file(), f
-    log = [json.loads(line) for line in open(ref / "log.jsonl")]
-    assert [row["loss_rid"] == 0 for row in log] == [True, False, False] * 2
     same_results(ref, kill_twice_and_resume(tiny_flux, tmp_path / "killed", list(FLUX_32)))
 
 
