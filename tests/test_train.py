@@ -167,22 +167,24 @@ def test_stop_at_the_last_step_of_a_task_then_resume_equals_uninterrupted(method
 
 def kill_twice_and_resume(model, out, flags):
     """Run train_rid.py, SIGKILL it at random moments inside training (twice), resume each time. -> the folder."""
-    rng = random.Random(0)
-    kills = 0
+    rng, log = random.Random(0), out / "log.jsonl"
+    kills, started, rows = 0, time.time(), []
     proc = train(model, out, *flags, wait=False)
     while kills < 2:
-        deadline = time.time() + 120  # wait until the run is inside training (log lines exist), then kill
+        # Wait until this process trains (a log row written since it started), then kill it a random fraction of a
+        # step later: inside the next step, or its checkpoint's write, on a host of any speed.
+        deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            log = out / "log.jsonl"
-            if (open(log).read().count("\n") if log.exists() else 0) >= 1 + 2 * kills:
+            rows = open(log).read().splitlines() if log.exists() else []
+            if len(rows) >= 1 + 2 * kills and log.stat().st_mtime > started:
                 break
             time.sleep(0.02)
-        time.sleep(rng.uniform(0, 0.3))
+        time.sleep(rng.uniform(0, 1) * json.loads(rows[-1])["seconds"] if rows else 0)
         if proc.poll() is not None:
             break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kills += 1
+        kills, started = kills + 1, time.time()
         proc = train(model, out, *flags, "--resume", wait=False)
     assert proc.wait(timeout=300) == 0
     assert kills == 2, "the run finished before it could be killed twice"
@@ -239,7 +241,9 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     deadline = time.time() + 120
     while not ((out / "log.jsonl").exists() and open(out / "log.jsonl").read().count("\n") >= 2):
-        assert time.time() < deadline and proc.poll() is None
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail(proc.communicate()[1][-2000:])
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
@@ -262,7 +266,9 @@ def test_ctrl_c_during_a_run_and_its_baseline_beside_it_leaves_both_resumable(ti
     deadline = time.time() + 120
     for log in (out / "log.jsonl", out / "baseline_naive" / "log.jsonl"):
         while not (log.exists() and open(log).read().count("\n") >= 2):
-            assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-2000:]
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()  # a stopped process too: communicate() would wait for it forever
+                pytest.fail(proc.communicate()[1][-2000:])
             time.sleep(0.05)
         if log.parent == out:  # the run holds still (as on Ctrl-Z) until its baseline, which starts later, trains too:
             proc.send_signal(signal.SIGSTOP)  # on a fast host the run could otherwise finish first
