@@ -4,7 +4,8 @@ own code; train_rid.py's loop and bench.py both call these, so the benchmark tim
 
     L = -mean_b r_k(x_0^b) / s_k                     every method: the reward, back through the last K DDIM steps
                                                      (DRaFT-K) and the decode
-      + lambda * mean (eps_student - sg(eps_teacher))^2   rid: match the EMA teacher at the K window steps, the mean
+      + lambda * mean (eps_student - sg(eps_teacher))^2   rid: match the EMA teacher at the K window steps (and at M
+                                                     steps of the no-grad part with --rid_trajectory M), the mean
                                                      over steps, both guidance branches and every element
       + w * sum_layers || (alpha / r) B A ||_F^2     l2: pull the current adapter's weight change dW_k towards 0
     after optimizer.step():  A_ema <- m A_ema + (1 - m) A, and B alike   rid: the teacher follows the student
@@ -25,15 +26,19 @@ from sample import (checkpoint_blocks, denoise, denoiser_context, encode_prompts
 
 
 def step_losses(pipe, reward, prompts, latents, ddim_steps, guidance_scale=7.5, eta=0.0, grad_steps=1, teacher=None,
-                checkpointing=True, checkpoint_decode=False, checkpoint_reward=False, generator=None):
+                checkpointing=True, checkpoint_decode=False, checkpoint_reward=False, generator=None, extra_steps=()):
     """The forward half of a training step on one micro-batch: guided DDIM from `latents` with the K-step grad window,
-    the decode, the reward, and (with a teacher) RID's matching loss at the K window steps. The caller weights the
-    terms, sums them and backpropagates. -> (rewards (B,) fp32 with graph, teacher loss (scalar; 0 without one))."""
+    the decode, the reward, and (with a teacher) RID's matching loss at the K window steps and at `extra_steps`, step
+    indices before the window (--rid_trajectory: x_t there comes from the no-grad pass, which visits it anyway). The
+    caller weights the terms, sums them and backpropagates.
+    -> (rewards (B,) fp32 with graph, teacher loss (scalar; 0 without one))."""
     size = tuple(s * pipe.vae_scale for s in latents.shape[-2:])
     cond, uncond = encode_prompts(pipe, prompts, size), encode_uncond(pipe, len(prompts), size)
+    assert all(0 <= i < ddim_steps - grad_steps for i in extra_steps), (extra_steps, ddim_steps, grad_steps)
+    matched = (*extra_steps, *range(ddim_steps - grad_steps, ddim_steps)) if teacher is not None else ()
     images, captured = sample(pipe, cond, uncond, latents, ddim_steps, guidance_scale, eta, grad_steps=grad_steps,
                               checkpointing=checkpointing, checkpoint_decode=checkpoint_decode, generator=generator,
-                              capture=range(ddim_steps - grad_steps, ddim_steps) if teacher is not None else ())
+                              capture=matched)
     dtype = cond["encoder_hidden_states"].dtype
     if checkpoint_reward:  # keep only the images; the reward network runs again in backward (memory for time)
         r = checkpoint(reward, images.to(dtype), prompts, use_reentrant=False).float()
@@ -46,15 +51,16 @@ def step_losses(pipe, reward, prompts, latents, ddim_steps, guidance_scale=7.5, 
 
 
 def teacher_loss(pipe, captured, context, teacher, checkpointing=True):
-    """RID's momentum distillation: (eps_student(x_t, t, c) - sg(eps_teacher(x_t, t, c)))^2, its mean over the K
-    grad-window steps, both guidance branches' raw outputs (before guidance mixes them) and every element. A mean,
+    """RID's momentum distillation: (eps_student(x_t, t, c) - sg(eps_teacher(x_t, t, c)))^2, its mean over the matched
+    steps (the K grad-window steps, and any before them), both guidance branches' raw outputs (before guidance mixes them) and every element. A mean,
     not a sum: the default lambda = 3 is set against it (docs/experiments.md).
     The error is measured on eps whatever the model predicts (our choice): both raw outputs are converted first, so a
     v-prediction model (SD 2.x) is matched on sqrt(abar_t) (v_student - v_teacher), not on v itself. SD 3 and FLUX.1
     are matched on the velocity they predict, their own output (docs/method.md says why; FLUX.1 has one branch).
-    x_t is data here, as the teacher sees it: the student's output is reused where x_t carries no graph (the first
-    grad-window step), and recomputed on the detached x_t at the later window steps, whose x_t would otherwise pass
-    the matching gradient back into the steps before them.
+    x_t is data here, as the teacher sees it: the student's output is reused where x_t carries no graph and the output
+    does (the first grad-window step); it is recomputed with grad on the detached x_t at the later window steps, whose
+    x_t would otherwise pass the matching gradient back into the steps before them, and at steps before the window,
+    whose output the no-grad pass made without a graph.
     captured: {i: (t, x_t, raw)} from sample(capture=...); context: the (2B or B rows) context the sampler used.
     teacher:  {parameter name: tensor} that replace the current adapter's weights (its EMA) for the teacher,
       through torch.func.functional_call: no adapter switch, so checkpointed recomputes stay correct."""
@@ -62,7 +68,7 @@ def teacher_loss(pipe, captured, context, teacher, checkpointing=True):
     guided = context["encoder_hidden_states"].shape[0] == 2 * next(iter(captured.values()))[1].shape[0]
     for t, x, student in captured.values():  # student: the sampler's raw output at x_t, both branches
         x_in = torch.cat([x, x]).detach() if guided else x.detach()  # (2B or B, C, h, w)
-        if x.requires_grad:  # one more student forward, with grad, at the detached x_t
+        if x.requires_grad or student.grad_fn is None:  # one more student forward, with grad, at the detached x_t
             checkpoint_blocks(pipe.denoiser, checkpointing)  # as in the sampler's window: per block
             student = denoise(pipe.denoiser, x_in, t, context)
         with torch.no_grad():  # the teacher costs one no-grad forward per window step, nothing more
@@ -81,13 +87,13 @@ def matched_space(pipe, raw, x_t, t):
     return predict_x0_eps(raw, x_t, abar_t, pipe.scheduler.config.prediction_type)[1]
 
 
-def unet_calls_per_step(ddim_steps, grad_steps, rid, checkpointing):
+def unet_calls_per_step(ddim_steps, grad_steps, rid, checkpointing, extra_steps=0):
     """UNet calls per image of one training step, as step_losses makes them: S sampling calls, the K window calls
-    once more in backward when checkpointed, and for RID K teacher calls and K - 1 student calls at detached x_t
-    (each re-run in backward when checkpointed). -> {"forward": n, "backward": n}"""
-    S, K, again = ddim_steps, grad_steps, int(checkpointing)
-    student = K - 1
-    return {"forward": S + K * again + (K + student * (1 + again) if rid else 0),
+    once more in backward when checkpointed, and for RID K + M teacher calls and K - 1 + M student calls at detached
+    x_t (each re-run in backward when checkpointed), M = extra_steps before the window. -> {"forward", "backward"}"""
+    S, K, M, again = ddim_steps, grad_steps, extra_steps if rid else 0, int(checkpointing)
+    student = K - 1 + M
+    return {"forward": S + K * again + (K + M + student * (1 + again) if rid else 0),
             "backward": K + (student if rid else 0)}
 
 

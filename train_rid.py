@@ -99,6 +99,9 @@ parser.add_argument("--lora_alpha", type=float, default=4.0, help="LoRA alpha (t
 # RID and the other baselines' knobs
 parser.add_argument("--rid_lambda", type=float, default=3.0, help="lambda: weight of the teacher-matching loss "
                     "(3: our choice from docs/experiments.md)")
+parser.add_argument("--rid_trajectory", type=int, default=0, help="M: also match the teacher at M steps drawn anew each "
+                    "step from the no-grad part of the trajectory, where layout is decided (0 = the K window steps "
+                    "only; docs/experiments.md measures it)")
 parser.add_argument("--ema_momentum", type=float, default=0.99, help="m of the EMA teacher; 1 = frozen previous model")
 parser.add_argument("--l2_weight", type=float, default=1.0, help="l2: weight w of ||dW_k||^2 (summed over layers)")
 parser.add_argument("--soup_weight", type=float, default=1.0, help="soup: weight c of every adapter; 1 = their sum")
@@ -177,6 +180,9 @@ check_seed("--seed", args.seed)
 if not 1 <= args.grad_steps <= args.ddim_steps:
     raise UserError(f"--grad_steps (K={args.grad_steps}) must be between 1 and --ddim_steps ({args.ddim_steps}); "
                     f"K = 0 would build no graph and train nothing")
+if not 0 <= args.rid_trajectory <= args.ddim_steps - args.grad_steps:
+    raise UserError(f"--rid_trajectory (M={args.rid_trajectory}) must be between 0 and the {args.ddim_steps - args.grad_steps} "
+                    f"steps before the grad window (--ddim_steps - --grad_steps)")
 if args.guidance_scale < 0 or not 0 <= args.eta <= 1:
     raise UserError("--guidance_scale must be at least 0 and --eta in [0, 1]")
 check_eta(family, args.eta)
@@ -219,7 +225,7 @@ master = rank == 0
 if "baseline" in given and args.baseline != "none" and world > 1:
     raise UserError(f"--baseline {args.baseline} trains beside a one-process run only; under torchrun, train it as "
                     f"a run of its own (--method {args.baseline} --out {args.out}_{args.baseline})")
-for flag, owner in (("rid_lambda", "rid"), ("ema_momentum", "rid"), ("l2_weight", "l2"), ("soup_weight", "soup")):
+for flag, owner in (("rid_lambda", "rid"), ("ema_momentum", "rid"), ("rid_trajectory", "rid"), ("l2_weight", "l2"), ("soup_weight", "soup")):
     if flag in given and args.method != owner and master:
         print(f"warning: --{flag} {getattr(args, flag)} changes nothing with --method {args.method} (it is "
               f"{owner}'s); ignored", file=sys.stderr)
@@ -321,7 +327,7 @@ if master:
           f"{S} DDIM steps, K={K}{' (random)' if args.random_grad_steps else ''}, {dtype} on {device}"
           f"{' with a loss scaler' if scaler.is_enabled() else ''} | {pipe.family}")
 assert micro >= 1 and micro * world * args.grad_accum == args.batch_size
-unet_calls = unet_calls_per_step(S, K, rid, not args.no_checkpointing)  # per image and step
+unet_calls = unet_calls_per_step(S, K, rid, not args.no_checkpointing, args.rid_trajectory)  # per image and step
 if master:
     print(f"UNet calls per image and step: {unet_calls['forward']} forward and {unet_calls['backward']} backward "
           f"passes ({S - K} without grad; grad window re-run in backward: {'no' if args.no_checkpointing else 'yes'})")
@@ -357,13 +363,14 @@ def stage_adapters(t):  # adapter folders active after phase t (t = -1: the base
 
 
 def step_randomness(t, step):
-    """Prompts, initial latents and K of one optimiser step, for the GLOBAL batch: a function of
-    (seed, task, step) only, so every process count and every resume sees the same data."""
+    """Prompts, initial latents, K and RID's extra matched steps (--rid_trajectory) of one optimiser step, for the
+    GLOBAL batch: a function of (seed, task, step) only, so every process count and every resume sees the same data."""
     g = torch.Generator().manual_seed(seed_for("train", args.seed, t, step))
     idx = torch.randint(len(train_prompts), (args.batch_size,), generator=g).tolist()
     latents = initial_latents(pipe, args.batch_size, g, height, width)  # (B, 4, h, w)
     k = int(torch.randint(1, K + 1, (1,), generator=g)) if args.random_grad_steps else K
-    return [train_prompts[i] for i in idx], latents, k
+    extra = sorted(torch.randperm(S - k, generator=g)[:args.rid_trajectory].tolist()) if args.rid_trajectory else []
+    return [train_prompts[i] for i in idx], latents, k, extra
 
 
 def stage_images(stage):  # (N, 3, H, W) in [0, 1]: the evaluation images of a stage, as its PNGs hold them
@@ -574,7 +581,7 @@ for t in range(start_task, P):
         t0, global_step = time.time(), t * ITERS + step + 1
         if global_step == FAULT_SIGNAL_STEP:
             os.kill(os.getpid(), FAULT_SIGNAL)  # SIGTERM: the real handler runs; this step still finishes
-        prompts, latents, k = step_randomness(t, step)
+        prompts, latents, k, extra = step_randomness(t, step)
         stats = torch.zeros(5, dtype=torch.float64)  # sums of rewards, loss_reward, loss_rid, loss_l2; stop flag
         for j in range(args.grad_accum):  # this process's share of the global batch, in micro-batches
             lo = (rank * args.grad_accum + j) * micro
@@ -582,7 +589,8 @@ for t in range(start_task, P):
                          if args.eta > 0 else None)  # one generator per image of the global batch
             r, loss_rid = step_losses(pipe, reward_fn, prompts[lo:lo + micro], latents[lo:lo + micro].to(device), S,
                                       args.guidance_scale, args.eta, k, ema, not args.no_checkpointing,
-                                      args.checkpoint_decode, args.checkpoint_reward, eta_noise)  # r: (micro,)
+                                      args.checkpoint_decode, args.checkpoint_reward, eta_noise,
+                                      extra if ema is not None else ())  # r: (micro,)
             if global_step in FAULT_NAN_STEPS:
                 r = r * float("nan")
             # The losses, side by side (losses.py). Each micro-batch adds its share of the global-batch mean, so the

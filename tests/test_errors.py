@@ -32,6 +32,7 @@ CASES = {  # name: (arguments, a word the message must contain)
     "empty prompt file": (["--prompts", "empty.txt"], "empty.txt"),
     "K above steps": (["--grad_steps", "9"], "--grad_steps"),
     "negative K": (["--grad_steps", "-1"], "--grad_steps"),
+    "M beyond the steps before the window": (["--method", "rid", "--rid_trajectory", "8"], "--rid_trajectory"),
     "zero batch": (["--batch_size", "0"], "--batch_size"),
     "zero iters": (["--iters", "0"], "--iters"),
     "negative guidance": (["--guidance_scale", "-1"], "--guidance_scale"),

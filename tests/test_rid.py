@@ -118,6 +118,43 @@ def test_teacher_loss_is_on_eps_for_every_prediction_type(kind, tiny_sd, tmp_pat
         assert not torch.allclose(hand.detach(), raw.mean())
 
 
+def test_trajectory_matching_adds_early_steps_by_hand_with_their_gradient(pipe):
+    """--rid_trajectory: with K = 1 and extra steps 0 and 2 of 5, the loss and its gradient are those of the formula
+    by hand at steps 0, 2 and 4, the early steps' x_t taken from the no-grad pass. Reusing the no-grad pass's output
+    at an early step would leave the loss right and its gradient short of those steps. Then the UNet calls that
+    step_losses makes, forward and backward, counted on the last checkpointed block, which every adapter gradient passes (each recompute in backward counts) against
+    unet_calls_per_step."""
+    ema, params = perturbed_ema(pipe, seed=5), sample.lora_params(pipe.denoiser, "task2")
+    latents = sample.initial_latents(pipe, 2, torch.Generator().manual_seed(1))  # as sampled() draws them
+    block, calls = pipe.denoiser.up_blocks[-1].resnets[-1], []  # (a forward hook does not see the recomputes)
+    block.forward = lambda *a, forward=block.forward, **k: calls.append(1) or forward(*a, **k)
+    try:
+        _, loss = losses.step_losses(pipe, lambda im, p: im.mean((1, 2, 3)), PROMPTS, latents, 5, grad_steps=1,
+                                     teacher=ema, extra_steps=(0, 2))
+        loss.backward()
+        counted = len(calls)
+    finally:
+        del block.forward
+    got = {k: p.grad.clone() for k, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    _, captured, context = sampled(pipe, capture={0, 2, 4})
+    hand = by_hand(pipe, captured, context, ema, "epsilon")
+    hand.backward()
+    torch.testing.assert_close(loss.detach(), hand.detach(), rtol=1e-5, atol=0)
+    for k, p in params.items():
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-8)
+        p.grad = None
+    # the window step alone gives a different gradient: the early steps do reach the adapter
+    _, loss = losses.step_losses(pipe, lambda im, p: im.mean((1, 2, 3)), PROMPTS, latents, 5, grad_steps=1, teacher=ema)
+    loss.backward()
+    assert any(not torch.allclose(p.grad, got[k]) for k, p in params.items())
+    for p in params.values():
+        p.grad = None
+    want = losses.unet_calls_per_step(5, 1, True, True, extra_steps=2)
+    assert counted == want["forward"] == 5 + 1 + (1 + 2) + 2 * 2 and want["backward"] == 1 + 2
+
+
 def test_ema_update_formula_and_no_gradient_reaches_the_ema(pipe):
     params = sample.lora_params(pipe.denoiser, "task2")
     ema = perturbed_ema(pipe, seed=3)
