@@ -40,13 +40,16 @@ def markdown_table(results):
     structure = results.get("structure") or [{}] * (T + 1)
     columns = {"ssim": "SSIM to base", "clip": "CLIP cosine to base", "caption": "caption match"}
     extra = [k for k in columns if any(k in s for s in structure)]
-    head = ["stage", *names, "forgetting F_k", "average gain G_k", *[columns[k] for k in extra]]
+    # the toy world's size part, beside the caption match (which reads shape, colour and background)
+    size = any(s.get("caption", {}).get("size") is not None for s in structure)
+    head = ["stage", *names, "forgetting F_k", "average gain G_k", *[columns[k] for k in extra]] + \
+        ["size match"] * size
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     se = results.get("matrix_se") or [[None] * T] * (T + 1)
     for i, stage in enumerate(stage_names(results)):
         cells = [fmt({"mean": m, "se": s}) for m, s in zip(results["matrix"][i], se[i])]
         cells += [fmt(results["forgetting"][i - 1]) if i else "–", fmt(results["average"][i - 1]) if i else "–"]
-        cells += [fmt(structure[i].get(k)) for k in extra]
+        cells += [fmt(structure[i].get(k)) for k in extra] + [fmt(structure[i].get("caption", {}).get("size"))] * size
         lines.append("| " + " | ".join([stage, *cells]) + " |")
     if results.get("truth"):  # learned toy rewards: each beside its ground truth, and the hacking gap
         names = list(results["truth"][0])

@@ -7,7 +7,7 @@ CLIPTextModel and CLIPTokenizer) pretrained on the world's images from scratch o
 The model is saved as an ordinary diffusers StableDiffusionPipeline folder (DDIM scheduler config,
 safetensors), so `from_pretrained(dir)` loads it like any hub model. The repo ships one in toy_model/.
 
-    python toy.py --overwrite                 # remake the shipped toy_model/ (about 28 min on 2 CPU cores)
+    python toy.py --overwrite                 # remake the shipped toy_model/ (about 12 min on 2 CPU cores)
     python toy.py --out runs/toy              # same, into a fresh folder
     python toy.py --eval_only --out toy_model --grid assets/toy_samples.png   # measure a model
 
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from common import UserError, atomic_dir, atomic_file, one_line_errors, to_pil
 from sample import generate, initial_latents, load_pipeline
-from toy_world import (NAMES, SHAPES, all_captions, classify, match_rates, parse_caption, preference_truth, render,
-                       toy_captions)
+from toy_world import (FOLLOW, NAMES, SHAPES, SIZES, all_captions, bare, caption, classify, match_rates,
+                       parse_caption, preference_truth, render, toy_captions)
 
 # ---------------------------------------------------------------------------------------------------
 # Flags. Parsed only under __main__, so that `import toy` (the tests) never reads argv.
@@ -49,6 +49,8 @@ parser.add_argument("--unet_batch", type=int, default=64, help="images per UNet 
 parser.add_argument("--unet_lr", type=float, default=1e-3, help="peak AdamW learning rate of the UNet and text encoder")
 parser.add_argument("--warmup", type=int, default=100, help="linear LR warmup steps (both stages), then cosine decay to 0")
 parser.add_argument("--caption_dropout", type=float, default=0.1, help="fraction of captions replaced by '' (for classifier-free guidance)")
+parser.add_argument("--bare", type=float, default=0.35, help="fraction of captions without their size (the shape then has "
+                    "any size), so that captions without one stay valid prompts")
 parser.add_argument("--log_every", type=int, default=100, help="print a loss line every this many steps")
 # the learned toy rewards (toyclip, toypref), trained after the model or alone with --only_rewards
 parser.add_argument("--only_rewards", action="store_true", help="train only the two learned rewards into --out (an "
@@ -93,8 +95,8 @@ def save_grid(images, captions, path, cols=6, scale=6):
     for i, (img, cap) in enumerate(zip(images, captions)):
         x, y = (i % cols) * cell_w, (i // cols) * (cell_h + text_h)
         grid.paste(to_pil(img).resize((cell_w, cell_h), Image.NEAREST), (x, y))
-        c, s, b = parse_caption(cap)
-        draw.text((x + 4, y + cell_h + 2), f"{c} {s}", fill="black")
+        c, s, b, z = parse_caption(cap)
+        draw.text((x + 4, y + cell_h + 2), f"{z + ' ' if z else ''}{c} {s}", fill="black")
         draw.text((x + 4, y + cell_h + 15), f"on {b}", fill="black")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     grid.save(path)
@@ -103,12 +105,12 @@ def save_grid(images, captions, path, cols=6, scale=6):
 # Training helpers.
 
 def build_tokenizer():
-    """A word-level CLIPTokenizer for the 14 words of the captions, built offline and deterministically.
+    """A word-level CLIPTokenizer for the 16 words of the captions, built offline and deterministically.
     BPE merges are added word by word, each only after the merges before it have been applied, so every
     word ends as one token and the ids never change (the tokenizers library's BpeTrainer breaks ties in
     hash order: its ids differed from run to run, and with them the trained text encoder)."""
     from transformers import CLIPTokenizer
-    words = ["a", "on", "background", *SHAPES, *NAMES]
+    words = ["a", "on", "background", *SHAPES, *NAMES, *SIZES]
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for tok in letters + [l + "</w>" for l in letters]:  # CLIP marks a word's last symbol with </w>
@@ -217,9 +219,11 @@ def train_denoiser(args, vae, step_seed):
             group["lr"] = lr_at(step, args.unet_steps, args.unet_lr, args.warmup)
         seed = step_seed(2, step)
         g = torch.Generator().manual_seed(seed)
-        captions = toy_captions(args.unet_batch, seed)
-        with torch.no_grad():
-            z0 = vae.encode(render(captions, seed) * 2 - 1).latent_dist.sample(g) * vae.config.scaling_factor  # (B, 4, 8, 8)
+        drop_size = (torch.rand(args.unet_batch, generator=g) < args.bare).tolist()
+        captions = [bare(c) if d else c for c, d in zip(toy_captions(args.unet_batch, seed), drop_size)]
+        with torch.no_grad():  # sizes obeyed half the time (toy_world.FOLLOW): loose captions, as on the web
+            x = render(captions, seed, follow=FOLLOW)
+            z0 = vae.encode(x * 2 - 1).latent_dist.sample(g) * vae.config.scaling_factor  # (B, 4, 8, 8)
         # caption dropout: the pipeline's unconditional branch encodes "" the same way
         drop = torch.rand(len(captions), generator=g) < args.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
@@ -277,12 +281,13 @@ def train_rewards(args, step_seed, out, model_dir):
         seed = step_seed(3, step)
         g = torch.Generator().manual_seed(seed)
         captions = [pool[i] for i in torch.randperm(len(pool), generator=g)[:args.reward_batch].tolist()]
-        x = degrade(render(captions, seed), g)  # (B, 3, 32, 32)
+        x = degrade(render(captions, seed), g)  # (B, 3, 32, 32), each at its caption's size
         tok = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
         txt = F.normalize(clip.get_text_features(**tok).pooler_output, dim=-1)
         logits = clip.logit_scale.exp() * embed(clip, x) @ txt.T  # (B, B): image i against caption j
         target = torch.arange(len(captions))
         loss_clip = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        x = degrade(render(captions, seed + 1, follow=FOLLOW), g)  # toypref: shapes of every size too
         score, truth = head(embed(pref, x)).squeeze(-1), preference_truth(x)
         better = truth[:, None] - truth[None, :] > 0.05  # (B, B): image i preferred to image j
         loss_pref = (F.softplus(-(score[:, None] - score[None, :]))[better].mean() if better.any()
@@ -305,7 +310,7 @@ def train_rewards(args, step_seed, out, model_dir):
 def agreement(args, out, model_dir):
     """Each learned reward against its truth, on 512 fresh rendered images (blurred and noised) and on 64 (at most
     --eval_n) images the toy model in model_dir samples for held-out captions. toyclip: how often it scores the caption the checker reads
-    in the image above the same caption with one part (shape, colour or background) changed. toypref: how often it
+    in the image above the same caption with one part (shape, colour, background or size) changed. toypref: how often it
     orders a pair as preference_truth does (pairs closer than 0.05 left out), and the rank correlation. -> {...}"""
     import rewards
     clip, pref = (rewards.load_reward(name, os.path.join(out, name)) for name in ("toyclip", "toypref"))
@@ -324,8 +329,8 @@ def agreement(args, out, model_dir):
             result[kind] = {"images": len(x), "toyclip_right_caption_first": None, "toypref_pairs_ordered_as_truth": None,
                             "toypref_spearman": None}
             continue
-        read = [f"a {NAMES[c]} {SHAPES[s]} on a {NAMES[b]} background"
-                for c, s, b in zip(got["colour"].tolist(), got["shape"].tolist(), got["background"].tolist())]
+        read = [caption(NAMES[c], SHAPES[s], NAMES[b], SIZES[z]) for c, s, b, z in
+                zip(got["colour"].tolist(), got["shape"].tolist(), got["background"].tolist(), got["size"].tolist())]
         wrong = [change_one_part(c, k) for k, c in enumerate(read)]
         with torch.no_grad():
             right_scores, wrong_scores = clip(x, read), clip(x, wrong)
@@ -339,17 +344,20 @@ def agreement(args, out, model_dir):
     return result
 
 
-def change_one_part(caption, k):
-    """The caption with its shape, its colour or its background (the k-th image's choice, cycling) changed to
-    another valid one."""
-    c, s, b = parse_caption(caption)
-    part = k % 3
+def change_one_part(text, k):
+    """The caption with its shape, its colour, its background or its size (the k-th image's choice, cycling over the
+    parts it has) changed to another valid one."""
+    c, s, b, z = parse_caption(text)
+    parts = 4 if z else 3
+    part, turn = k % parts, k // parts
     if part == 0:
-        s = SHAPES[(SHAPES.index(s) + 1 + k // 3 % 2) % 3]
+        s = SHAPES[(SHAPES.index(s) + 1 + turn % 2) % 3]
+    elif part == 3:
+        z = SIZES[1 - SIZES.index(z)]
     else:
         other = [n for n in NAMES if n not in (c, b)]
-        c, b = (other[k // 3 % len(other)], b) if part == 1 else (c, other[k // 3 % len(other)])
-    return f"a {c} {s} on a {b} background"
+        c, b = (other[turn % len(other)], b) if part == 1 else (c, other[turn % len(other)])
+    return caption(c, s, b, z)
 
 
 def measure(args, out):
@@ -363,6 +371,10 @@ def measure(args, out):
     rates = match_rates(images, captions)
     print(f"held-out caption match, {args.eval_n} captions, guidance {args.guidance_scale}, {args.ddim_steps} DDIM steps "
           f"({time.time() - t0:.0f} s): " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
+    plain = [bare(c) for c in captions]  # the same captions without their size
+    rates = match_rates(sample_toy(out, plain, args.eval_seed, args.ddim_steps, args.guidance_scale), plain)
+    print("held-out caption match without the size: " +
+          ", ".join(f"{k} {v:.3f}" for k, v in rates.items() if v is not None))
     if args.grid:
         save_grid(images[:24], captions[:24], args.grid)
         print(f"grid of 24 samples -> {args.grid}")

@@ -1,9 +1,10 @@
 """
 toy_world.py: the toy world, rid's character-level Shakespeare, as data and rules (no weights, nothing trained here).
-Procedural 32x32 images of a coloured shape on a coloured background, captioned "a red circle on a blue background"
-(render, all_captions, toy_captions); a pixel-rule caption checker that says whether an image shows the shape, the
-shape's colour and the background its caption asks for (classify, check_captions); and the ground truths of the
-two learned toy rewards (caption_truth for toyclip, preference_truth for toypref), by rule from the pixels.
+Procedural 32x32 images of a coloured shape on a coloured background, captioned "a small red circle on a blue
+background" (render, all_captions, toy_captions; the size may be left out); a pixel-rule caption checker that says
+whether an image shows the shape, the shape's colour, the background and the size its caption asks for (classify,
+check_captions); and the ground truths of the two learned toy rewards (caption_truth for toyclip,
+preference_truth for toypref), by rule from the pixels.
 
 toy.py trains a model and the learned rewards on this world; eval.py measures runs with its checker and truths.
 Everything here is our own design; the paper has no toy world.
@@ -32,6 +33,17 @@ SHAPES = ("circle", "square", "triangle")
 TOY_REWARDS = "contrast,saturation,brightness"
 NAMES = list(COLOURS)
 PALETTE = torch.tensor([COLOURS[c] for c in NAMES])  # (8, 3)
+# The size part: "small" or "large", read from the shape's bounding box (its longer side, cut at SIZE_EDGE pixels).
+# A caption may leave it out (any size, half-extent 5 to 11 px). In pretraining a caption's size is right only half
+# the time (FOLLOW; otherwise the shape has any size), as web captions are loose. With guidance 7.5 the base model
+# then draws large shapes whatever the caption says (guidance inflates shapes, docs/toy_world.md), so it follows
+# "large" and mostly not "small": a prompt reward has something to learn, and toypref's taste for large shapes
+# fights it. Drawn sizes keep 2.5 px of half-extent between the two, so the checker reads every rendered size
+# right. Our choice (docs/toy_world.md says why not position, or three sizes).
+SIZES = ("small", "large")
+SIZE_HALF = {"small": (5.0, 6.5), "large": (9.0, 11.0)}  # h when the size is obeyed
+SIZE_EDGE = 15.5  # the checker's cut on the bounding box's longer side, in pixels
+FOLLOW = 0.5
 
 
 def is_heldout(colour, shape, background):
@@ -43,13 +55,26 @@ def is_heldout(colour, shape, background):
     return (NAMES.index(colour) + 2 * SHAPES.index(shape) + 3 * NAMES.index(background)) % 5 == 0
 
 
-def all_captions(split):
-    return [f"a {c} {s} on a {b} background" for c in NAMES for s in SHAPES for b in NAMES
-            if c != b and is_heldout(c, s, b) == (split == "heldout")]
+def caption(colour, shape, background, size=None):
+    return f"a {size + ' ' if size else ''}{colour} {shape} on a {background} background"
+
+
+def bare(text):
+    """The caption without its size part: 'a small red circle on a blue background' -> 'a red circle on a blue
+    background'."""
+    c, s, b, _ = parse_caption(text)
+    return caption(c, s, b)
+
+
+def all_captions(split, sizes=True):
+    """The split's 134 ("train") or 34 ("heldout") triples, each at both sizes (sizes=False: without one)."""
+    return [caption(c, s, b, z) for c in NAMES for s in SHAPES for b in NAMES
+            if c != b and is_heldout(c, s, b) == (split == "heldout") for z in (SIZES if sizes else [None])]
 
 
 def toy_captions(n, seed, split="train"):
-    """n captions drawn uniformly with replacement from the split's 134 ("train") or 34 ("heldout") triples."""
+    """n captions with a size, drawn uniformly with replacement from the split's 268 ("train") or 68
+    ("heldout")."""
     assert split in ("train", "heldout"), split
     pool = all_captions(split)
     idx = torch.randint(len(pool), (n,), generator=torch.Generator().manual_seed(seed))
@@ -57,26 +82,33 @@ def toy_captions(n, seed, split="train"):
 
 
 def parse_caption(caption):
-    """'a red circle on a blue background' -> ('red', 'circle', 'blue')"""
+    """'a small red circle on a blue background' -> ('red', 'circle', 'blue', 'small'); the size is None where the
+    caption has none"""
     w = caption.split()
-    assert len(w) == 7 and w[1] in COLOURS and w[2] in SHAPES and w[5] in COLOURS, caption
-    return w[1], w[2], w[5]
+    size = w.pop(1) if len(w) == 8 else None
+    assert len(w) == 7 and w[1] in COLOURS and w[2] in SHAPES and w[5] in COLOURS and size in (None, *SIZES), caption
+    return w[1], w[2], w[5], size
 
 
-def render(captions, seed, size=32, min_half=5, max_half=11):
-    """Draw each caption once, at a random size and position: returns (B, 3, size, size) in [0, 1].
-    Vectorised over the batch (4096 images in ~0.3 s); hard edges, no anti-aliasing."""
+def render(captions, seed, size=32, min_half=5, max_half=11, follow=1.0):
+    """Draw each caption once, at a random size and place: returns (B, 3, size, size) in [0, 1]. A caption's
+    size is obeyed with probability `follow` (h drawn from SIZE_HALF); otherwise, and without one, h is anything from
+    min_half to max_half. Vectorised over the batch (4096 images in ~0.3 s); hard edges, no anti-aliasing."""
     g = torch.Generator().manual_seed(seed)
     B = len(captions)
     parsed = [parse_caption(c) for c in captions]
-    fg = PALETTE[[NAMES.index(c) for c, _, _ in parsed]]  # (B, 3)
-    bg = PALETTE[[NAMES.index(b) for _, _, b in parsed]]  # (B, 3)
-    shape = torch.tensor([SHAPES.index(s) for _, s, _ in parsed])  # (B,)
+    fg = PALETTE[[NAMES.index(c) for c, _, _, _ in parsed]]  # (B, 3)
+    bg = PALETTE[[NAMES.index(b) for _, _, b, _ in parsed]]  # (B, 3)
+    shape = torch.tensor([SHAPES.index(s) for _, s, _, _ in parsed])  # (B,)
     # half-extent h in pixels; the shape's 2h x 2h box stays >= 1 px from the border, so the border
     # ring is always pure background (the checker relies on that)
-    h = min_half + (max_half - min_half) * torch.rand(B, generator=g)
-    cx = h + 1 + (size - 2 * h - 2) * torch.rand(B, generator=g)
-    cy = h + 1 + (size - 2 * h - 2) * torch.rand(B, generator=g)
+    u, ux, uy = torch.rand(B, generator=g), torch.rand(B, generator=g), torch.rand(B, generator=g)
+    asked = [z for _, _, _, z in parsed]
+    obey = torch.tensor([z is not None for z in asked]) & (torch.rand(B, generator=g) < follow)
+    lo, hi = (torch.tensor([SIZE_HALF[z][k] if z else 0.0 for z in asked]) for k in (0, 1))
+    h = torch.where(obey, lo + (hi - lo) * u, min_half + (max_half - min_half) * u)
+    cx = h + 1 + (size - 2 * h - 2) * ux
+    cy = h + 1 + (size - 2 * h - 2) * uy
     y, x = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")  # pixel centres
     dx, dy, h = x - cx[:, None, None], y - cy[:, None, None], h[:, None, None]  # (B, size, size)
     circle = dx**2 + dy**2 <= h**2
@@ -101,9 +133,10 @@ def render(captions, seed, size=32, min_half=5, max_half=11):
 # (red/blue -> magenta), which the majority rules ignore. Our choice throughout.
 
 def classify(images):
-    """images (B, 3, H, W) in [0, 1] -> dict of colour indices "colour" (-1 = no shape), "background"
-    and shape index "shape" (into SHAPES; -1 = no well-formed shape), each (B,), and "mask" (B, H, W): the pixels
-    of the shape's colour"""
+    """images (B, 3, H, W) in [0, 1] -> dict of colour indices "colour" (-1 = no shape), "background",
+    shape index "shape" (into SHAPES; -1 = no well-formed shape) and "size" (into SIZES: the longer side of the
+    bounding box of the shape colour's pixels, cut at SIZE_EDGE; -1 = no shape colour), each (B,), and "mask"
+    (B, H, W): the pixels of the shape's colour"""
     B, _, H, W = images.shape
     K = len(NAMES)
     pixels = images.detach().float().cpu().permute(0, 2, 3, 1).reshape(B, H * W, 3)
@@ -132,32 +165,45 @@ def classify(images):
                          inside & ((u - 0.5).abs() <= v / 2)], 1)[torch.arange(B), shape]  # (B, H, W), as render() draws
     iou = (ideal & mask).sum((1, 2)) / (ideal | mask).sum((1, 2)).clamp(min=1)
     shape = torch.where(iou >= 0.7, shape, -1)
-    return {"colour": colour, "shape": shape, "background": background, "mask": mask}
+    extent = torch.maximum(bottom - top + 1, right - left + 1).float()  # (B,) pixels
+    size = torch.where(colour >= 0, (extent > SIZE_EDGE).long(), -1)
+    return {"colour": colour, "shape": shape, "background": background, "size": size, "mask": mask}
 
 
 def check_captions(images, captions):
-    """images (B, 3, H, W) in [0, 1], captions: B strings -> bool tensors (B,) "shape", "colour", "background"."""
+    """images (B, 3, H, W) in [0, 1], captions: B strings -> bool tensors (B,) "shape", "colour", "background",
+    "size" (True where the caption asks for no size), and "asks_size" (the captions that do)."""
     got = classify(images)
     want = [parse_caption(c) for c in captions]
+    asked = torch.tensor([SIZES.index(z) if z else -1 for _, _, _, z in want])
     return {
-        "shape": got["shape"] == torch.tensor([SHAPES.index(s) for _, s, _ in want]),
-        "colour": got["colour"] == torch.tensor([NAMES.index(c) for c, _, _ in want]),
-        "background": got["background"] == torch.tensor([NAMES.index(b) for _, _, b in want]),
+        "shape": got["shape"] == torch.tensor([SHAPES.index(s) for _, s, _, _ in want]),
+        "colour": got["colour"] == torch.tensor([NAMES.index(c) for c, _, _, _ in want]),
+        "background": got["background"] == torch.tensor([NAMES.index(b) for _, _, b, _ in want]),
+        "size": (got["size"] == asked) | (asked < 0),
+        "asks_size": asked >= 0,
     }
 
 
 def match_rates(images, captions):
-    return {k: v.float().mean().item() for k, v in check_captions(images, captions).items()}
+    """-> {"shape", "colour", "background", "size"}: the fraction of images that show each part; size over the
+    captions that ask for one (None where none does)."""
+    ok = check_captions(images, captions)
+    asks = ok.pop("asks_size")
+    rates = {k: v.float().mean().item() for k, v in ok.items()}
+    rates["size"] = ok["size"][asks].float().mean().item() if asks.any() else None
+    return rates
 
 # ---------------------------------------------------------------------------------------------------
 # Ground truths of the two learned rewards, by rule from the pixels (no network): what toyclip and toypref stand
 # for, so that a rise of the learned score without a rise of its truth can be seen (reward hacking).
 
 def caption_truth(images, captions):
-    """toyclip's truth: the fraction of the caption's three parts (shape, its colour, the background) that the
-    checker finds in the image, (B,) in {0, 1/3, 2/3, 1}."""
+    """toyclip's truth: 1 where the checker finds every part of the caption in the image (shape, its colour, the
+    background and, where asked, the size), else 0; (B,). All or nothing, as GenEval scores a prompt (our
+    choice): a mean over the parts would cap what the one part the base model lacks can add at a quarter."""
     ok = check_captions(images, captions)
-    return (ok["shape"].float() + ok["colour"].float() + ok["background"].float()) / 3
+    return (ok["shape"] & ok["colour"] & ok["background"] & ok["size"]).float()
 
 
 def preference_truth(images):

@@ -251,10 +251,11 @@ def test_hacking_gap_by_hand_and_the_picture(tmp_path):
     the truth's, over the score's base spread, beta fitted on the base images, all by hand here; hacking.png shows
     images 0 and 1, the larger rise first."""
     prompts = eval_set("toy", 6)[0]
-    base = toy_world.render(prompts, seed=5, min_half=9, max_half=11)
+    base = toy_world.render(prompts, seed=5, min_half=9, max_half=11, follow=0.0)  # large shapes, whatever the size
     final = base.clone()
     final[:2] = base[:2, :, :1, :1]  # each image's background colour (the corner pixel) everywhere
-    r0 = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    # an honest score on the base images, its truth plus a little noise: beta > 0, whatever the captions draw
+    r0 = 0.5 * toy_world.preference_truth(base) + torch.tensor([0.02, -0.01, 0.0, 0.01, -0.02, 0.01])
     r1 = r0 + torch.tensor([0.4, 0.5, -0.1, 0.0, 0.1, 0.0])
     results = {**fake_results(), "config": {"model": "toy"}, "rewards": ["toypref", "brightness"],
                "matrix": [[r0.mean().item(), 0.5], [r0.mean().item(), 0.6], [r1.mean().item(), 0.7]]}
@@ -266,7 +267,7 @@ def test_hacking_gap_by_hand_and_the_picture(tmp_path):
     beta = sum((r0d - r0d.mean()) * (g0 - g0.mean())) / sum((g0 - g0.mean()) ** 2)  # the regression slope, by hand
     want = ((r1d.mean() - r0d.mean() - beta * (g1.mean() - g0.mean())) / r0d.std()).item()
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["hacking_gap"]["toypref"] == [0.0, 0.0, pytest.approx(want, rel=1e-6)] and want > 0
+    assert saved["hacking_gap"]["toypref"] == [0.0, 0.0, pytest.approx(want, rel=1e-5)] and want > 1
     assert saved["hacking_gap_se"]["toypref"][2] > 0 and saved["hacking_note"] == {"toypref": None}
     assert saved["hacked_images"] == {"toypref": 2}
     assert saved["truth"][2]["toypref"]["mean"] == pytest.approx(g1.mean().item(), rel=1e-6)
@@ -311,7 +312,8 @@ def test_the_hacking_gap_of_a_score_that_rises_while_its_truth_falls_is_clearly_
 
 
 def test_the_hacking_gap_is_null_with_its_reason_where_the_truth_barely_varies_at_the_base():
-    """toyclip's truth on the shipped model's base images is 1 on 63 of 64: one image cannot fit beta."""
+    """A truth that is 1 on 63 of 64 base images (a model that draws nearly every caption right): one image cannot
+    fit beta."""
     from eval import hacking_gap
     g0 = torch.ones(64)
     g0[7] = 2 / 3

@@ -23,10 +23,12 @@ pytestmark = pytest.mark.slow  # every test here runs a script in a subprocess
 
 PROMPTS = ["a red circle", "a green square on white", "a photo of a cat", "wow!!! a blue triangle"]
 WALK = {  # run name -> train_rid.py flags (after conftest.RUN: 2 tasks x 3 steps, 4 DDIM steps, 4 evaluation images)
-    # Two processes, each with grad_accum 2 and eta's noise: the same results as one process (checked below).
+    # Two processes, each with grad_accum 2, eta's noise and RID matched at an extra step: the same results as one
+    # process (checked below).
     "torchrun": ["--method", "rid", "--eta", "0.6", "--batch_size", "4", "--grad_accum", "2",
                  "--random_grad_steps", "--guidance_scale", "4", "--max_grad_norm", "0.5", "--lora_rank", "2",
-                 "--lora_alpha", "3", "--ema_momentum", "0.9", "--rid_lambda", "2", "--prompts", "PROMPTS_FILE"],
+                 "--lora_alpha", "3", "--ema_momentum", "0.9", "--rid_lambda", "2", "--rid_trajectory", "1",
+                 "--prompts", "PROMPTS_FILE"],
     # SDXL at a size that is neither its default (32 x 32) nor square; soup; every memory lever (the prompts encoded
     # once: SDXL's time ids of that size come from the cache).
     "sdxl": ["--height", "24", "--width", "40", "--method", "soup", "--soup_weight", "0.7", "--checkpoint_decode",

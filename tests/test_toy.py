@@ -27,16 +27,18 @@ def test_checker_is_exact_on_real_images():
 def test_checker_rejects_wrong_captions():
     captions = toy_world.toy_captions(384, seed=21)
     images = toy_world.render(captions, seed=22)
-    wrong = {"colour": [], "shape": [], "background": [], "swapped": []}
+    wrong = {"colour": [], "shape": [], "background": [], "size": [], "swapped": []}
+    caption, sizes = toy_world.caption, toy_world.SIZES
     for i, cap in enumerate(captions):
-        c, s, b = toy_world.parse_caption(cap)
+        c, s, b, z = toy_world.parse_caption(cap)
         others = [n for n in toy_world.NAMES if n not in (c, b)]  # a wrong colour that is not the other one either
-        wrong["colour"].append(f"a {others[i % len(others)]} {s} on a {b} background")
-        wrong["background"].append(f"a {c} {s} on a {others[i % len(others)]} background")
-        wrong["shape"].append(f"a {c} {toy_world.SHAPES[(toy_world.SHAPES.index(s) + 1 + i % 2) % 3]} on a {b} background")
+        wrong["colour"].append(caption(others[i % len(others)], s, b, z))
+        wrong["background"].append(caption(c, s, others[i % len(others)], z))
+        wrong["shape"].append(caption(c, toy_world.SHAPES[(toy_world.SHAPES.index(s) + 1 + i % 2) % 3], b, z))
+        wrong["size"].append(caption(c, s, b, sizes[1 - sizes.index(z)]))
         # the two colours swapped: a red circle on blue is not a blue circle on red
-        wrong["swapped"].append(f"a {b} {s} on a {c} background")
-    for key in ("colour", "shape", "background"):
+        wrong["swapped"].append(caption(b, s, c, z))
+    for key in ("colour", "shape", "background", "size"):
         assert toy_world.check_captions(images, wrong[key])[key].float().mean() < 0.02, key
     swapped = toy_world.check_captions(images, wrong["swapped"])
     assert (swapped["colour"] | swapped["background"]).float().mean() < 0.02
@@ -53,16 +55,40 @@ def test_checker_rejects_wrong_captions():
     assert checks["colour"].all() and checks["background"].all() and not checks["shape"].any()
 
 
+def test_sizes_are_read_from_the_box_and_obeyed_as_often_as_asked():
+    """The checker reads the size from the longer side of the shape's bounding box (hand-drawn squares of 15 and
+    16 px, either side of the cut); render obeys a caption's size with probability `follow`, else the shape has any
+    size (then about half the shapes show the size asked for): about follow + (1 - follow) / 2 of the images show
+    their size. A caption without one is valid, draws the same pixels as an unsized caption always did, and is never
+    wrong about it."""
+    for k, side in enumerate((15, 16)):
+        x = torch.zeros(1, 3, 32, 32)
+        x[..., 4:4 + side, 6:6 + side] = 1
+        assert toy_world.classify(x)["size"].item() == k, side
+    captions = toy_world.toy_captions(4000, seed=5)
+    rates = {f: toy_world.match_rates(toy_world.render(captions, seed=6, follow=f), captions)["size"]
+             for f in (0.0, 0.5, 1.0)}
+    assert abs(rates[0.0] - 1 / 2) < 0.03 and abs(rates[0.5] - 3 / 4) < 0.03 and rates[1.0] == 1, rates
+    plain = [toy_world.bare(c) for c in captions[:500]]
+    assert toy_world.parse_caption(plain[0])[3] is None and len(plain[0].split()) == 7
+    rates = toy_world.match_rates(toy_world.render(plain, seed=7), plain)
+    assert rates["size"] is None and min(rates[k] for k in ("shape", "colour", "background")) >= 0.98
+    sized = [toy_world.caption(*toy_world.parse_caption(c)[:3], "small") for c in plain]  # the draws of an unsized
+    assert not torch.equal(toy_world.render(sized, seed=7), toy_world.render(plain, seed=7))  # caption: only h moves
+    assert torch.equal(toy_world.render(sized, seed=7, follow=0.0), toy_world.render(plain, seed=7))
+
+
 def test_heldout_split_holds_out_triples_but_no_pairs():
     train, heldout = set(toy_world.all_captions("train")), set(toy_world.all_captions("heldout"))
-    assert not train & heldout and len(train | heldout) == len(toy_world.NAMES) * (len(toy_world.NAMES) - 1) * len(toy_world.SHAPES)
+    assert not train & heldout and len(train | heldout) == len(toy_world.NAMES) * (len(toy_world.NAMES) - 1) * \
+        len(toy_world.SHAPES) * len(toy_world.SIZES)
     assert set(toy_world.toy_captions(5000, seed=0, split="train")) == train  # the sampler never leaves its split
     assert set(toy_world.toy_captions(1000, seed=0, split="heldout")) == heldout
     # every pair of words in a held-out caption was seen together in training (composition, not new words)
     parsed = [toy_world.parse_caption(c) for c in train]
-    for c, s, b in map(toy_world.parse_caption, heldout):
+    for c, s, b, _ in map(toy_world.parse_caption, heldout):
         assert any(p[:2] == (c, s) for p in parsed) and any((p[0], p[2]) == (c, b) for p in parsed)
-        assert any(p[1:] == (s, b) for p in parsed)
+        assert any(p[1:3] == (s, b) for p in parsed)
 
 
 def test_shipped_model_is_small_and_in_diffusers_format():
@@ -93,8 +119,10 @@ def test_shipped_model_follows_heldout_captions(shipped_samples):
     images, captions = shipped_samples
     assert images.shape == (48, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
     rates = toy_world.match_rates(images, captions)
-    # chance is 1/8 for each colour and 1/3 for the shape; the shipped model scores 0.969 or more (docs/toy_world.md)
+    # chance is 1/8 for each colour and 1/3 for the shape; the shipped model scores 0.926 or more (docs/toy_world.md)
     assert rates["colour"] >= 0.7 and rates["background"] >= 0.7 and rates["shape"] >= 0.6, rates
+    # and the size only partly (0.535 on 256 captions): a prompt reward has something to learn
+    assert 0.3 <= rates["size"] <= 0.8, rates
 
 
 def test_shipped_model_samples_depend_on_the_caption(shipped_samples):
@@ -139,11 +167,12 @@ def test_remake_script_runs_and_never_clobbers(tmp_path):
 def test_ground_truths_by_rule_without_any_network(monkeypatch):
     # transformers made unimportable: the truths are pixel rules, computed by hand here
     monkeypatch.setitem(sys.modules, "transformers", None)
-    x = toy_world.render(["a red circle on a blue background"], seed=3)
-    assert toy_world.caption_truth(x.expand(3, -1, -1, -1), ["a red circle on a blue background",
-                                                       "a green circle on a blue background",   # colour wrong
-                                                       "a green square on a white background"]).tolist() == \
-        pytest.approx([1, 2 / 3, 0])
+    x = toy_world.render(["a large red circle on a blue background"], seed=3)
+    assert toy_world.caption_truth(x.expand(5, -1, -1, -1), ["a large red circle on a blue background",
+                                                       "a red circle on a blue background",  # no size asked
+                                                       "a small red circle on a blue background",
+                                                       "a large green circle on a blue background",
+                                                       "a green square on a white background"]).tolist() == [1, 1, 0, 0, 0]
     square = torch.zeros(1, 3, 32, 32)
     square[..., 8:24, 8:24] = 1  # white on black, centred, a quarter of the image
     assert toy_world.preference_truth(square).item() == pytest.approx((0.25 / 0.4 + 1 + 1) / 3)
