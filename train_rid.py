@@ -261,9 +261,11 @@ ckpt = (None if only_beside else  # the checkpoint on --resume; under torchrun t
 if ckpt is not None:
     ignored = {"out", "resume", "overwrite", "save_every", "eval_batch_size", "device", "log", "baseline", "compile",
                "command"}
-    differ = sorted(k for k in config if k not in ignored and ckpt["config"].get(k) != config[k])
+    # a flag newer than the checkpoint was at its default there
+    saved = lambda k: ckpt["config"].get(k, parser.get_default(k))
+    differ = sorted(k for k in config if k not in ignored and saved(k) != config[k])
     if differ:
-        was = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in differ)
+        was = ", ".join(f"{k}={saved(k)!r}" for k in differ)
         raise UserError(f"--resume with settings that differ from the checkpoint's ({was}); pass the same flags")
     for k in range(len(ckpt["stages"])):  # the evaluated images the structure metrics compare against
         load_file(os.path.join(args.out, "samples", f"stage{k}.pt"),

@@ -176,7 +176,7 @@ def kill_twice_and_resume(model, out, flags):
         # step later: inside the next step, or its checkpoint's write, on a host of any speed.
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            rows = open(log).read().splitlines() if log.exists() else []
+            rows = open(log).read().split("\n")[:-1] if log.exists() else []  # whole rows only
             if len(rows) >= 1 + 2 * kills and log.stat().st_mtime > started:
                 break
             time.sleep(0.02)
