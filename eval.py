@@ -174,9 +174,9 @@ def structure_of(images, prompts, base_images=None, toy=False, clip_model=None, 
             structure["clip"] = mean_se(cos)
     if toy:  # caption fidelity: does image k still show the shape, colour and background its caption asks for?
         # (the size is reported beside, not in the match: the quick start's story is the shapes and colours)
-        rates = toy_world.match_rates(q(images), prompts)  # {"shape", "colour", "background", "size"}
-        ok = toy_world.check_captions(q(images), prompts)  # the same parts: (N,) bool
-        structure["caption"] = {**mean_se((ok["shape"] & ok["colour"] & ok["background"]).float()), **rates}
+        ok = toy_world.check_captions(q(images), prompts)  # {"shape", "colour", "background", "size", ...}: (N,) bool
+        structure["caption"] = {**mean_se((ok["shape"] & ok["colour"] & ok["background"]).float()),
+                                **toy_world.part_rates(ok)}
     return structure
 
 # -----------------------------------------------------------------------------

@@ -52,8 +52,8 @@ def step_losses(pipe, reward, prompts, latents, ddim_steps, guidance_scale=7.5, 
 
 def teacher_loss(pipe, captured, context, teacher, checkpointing=True):
     """RID's momentum distillation: (eps_student(x_t, t, c) - sg(eps_teacher(x_t, t, c)))^2, its mean over the matched
-    steps (the K grad-window steps, and any before them), both guidance branches' raw outputs (before guidance mixes them) and every element. A mean,
-    not a sum: the default lambda = 3 is set against it (docs/experiments.md).
+    steps (the K grad-window steps, and any before them), both guidance branches' raw outputs (before guidance mixes
+    them) and every element. A mean, not a sum: the default lambda = 3 is set against it (docs/experiments.md).
     The error is measured on eps whatever the model predicts (our choice): both raw outputs are converted first, so a
     v-prediction model (SD 2.x) is matched on sqrt(abar_t) (v_student - v_teacher), not on v itself. SD 3 and FLUX.1
     are matched on the velocity they predict, their own output (docs/method.md says why; FLUX.1 has one branch).

@@ -188,9 +188,13 @@ def check_captions(images, captions):
 def match_rates(images, captions):
     """-> {"shape", "colour", "background", "size"}: the fraction of images that show each part; size over the
     captions that ask for one (None where none does)."""
-    ok = check_captions(images, captions)
-    asks = ok.pop("asks_size")
-    rates = {k: v.float().mean().item() for k, v in ok.items()}
+    return part_rates(check_captions(images, captions))
+
+
+def part_rates(ok):
+    """check_captions' verdicts -> match_rates' dict (for a caller that needs both)."""
+    asks = ok["asks_size"]
+    rates = {k: v.float().mean().item() for k, v in ok.items() if k != "asks_size"}
     rates["size"] = ok["size"][asks].float().mean().item() if asks.any() else None
     return rates
 

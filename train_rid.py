@@ -181,8 +181,8 @@ if not 1 <= args.grad_steps <= args.ddim_steps:
     raise UserError(f"--grad_steps (K={args.grad_steps}) must be between 1 and --ddim_steps ({args.ddim_steps}); "
                     f"K = 0 would build no graph and train nothing")
 if not 0 <= args.rid_trajectory <= args.ddim_steps - args.grad_steps:
-    raise UserError(f"--rid_trajectory (M={args.rid_trajectory}) must be between 0 and the {args.ddim_steps - args.grad_steps} "
-                    f"steps before the grad window (--ddim_steps - --grad_steps)")
+    raise UserError(f"--rid_trajectory (M={args.rid_trajectory}) must be between 0 and the "
+                    f"{args.ddim_steps - args.grad_steps} steps before the grad window (--ddim_steps - --grad_steps)")
 if args.guidance_scale < 0 or not 0 <= args.eta <= 1:
     raise UserError("--guidance_scale must be at least 0 and --eta in [0, 1]")
 check_eta(family, args.eta)
@@ -591,8 +591,7 @@ for t in range(start_task, P):
                          if args.eta > 0 else None)  # one generator per image of the global batch
             r, loss_rid = step_losses(pipe, reward_fn, prompts[lo:lo + micro], latents[lo:lo + micro].to(device), S,
                                       args.guidance_scale, args.eta, k, ema, not args.no_checkpointing,
-                                      args.checkpoint_decode, args.checkpoint_reward, eta_noise,
-                                      extra if ema is not None else ())  # r: (micro,)
+                                      args.checkpoint_decode, args.checkpoint_reward, eta_noise, extra)  # r: (micro,)
             if global_step in FAULT_NAN_STEPS:
                 r = r * float("nan")
             # The losses, side by side (losses.py). Each micro-batch adds its share of the global-batch mean, so the
